@@ -1,0 +1,48 @@
+# Two commands on a fresh machine:  `make demo`  and  `make test`.
+# Both create a local virtual environment in .venv first (once).
+#
+# torch: on a machine without an NVIDIA GPU the set-up pins the CPU build
+# (TORCH_CPU), so pip does not pull a multi-GB CUDA wheel. Where your CPU wheel
+# comes from another index, pass it, e.g.  make test TORCH_PIP_ARGS="--index-url URL".
+# On a GPU machine whatever torch>=2.1 is already resolvable is kept.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_CPU ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-fast lint typecheck simulate bench clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	if ! command -v nvidia-smi >/dev/null 2>&1 && ! $(PY) -c "import torch" 2>/dev/null; then \
+		$(PY) -m pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH_CPU)"; fi
+	$(PY) -m pip install --quiet -e ".[test,dev,demo]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/gossip-sgp demo
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: $(VENV)/.installed
+	$(VENV)/bin/mypy
+
+# The full suite: lint, types, then every test (multi-process training included).
+test: lint typecheck
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The quick loop while developing: skips the multi-process training runs.
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+simulate: $(VENV)/.installed
+	$(VENV)/bin/gossip-sgp simulate --nodes 64 --rounds 20
+
+clean:
+	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache .hypothesis
