@@ -1,0 +1,247 @@
+"""Train a small CNN on scikit-learn's bundled digits with SGP (or an AllReduce baseline).
+
+This is the script behind ``gossip-sgp demo`` and a template for your own training loop:
+the SGP-specific lines are marked ``# SGP``.
+
+    gossip-sgp launch --nproc 4 examples/train_digits.py --epochs 20
+    gossip-sgp launch --nproc 4 examples/train_digits.py --algorithm allreduce
+    gossip-sgp launch --nproc 4 examples/train_digits.py --staleness 1     # overlap
+    gossip-sgp launch --nproc 4 examples/train_digits.py --staleness none  # asynchronous
+
+Every worker trains on its own shard of the training set; rank 0 gathers the results through
+torch's TCPStore (MASTER_ADDR/MASTER_PORT, set by the launcher) and prints them; with
+``--json`` its last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn import functional as F
+
+from gossip_sgp import SGP, GossipConfig, GossipNode
+
+
+def load_digits_split(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The 1,797 8x8 digits, scaled to [0, 1], split 80/20 the same way on every worker."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(data.target, dtype=torch.long)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    x, y = x[order], y[order]
+    n_test = len(y) // 5
+    return x[n_test:], y[n_test:], x[:n_test], y[:n_test]
+
+
+class SmallCNN(nn.Module):
+    """Two 3x3 convolutions and two linear layers: about 43k parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
+        self.fc1 = nn.Linear(32 * 4 * 4, 64)
+        self.fc2 = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv1(x))
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--algorithm", choices=("sgp", "allreduce"), default="sgp",
+                   help="sgp: push-sum gossip; allreduce: synchronous data parallel (gloo)")
+    p.add_argument("--staleness", default="0",
+                   help="SGP only: 0 synchronous, N overlap by N rounds, 'none' asynchronous")
+    p.add_argument("--topology", default="exponential", help="SGP peer schedule")
+    p.add_argument("--epochs", type=int, default=20, help="passes over each worker's shard")
+    p.add_argument("--batch-size", type=int, default=32, help="per-worker batch size")
+    p.add_argument("--lr", type=float, default=0.05, help="peak learning rate")
+    p.add_argument("--seed", type=int, default=0, help="seed for model init and data order")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    p.add_argument("--json", action="store_true", help="rank 0 ends with one JSON line")
+    p.add_argument("--quiet", action="store_true", help="no per-epoch progress lines")
+    p.add_argument("--summary-file", help="rank 0 also writes the JSON summary to this file")
+    args = p.parse_args(argv)
+    if args.staleness.lower() in ("none", "async"):
+        args.staleness = None
+    else:
+        try:
+            args.staleness = int(args.staleness)
+        except ValueError:
+            p.error(f"--staleness must be an integer >= 0 or 'none', got {args.staleness!r}")
+        if args.staleness < 0:
+            p.error("--staleness must be >= 0 or 'none'")
+    for name in ("epochs", "batch_size", "threads"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    return args
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    model.eval()
+    with torch.no_grad():
+        correct = (model(x).argmax(dim=1) == y).sum().item()
+    model.train()
+    return correct / len(y)
+
+
+def flat_params(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def open_store(rank: int, world_size: int) -> dist.TCPStore | None:
+    """A key-value store shared by the workers, used to gather results (and by AllReduce)."""
+    if world_size == 1:
+        return None
+    host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not host or not port:
+        sys.exit("MASTER_ADDR and MASTER_PORT must be set (gossip-sgp launch/run set them)")
+    return dist.TCPStore(host, int(port), world_size, is_master=rank == 0,
+                         timeout=timedelta(seconds=300))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.algorithm == "sgp":
+        config = GossipConfig.from_env()  # SGP
+        rank, world_size = config.rank, config.world_size
+    else:
+        rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    store = open_store(rank, world_size)
+
+    x_train, y_train, x_test, y_test = load_digits_split()
+    x_train, y_train = x_train[rank::world_size], y_train[rank::world_size]  # this worker's shard
+    torch.manual_seed(args.seed)  # the same initial model on every worker
+    model = SmallCNN()
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
+                                weight_decay=1e-4)
+    steps_per_epoch = math.ceil(len(y_train) / args.batch_size)
+    total_steps = args.epochs * steps_per_epoch
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr,
+                                                   total_steps=total_steps, pct_start=0.15)
+    node = None
+    if args.algorithm == "sgp":
+        node = GossipNode(config).start()  # SGP: gossip thread + ZeroMQ sockets
+        sgp = SGP(model.parameters(), optimizer, node, topology=args.topology,  # SGP
+                  staleness=args.staleness)
+    else:
+        assert store is not None or world_size == 1
+        if world_size > 1:
+            dist.init_process_group("gloo", store=dist.PrefixStore("pg", store),  # type: ignore[arg-type]
+                                    rank=rank, world_size=world_size)
+    try:
+        order_gen = torch.Generator().manual_seed(args.seed * 1000 + rank)
+        started, steps = time.perf_counter(), 0
+        for epoch in range(args.epochs):
+            order = torch.randperm(len(y_train), generator=order_gen)
+            epoch_loss = 0.0
+            for i in range(steps_per_epoch):
+                idx = order[i * args.batch_size : (i + 1) * args.batch_size]
+                optimizer.zero_grad()
+                loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
+                loss.backward()
+                if args.algorithm == "sgp":
+                    sgp.step()  # SGP: local step + one push-sum round
+                else:
+                    allreduce_gradients(model, world_size)
+                    optimizer.step()
+                schedule.step()
+                epoch_loss += loss.item()
+                steps += 1
+            if rank == 0 and not args.quiet:
+                done = (epoch + 1) / args.epochs
+                bar = "#" * round(20 * done) + "." * (20 - round(20 * done))
+                rate = steps / (time.perf_counter() - started)
+                print(f"epoch {epoch + 1:>3}/{args.epochs} [{bar}] loss "
+                      f"{epoch_loss / steps_per_epoch:.4f}  {rate:.1f} steps/s", flush=True)
+        train_seconds = time.perf_counter() - started
+        if args.algorithm == "sgp":
+            sgp.consensus()  # SGP: gossip until the workers agree
+        seconds = time.perf_counter() - started
+        result = {"accuracy": accuracy(model, x_test, y_test), "steps": steps,
+                  "train_seconds": train_seconds}
+        report(args, rank, world_size, store, model, result, seconds)
+    finally:
+        if node is not None:
+            node.close()
+        if args.algorithm == "allreduce" and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+def allreduce_gradients(model: nn.Module, world_size: int) -> None:
+    """The baseline: average the gradients of all workers with one bucketed all-reduce."""
+    if world_size == 1:
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world_size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def report(args: argparse.Namespace, rank: int, world_size: int, store: dist.TCPStore | None,
+           model: nn.Module, result: dict[str, float], seconds: float) -> None:
+    """Gather every worker's accuracy and parameters at rank 0 and print the summary."""
+    params = flat_params(model).double().numpy()
+    if store is not None:
+        store.set(f"result/{rank}", json.dumps(result))
+        store.set(f"params/{rank}", params.tobytes())
+    if rank != 0:
+        if store is not None:
+            store.wait(["done"])  # rank 0 hosts the store: stay until it has read everything
+        return
+    results, all_params = [result], [params]
+    for r in range(1, world_size):
+        assert store is not None
+        results.append(json.loads(store.get(f"result/{r}")))
+        all_params.append(np.frombuffer(store.get(f"params/{r}"), dtype=np.float64))
+    if store is not None:
+        store.set("done", "1")
+    stacked = np.stack(all_params)
+    mean = stacked.mean(axis=0)
+    consensus_error = float(np.linalg.norm(stacked - mean, axis=1).max() / np.linalg.norm(mean))
+    accuracies = [r["accuracy"] for r in results]
+    summary = {
+        "algorithm": args.algorithm,
+        "staleness": args.staleness if args.algorithm == "sgp" else None,
+        "workers": world_size,
+        "epochs": args.epochs,
+        "accuracy": sum(accuracies) / len(accuracies),
+        "accuracies": accuracies,
+        "consensus_error": consensus_error,
+        "steps_per_second": sum(r["steps"] / r["train_seconds"] for r in results) / len(results),
+        "seconds": seconds,
+    }
+    print("test accuracy per worker: " + " ".join(f"{a:.4f}" for a in accuracies))
+    print(f"mean accuracy {summary['accuracy']:.4f}, consensus error {consensus_error:.2e}, "
+          f"{summary['steps_per_second']:.1f} steps/s per worker, {seconds:.1f} s")
+    if args.json:
+        print(json.dumps(summary), flush=True)
+    if args.summary_file:
+        with open(args.summary_file, "w", encoding="utf-8") as f:
+            json.dump(summary, f)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""The receive side of push-sum: received mass waiting to be folded in.
+
+The gossip thread :meth:`Mailbox.put`\\ s every valid message; the training thread waits for
+the messages a round needs and :meth:`Mailbox.take`\\ s their summed mass at a step boundary
+(invariant 4: parameters never change under a running forward/backward).
+
+* Duplicates and replays are rejected by per-sender sequence numbers (invariant 2), also
+  when messages arrive out of order.
+* In the synchronous and overlap modes mass is kept per round and summed in sender order,
+  so a run is deterministic whatever the arrival order. In the asynchronous mode
+  (``coalesce=True``) everything is added into one running sum as it arrives: memory stays
+  one model's worth however far a straggler falls behind (invariant 5).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Collection
+
+from gossip_sgp.message import Message
+from gossip_sgp.pushsum import Share
+
+__all__ = ["Mailbox", "SequenceWindow"]
+
+
+class SequenceWindow:
+    """Which sequence numbers of one sender have been seen; memory bounded by ``window``.
+
+    Everything below ``floor`` counts as seen. A gap older than ``window`` messages is given
+    up on (the message was lost); if it shows up later it is rejected as stale.
+    """
+
+    __slots__ = ("floor", "seen", "window")
+
+    def __init__(self, window: int = 4096) -> None:
+        self.floor = 0
+        self.seen: set[int] = set()
+        self.window = window
+
+    def accept(self, seq: int) -> bool:
+        """Record ``seq``; False when it was seen before (or is too old to tell)."""
+        if seq < self.floor or seq in self.seen:
+            return False
+        self.seen.add(seq)
+        while self.floor in self.seen:
+            self.seen.remove(self.floor)
+            self.floor += 1
+        if len(self.seen) > self.window:
+            oldest = sorted(self.seen)[: len(self.seen) - self.window]
+            self.seen.difference_update(oldest)
+            self.floor = oldest[-1] + 1
+            while self.floor in self.seen:
+                self.seen.remove(self.floor)
+                self.floor += 1
+        return True
+
+
+def _sum(shares: list[Share]) -> Share:
+    tensors = [t.clone() for t in shares[0][0]]
+    weight = shares[0][1]
+    for more, w in shares[1:]:
+        for acc, t in zip(tensors, more, strict=True):
+            acc.add_(t)
+        weight += w
+    return tuple(tensors), weight
+
+
+class Mailbox:
+    """Thread-safe store of received push-sum mass."""
+
+    def __init__(self, *, coalesce: bool = False, window: int = 4096) -> None:
+        self.coalesce = coalesce
+        self._window = window
+        self._cond = threading.Condition()
+        self._seqs: dict[int, SequenceWindow] = {}
+        # round -> sender -> shares (synchronous/overlap modes)
+        self._by_round: dict[int, dict[int, list[Share]]] = {}
+        self._acc: Share | None = None  # running sum (asynchronous mode)
+        self._arrived: set[tuple[int, int]] = set()  # (sender, round) not yet taken
+        self._gauges: dict[int, float] = {}  # round -> largest gauge received
+        self.rejected: Counter[str] = Counter()
+        self.received = 0
+        self.last_arrival: dict[int, float] = {}
+
+    def put(self, message: Message) -> bool:
+        """Store a message's mass; False (and counted) when it is a duplicate or replay."""
+        with self._cond:
+            seqs = self._seqs.get(message.sender)
+            if seqs is None:
+                seqs = self._seqs[message.sender] = SequenceWindow(self._window)
+            if not seqs.accept(message.seq):
+                self.rejected["duplicate"] += 1
+                return False
+            share: Share = (message.tensors, message.weight)
+            if self.coalesce:
+                if self._acc is None:
+                    self._acc = _sum([share])
+                else:
+                    for acc, t in zip(self._acc[0], share[0], strict=True):
+                        acc.add_(t)
+                    self._acc = (self._acc[0], self._acc[1] + share[1])
+            else:
+                senders = self._by_round.setdefault(message.round, {})
+                senders.setdefault(message.sender, []).append(share)
+            self._arrived.add((message.sender, message.round))
+            if message.gauge:
+                r = message.round
+                self._gauges[r] = max(self._gauges.get(r, 0.0), message.gauge)
+            self.received += 1
+            self.last_arrival[message.sender] = time.monotonic()
+            self._cond.notify_all()
+            return True
+
+    def has(self, expected: Collection[tuple[int, int]]) -> bool:
+        """Whether every ``(sender, round)`` in ``expected`` has arrived."""
+        with self._cond:
+            return self._arrived.issuperset(expected)
+
+    def wait(self, expected: Collection[tuple[int, int]], timeout: float | None) -> bool:
+        """Block until every ``(sender, round)`` in ``expected`` has arrived, or time out."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._arrived.issuperset(expected), timeout)
+
+    def take(self, max_round: int | None = None) -> Share | None:
+        """Remove and return the summed mass of rounds ``<= max_round`` (all when None).
+
+        Returns None when there is nothing to fold. Shares are summed in (round, sender)
+        order, so the result does not depend on arrival order. In coalescing mode all mass
+        is returned, but only arrivals of rounds ``<= max_round`` are forgotten, so a later
+        :meth:`wait` for a newer round still sees them.
+        """
+        with self._cond:
+            if self.coalesce:
+                share, self._acc = self._acc, None
+                self._arrived = {
+                    a for a in self._arrived if max_round is not None and a[1] > max_round
+                }
+                return share
+            rounds = sorted(r for r in self._by_round if max_round is None or r <= max_round)
+            shares: list[Share] = []
+            for r in rounds:
+                senders = self._by_round.pop(r)
+                for sender in sorted(senders):
+                    shares.extend(senders[sender])
+                    self._arrived.discard((sender, r))
+            return _sum(shares) if shares else None
+
+    def take_gauge(self, max_round: int) -> float:
+        """The largest ``gauge`` of messages of rounds ``<= max_round`` (0.0 if none); forgets them."""
+        with self._cond:
+            rounds = [r for r in self._gauges if r <= max_round]
+            return max((self._gauges.pop(r) for r in rounds), default=0.0)
+
+    def pending(self) -> list[Share]:
+        """Mass received but not yet taken (for accounting and checkpoints)."""
+        with self._cond:
+            if self.coalesce:
+                return [] if self._acc is None else [self._acc]
+            return [s for senders in self._by_round.values() for ss in senders.values() for s in ss]
+
+    def pending_weight(self) -> float:
+        """Push-sum weight received but not yet taken."""
+        return sum(w for _, w in self.pending())

@@ -1,0 +1,79 @@
+"""The push-sum message: what one node hands to another in one gossip round.
+
+A message carries a share of the sender's numerator (one flat tensor per parameter group)
+and, always, its share of the push-sum weight. Transports move ``Message`` objects; the
+ZeroMQ transport turns them into frames with :mod:`gossip_sgp.wire`, the in-process
+transport hands the object over as it is.
+
+Ownership: once a message is sent, its tensors belong to the transport and the receiver.
+The sender builds fresh tensors for every message and never writes to them again.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["Message", "MessageKind", "fingerprint"]
+
+
+class MessageKind(enum.IntEnum):
+    """What a message is for."""
+
+    MASS = 0
+    """A push-sum share: numerator tensors plus weight, to be folded in by the receiver."""
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One push-sum message from ``sender`` to ``receiver``.
+
+    ``seq`` numbers the messages of one (sender, receiver) pair from 0 upwards; the receiver
+    uses it to reject duplicates and replays, so mass is never applied twice.
+    """
+
+    sender: int
+    """Rank of the sending node."""
+    receiver: int
+    """Rank of the node the message is addressed to."""
+    round: int
+    """Gossip round in which the sender produced this share."""
+    seq: int
+    """Per (sender, receiver) sequence number, starting at 0."""
+    weight: float
+    """The push-sum weight share. Always sent, never compressed."""
+    tensors: tuple[torch.Tensor, ...]
+    """Numerator share: one flat tensor per parameter group."""
+    fingerprint: int = 0
+    """64-bit fingerprint of the model layout (names, shapes, dtypes); see ``fingerprint()``."""
+    sent_at: float = 0.0
+    """Sender's wall-clock time (``time.time()``) when the message was handed to the transport."""
+    kind: MessageKind = MessageKind.MASS
+    """What the message is for."""
+    codec: str = "none"
+    """Name of the codec that encoded ``tensors``."""
+    gauge: float = 0.0
+    """A scalar the sender piggybacks (``SGP.consensus`` spreads its disagreement estimate)."""
+    meta: dict[str, int] = field(default_factory=dict)
+    """Small integer fields for extensions (codec parameters and the like)."""
+
+    @property
+    def nbytes(self) -> int:
+        """Payload size in bytes (tensor data only)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors)
+
+
+def fingerprint(layout: Iterable[tuple[str, tuple[int, ...], torch.dtype]]) -> int:
+    """A stable 63-bit fingerprint of a model layout: (name, shape, dtype) triples in order.
+
+    Two workers exchange messages only when their fingerprints match, so a worker started
+    with another model (or another parameter order) is rejected instead of corrupting the run.
+    """
+    h = hashlib.blake2b(digest_size=8)
+    for name, shape, dtype in layout:
+        h.update(f"{name}|{','.join(map(str, shape))}|{dtype}\n".encode())
+    return int.from_bytes(h.digest(), "big") >> 1

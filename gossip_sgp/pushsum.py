@@ -1,0 +1,77 @@
+"""Push-sum state: pure tensor math, no I/O, no threads.
+
+Each node holds a numerator ``x`` (one flat tensor per parameter group) and a scalar weight
+``w``; the de-biased estimate is ``z = x / w``. One gossip round at a node:
+
+* :meth:`PushSumState.split` scales ``x, w`` by the node's own mixing weight ``p_ii`` and
+  returns one share ``(p_ji * x, p_ji * w)`` per out-peer ``j``;
+* :meth:`PushSumState.fold` adds received shares into ``x, w``;
+* :meth:`PushSumState.debias` writes ``x / w`` into the model's parameters.
+
+The simulator, the tests and the training workers all run this very code. The weight is a
+Python float (double precision) whatever the numerator dtype, so the sum of weights over the
+job stays n to within double rounding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+__all__ = ["PushSumState", "Share"]
+
+Share = tuple[tuple[torch.Tensor, ...], float]
+"""A piece of push-sum mass: numerator tensors and the weight that goes with them."""
+
+
+class PushSumState:
+    """Numerator tensors and push-sum weight of one node.
+
+    ``tensors`` are flat (1-D) tensors of any floating dtype on any device. They are used in
+    place: the state owns them from now on.
+    """
+
+    __slots__ = ("numerator", "weight")
+
+    def __init__(self, tensors: Sequence[torch.Tensor], weight: float = 1.0) -> None:
+        for t in tensors:
+            if t.dim() != 1 or not t.is_floating_point():
+                raise ValueError("push-sum tensors must be flat floating-point tensors")
+        if not weight > 0.0:
+            raise ValueError(f"push-sum weight must be positive, got {weight}")
+        self.numerator: tuple[torch.Tensor, ...] = tuple(tensors)
+        self.weight: float = float(weight)
+
+    def split(self, self_weight: float, out: Mapping[int, float]) -> dict[int, Share]:
+        """Give away ``out[j]`` of the mass to each peer ``j``; keep ``self_weight`` of it.
+
+        ``self_weight + sum(out.values())`` must be 1, so no mass is created or destroyed.
+        Returns one fresh share per peer; ``x`` and ``w`` are scaled in place.
+        """
+        shares: dict[int, Share] = {
+            peer: (tuple(x * p for x in self.numerator), self.weight * p)
+            for peer, p in out.items()
+        }
+        if self_weight != 1.0:
+            for x in self.numerator:
+                x.mul_(self_weight)
+            self.weight *= self_weight
+        return shares
+
+    def fold(self, tensors: Sequence[torch.Tensor], weight: float) -> None:
+        """Add received mass ``(tensors, weight)`` into the state."""
+        if len(tensors) != len(self.numerator):
+            raise ValueError(f"expected {len(self.numerator)} tensors, got {len(tensors)}")
+        for x, r in zip(self.numerator, tensors, strict=True):
+            x.add_(r.to(device=x.device, dtype=x.dtype, non_blocking=True))
+        self.weight += weight
+
+    def debias(self, out: Sequence[torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
+        """``z = x / w``, written into ``out`` when given, else returned as new tensors."""
+        inv = 1.0 / self.weight
+        if out is None:
+            return tuple(x * inv for x in self.numerator)
+        for z, x in zip(out, self.numerator, strict=True):
+            torch.mul(x, inv, out=z)
+        return tuple(out)

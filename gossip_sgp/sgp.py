@@ -1,0 +1,293 @@
+"""``SGP``: Stochastic Gradient Push around any ``torch.optim.Optimizer``.
+
+    node = GossipNode(GossipConfig.from_env()).start()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    sgp = SGP(model.parameters(), optimizer, node)
+    for x, y in loader:
+        optimizer.zero_grad()
+        loss_fn(model(x), y).backward()
+        sgp.step()
+    sgp.consensus()
+
+What one ``step()`` does (Assran et al., ICML 2019, Alg. 1), with ``x`` the numerator,
+``w`` the push-sum weight and the model holding ``z = x / w``:
+
+1. the wrapped optimizer steps the model's parameters (gradient taken at ``z``), and the
+   same change is applied to ``x``;
+2. ``x, w`` are split by the round's mixing weights; the out-peers' shares go to the gossip
+   thread;
+3. received mass is folded in: in the synchronous mode (``staleness=0``) after waiting for
+   every message of this round, with ``staleness=tau`` after waiting for the messages of
+   round ``k - tau`` (communication overlaps ``tau`` steps of compute), and with
+   ``staleness=None`` (asynchronous) whatever has arrived, never waiting;
+4. the model's parameters become ``x / w``.
+
+Parameters are flattened into one contiguous buffer per (device, dtype) so each message is
+a few large tensors. Create ``SGP`` after moving the model to its device.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+import topologies
+from gossip_sgp.errors import GossipError, GossipTimeout
+from gossip_sgp.message import fingerprint
+from gossip_sgp.node import GossipNode
+from gossip_sgp.protocol import PushSumProtocol
+from gossip_sgp.pushsum import PushSumState
+from topologies import Topology
+
+__all__ = ["SGP"]
+
+_GAUGE_MAX = 1e300
+"""Stands in for "unknown yet" (infinity) in a message's gauge, which must be finite."""
+
+
+def _flatten(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Move parameters into one flat buffer per (device, dtype); return the buffers."""
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for p in params:
+        groups.setdefault((p.device, p.dtype), []).append(p)
+    flats = []
+    for (device, dtype), members in groups.items():
+        flat = torch.empty(sum(p.numel() for p in members), device=device, dtype=dtype)
+        offset = 0
+        for p in members:
+            n = p.numel()
+            view = flat[offset : offset + n].view_as(p)
+            view.copy_(p.data)
+            p.data = view
+            offset += n
+        flats.append(flat)
+    return flats
+
+
+class SGP:
+    """Wraps ``optimizer`` so that every ``step()`` also gossips with the node's peers.
+
+    Args:
+        params: the parameters to train and average (those of the optimizer).
+        optimizer: any ``torch.optim.Optimizer`` over ``params``; its state (momentum, Adam
+            moments) stays local, as in the paper.
+        node: a started :class:`~gossip_sgp.GossipNode`.
+        topology: a topology name (``topologies.NAMES``) or a ``Topology`` instance.
+        peers_per_round: out-peers per round for the ``exponential`` and ``base-k`` graphs.
+        staleness: 0 synchronous, ``tau > 0`` overlap, None asynchronous.
+        timeout: seconds to wait for a round's messages before ``GossipTimeout``;
+            defaults to the node config's ``timeout``.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor],
+        optimizer: torch.optim.Optimizer,
+        node: GossipNode,
+        *,
+        topology: str | Topology = "exponential",
+        peers_per_round: int = 1,
+        staleness: int | None = 0,
+        timeout: float | None = None,
+    ) -> None:
+        self.params = list(dict.fromkeys(params))  # drop repeats, keep order
+        if not self.params:
+            raise ValueError("SGP needs at least one parameter")
+        owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        missing = [i for i, p in enumerate(self.params) if id(p) not in owned]
+        if missing:
+            raise ValueError(f"parameters {missing} are not managed by the optimizer")
+        if staleness is not None and staleness < 0:
+            raise ValueError(f"staleness must be >= 0 or None, got {staleness}")
+        self.optimizer = optimizer
+        self.node = node
+        self.staleness = staleness
+        self.timeout = node.config.timeout if timeout is None else float(timeout)
+        if not self.timeout > 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        self.topology = self._resolve_topology(topology, peers_per_round, node.world_size)
+        self.fingerprint = fingerprint(
+            (str(i), tuple(p.shape), p.dtype) for i, p in enumerate(self.params)
+        )
+        self._flats = _flatten(self.params)
+        self._scratch = [torch.empty_like(f) for f in self._flats]
+        self.state = PushSumState([f.detach().clone() for f in self._flats])
+        self.protocol = PushSumProtocol(
+            node.rank,
+            self.topology,
+            self.state,
+            fingerprint=self.fingerprint,
+            coalesce=staleness is None,
+        )
+        self.round = 0
+        node.subscribe(self.protocol.mailbox.put, fingerprint=self.fingerprint)
+
+    @staticmethod
+    def _resolve_topology(topology: str | Topology, peers: int, world_size: int) -> Topology:
+        if isinstance(topology, Topology):
+            if topology.world_size != world_size:
+                raise ValueError(
+                    f"topology is for world size {topology.world_size}, the job has {world_size}"
+                )
+            return topology
+        if world_size == 1:
+            return topologies.get(topology, 1)
+        options = {"exponential": {"peers_per_round": peers}, "base-k": {"k": peers}}
+        return topologies.get(topology, world_size, **options.get(topology, {}))
+
+    @property
+    def weight(self) -> float:
+        """The push-sum weight ``w`` of this node."""
+        return self.state.weight
+
+    # ------------------------------------------------------------------ training
+    @torch.no_grad()
+    def _apply_update(self, closure: Callable[[], Any] | None) -> Any:
+        for scratch, flat in zip(self._scratch, self._flats, strict=True):
+            scratch.copy_(flat)
+        with torch.enable_grad():
+            loss = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+        for x, scratch, flat in zip(self.state.numerator, self._scratch, self._flats, strict=True):
+            torch.sub(flat, scratch, out=scratch)  # the optimizer's change of z ...
+            x.add_(scratch)  # ... applied to the numerator: x <- x - lr * g
+        return loss
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One SGP iteration: optimizer step, one gossip round, de-biased parameters."""
+        loss = self._apply_update(closure)
+        self._round(self.staleness, gauge=0.0)
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Same as the wrapped optimizer's ``zero_grad``."""
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    @torch.no_grad()
+    def _round(self, staleness: int | None, *, gauge: float) -> None:
+        k = self.round
+        if self.node.world_size > 1:
+            messages = self.protocol.emit(k)
+            if gauge:
+                messages = [_with_gauge(m, gauge) for m in messages]
+            self.node.send(messages)
+            if staleness is None:
+                self.protocol.absorb(k)  # folds all that arrived; forgets arrivals up to k
+            elif k - staleness >= 0:
+                self._wait(k - staleness)
+                self.protocol.absorb(k - staleness)
+        self.state.debias(out=self._flats)
+        self.round = k + 1
+
+    def _wait(self, round: int) -> None:
+        expected = self.protocol.expected(round)
+        if not self.protocol.mailbox.wait(expected, self.timeout):
+            missing = sorted(s for s, r in expected if not self.protocol.mailbox.has([(s, r)]))
+            raise GossipTimeout(
+                f"rank {self.node.rank} waited {self.timeout:g} s for the round-{round} "
+                f"messages of ranks {missing}; is every worker running the same number of "
+                "steps with the same topology? Raise GossipConfig.timeout for slow links, "
+                "or use staleness=None (asynchronous) to never wait."
+            )
+
+    # ----------------------------------------------------------------- consensus
+    @torch.no_grad()
+    def consensus(self, max_rounds: int = 64, tol: float = 1e-6) -> float:
+        """Gossip without training until the workers agree; returns the disagreement reached.
+
+        Call it on every worker at the same point (for example after the last epoch). First
+        the rounds still in flight are folded in, then gossip-only rounds run in blocks long
+        enough for every worker to hear from every other; at the end of a block all workers
+        know the largest relative change of ``z`` any of them saw, and stop together once it
+        is at most ``tol`` or after ``max_rounds`` rounds. The returned value is that global
+        estimate (0.0 for a single worker).
+        """
+        if self.node.world_size == 1:
+            return 0.0
+        if self.staleness:
+            for r in range(max(0, self.round - self.staleness), self.round):
+                self._wait(r)
+                self.protocol.absorb(r)
+            self.state.debias(out=self._flats)
+        mailbox = self.protocol.mailbox
+        mailbox.take_gauge(self.round - 1)  # training messages carry no gauge
+        done, disagreement, local = 0, math.inf, math.inf
+        while done < max_rounds:
+            block = min(_broadcast_rounds(self.topology, self.round), max_rounds - done)
+            known = local
+            for _ in range(block):
+                before = [f.clone() for f in self._flats]
+                r = self.round
+                self._round(0, gauge=min(known, _GAUGE_MAX))
+                known = max(known, mailbox.take_gauge(r))
+                local = _relative_change(before, self._flats)
+            done += block
+            disagreement = known
+            if disagreement <= tol:
+                break
+        return disagreement
+
+    # --------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Numerator, weight, round, sequence numbers and the optimizer's state."""
+        return {
+            "round": self.round,
+            "weight": self.state.weight,
+            "numerator": [x.detach().clone() for x in self.state.numerator],
+            "next_seq": self.protocol.sequence_numbers(),
+            "fingerprint": self.fingerprint,
+            "optimizer": self.optimizer.state_dict(),
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved (same model layout required)."""
+        if state.get("fingerprint") != self.fingerprint:
+            raise GossipError("checkpoint is for another model layout (fingerprint differs)")
+        numerator = state["numerator"]
+        if len(numerator) != len(self.state.numerator):
+            raise GossipError("checkpoint has a different number of parameter groups")
+        for x, saved in zip(self.state.numerator, numerator, strict=True):
+            if saved.shape != x.shape:
+                raise GossipError("checkpoint numerator has the wrong shape")
+            x.copy_(saved)
+        self.state.weight = float(state["weight"])
+        self.round = int(state["round"])
+        self.protocol.restore_sequence_numbers(state["next_seq"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.state.debias(out=self._flats)
+
+
+def _with_gauge(message: Any, gauge: float) -> Any:
+    from dataclasses import replace
+
+    return replace(message, gauge=gauge)
+
+
+def _relative_change(before: list[torch.Tensor], after: list[torch.Tensor]) -> float:
+    num = math.sqrt(sum(float((a - b).double().pow(2).sum()) for a, b in zip(after, before, strict=True)))
+    den = math.sqrt(sum(float(b.double().pow(2).sum()) for b in before))
+    return num / den if den > 0 else num
+
+
+def _broadcast_rounds(topology: Topology, start: int) -> int:
+    """Rounds from ``start`` until every node has (indirectly) heard from every other."""
+    return _broadcast_rounds_cached(topology, start % topology.period)
+
+
+@functools.lru_cache(maxsize=64)
+def _broadcast_rounds_cached(topology: Topology, start: int) -> int:
+    n = topology.world_size
+    reach = torch.eye(n, dtype=torch.bool)
+    for t in range(start, start + 4 * n + 64):
+        new = reach.clone()
+        for i in range(n):
+            for j in topology.in_peers(i, t):
+                new[i] |= reach[j]
+        reach = new
+        if bool(reach.all()):
+            return t - start + 1
+    raise GossipError(f"topology {topology.name} does not connect all {n} nodes")

@@ -1,0 +1,103 @@
+"""The receive side: duplicates rejected, deterministic sums, waiting, coalescing."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from gossip_sgp.mailbox import Mailbox, SequenceWindow
+from gossip_sgp.message import Message
+
+
+def msg(sender: int, seq: int, rnd: int, value: float, weight: float = 0.5) -> Message:
+    return Message(
+        sender=sender,
+        receiver=0,
+        round=rnd,
+        seq=seq,
+        weight=weight,
+        tensors=(torch.full((3,), value, dtype=torch.float64),),
+    )
+
+
+def test_sequence_window_rejects_repeats_in_any_order() -> None:
+    w = SequenceWindow(window=8)
+    assert [w.accept(s) for s in (2, 0, 1, 1, 2, 3, 0)] == [True, True, True, False, False, True, False]
+    assert w.floor == 4 and not w.seen
+
+
+def test_sequence_window_memory_is_bounded() -> None:
+    w = SequenceWindow(window=4)
+    for s in range(1, 100, 2):  # every even number lost
+        assert w.accept(s)
+        assert len(w.seen) <= 4
+    assert not w.accept(1)  # long given up on: stale
+
+
+def test_duplicate_is_rejected_and_counted() -> None:
+    box = Mailbox()
+    assert box.put(msg(1, 0, 0, 1.0))
+    assert not box.put(msg(1, 0, 0, 1.0))
+    assert box.rejected["duplicate"] == 1
+    share = box.take()
+    assert share is not None
+    assert share[1] == 0.5
+    assert share[0][0].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_take_by_round_leaves_newer_rounds() -> None:
+    box = Mailbox()
+    box.put(msg(1, 0, 0, 1.0))
+    box.put(msg(1, 1, 1, 2.0))
+    box.put(msg(2, 0, 0, 4.0))
+    share = box.take(max_round=0)
+    assert share is not None
+    assert share[0][0].tolist() == [5.0] * 3 and share[1] == 1.0
+    assert box.has([(1, 1)]) and not box.has([(1, 0)])
+    assert box.pending_weight() == 0.5
+    assert box.take(max_round=0) is None
+
+
+def test_sum_does_not_depend_on_arrival_order() -> None:
+    values = [0.1, 1e16, -1e16, 0.3]  # float addition is not associative
+    a, b = Mailbox(), Mailbox()
+    for s, v in enumerate(values):
+        a.put(msg(s + 1, 0, 0, v))
+    for s, v in reversed(list(enumerate(values))):
+        b.put(msg(s + 1, 0, 0, v))
+    sa, sb = a.take(), b.take()
+    assert sa is not None and sb is not None
+    assert torch.equal(sa[0][0], sb[0][0])
+
+
+def test_wait_wakes_on_arrival_and_times_out() -> None:
+    box = Mailbox()
+    assert not box.wait([(3, 0)], timeout=0.01)
+    timer = threading.Timer(0.05, box.put, args=(msg(3, 0, 0, 1.0),))
+    timer.start()
+    try:
+        assert box.wait([(3, 0)], timeout=10.0)
+    finally:
+        timer.cancel()
+
+
+def test_coalescing_keeps_one_buffer_and_all_mass() -> None:
+    box = Mailbox(coalesce=True)
+    for seq in range(100):
+        box.put(msg(1, seq, seq, 1.0, weight=0.25))
+    assert len(box.pending()) == 1
+    assert box.pending_weight() == 25.0
+    share = box.take(max_round=49)
+    assert share is not None and share[0][0].tolist() == [100.0] * 3
+    # arrivals of rounds after 49 are still known to waiters
+    assert box.has([(1, 50), (1, 99)]) and not box.has([(1, 49)])
+
+
+def test_gauge_is_tracked_per_round() -> None:
+    box = Mailbox()
+    box.put(Message(sender=1, receiver=0, round=0, seq=0, weight=0.5, tensors=(), gauge=0.3))
+    box.put(Message(sender=2, receiver=0, round=1, seq=0, weight=0.5, tensors=(), gauge=0.7))
+    assert box.take_gauge(0) == 0.3
+    assert box.take_gauge(0) == 0.0
+    assert box.take_gauge(5) == 0.7

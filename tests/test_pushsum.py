@@ -1,0 +1,77 @@
+"""Push-sum state math: split, fold, de-bias, on every supported dtype."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gossip_sgp.pushsum import PushSumState
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_split_keeps_mass(dtype: torch.dtype) -> None:
+    x = torch.arange(8, dtype=dtype)
+    state = PushSumState([x.clone()], weight=1.0)
+    shares = state.split(0.5, {3: 0.25, 5: 0.25})
+    assert set(shares) == {3, 5}
+    total = state.numerator[0].double() + sum(t[0].double() for t, _ in shares.values())
+    assert torch.allclose(total, x.double(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-12)
+    assert state.weight + sum(w for _, w in shares.values()) == 1.0
+    for tensors, w in shares.values():
+        assert w == 0.25
+        assert tensors[0].dtype == dtype
+
+
+def test_split_returns_fresh_tensors() -> None:
+    state = PushSumState([torch.ones(4)])
+    shares = state.split(0.5, {1: 0.5})
+    shares[1][0][0].fill_(99.0)  # the receiver owns its share
+    assert torch.equal(state.numerator[0], torch.full((4,), 0.5))
+
+
+def test_fold_and_debias() -> None:
+    state = PushSumState([torch.tensor([2.0, 4.0], dtype=torch.float64)], weight=0.5)
+    state.fold([torch.tensor([1.0, 1.0], dtype=torch.float64)], 0.5)
+    assert state.weight == 1.0
+    (z,) = state.debias()
+    assert z.tolist() == [3.0, 5.0]
+    out = [torch.empty(2, dtype=torch.float64)]
+    state.debias(out=out)
+    assert out[0].tolist() == [3.0, 5.0]
+
+
+def test_fold_casts_received_dtype() -> None:
+    state = PushSumState([torch.zeros(3, dtype=torch.bfloat16)])
+    state.fold([torch.ones(3, dtype=torch.float32)], 1.0)
+    assert state.numerator[0].dtype == torch.bfloat16
+    assert state.weight == 2.0
+
+
+def test_pairwise_average_is_exact() -> None:
+    a = PushSumState([torch.tensor([1.0, 3.0], dtype=torch.float64)])
+    b = PushSumState([torch.tensor([5.0, 7.0], dtype=torch.float64)])
+    to_b = a.split(0.5, {1: 0.5})[1]
+    to_a = b.split(0.5, {0: 0.5})[0]
+    a.fold(*to_a)
+    b.fold(*to_b)
+    assert a.debias()[0].tolist() == b.debias()[0].tolist() == [3.0, 5.0]
+
+
+@pytest.mark.parametrize(
+    ("tensors", "weight"),
+    [
+        ([torch.zeros(2, 2)], 1.0),
+        ([torch.zeros(3, dtype=torch.int64)], 1.0),
+        ([torch.zeros(3)], 0.0),
+        ([torch.zeros(3)], float("nan")),
+    ],
+)
+def test_rejects_bad_state(tensors: list[torch.Tensor], weight: float) -> None:
+    with pytest.raises(ValueError, match="push-sum"):
+        PushSumState(tensors, weight=weight)
+
+
+def test_fold_rejects_wrong_group_count() -> None:
+    state = PushSumState([torch.zeros(2), torch.zeros(3)])
+    with pytest.raises(ValueError, match="expected 2 tensors"):
+        state.fold([torch.zeros(2)], 1.0)
