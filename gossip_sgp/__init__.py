@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from gossip_sgp.config import GossipConfig, PeerSpec
 from gossip_sgp.errors import (
     ConfigError,
     GossipError,
@@ -12,18 +13,24 @@ from gossip_sgp.errors import (
 )
 from gossip_sgp.mailbox import Mailbox
 from gossip_sgp.message import Message, MessageKind, fingerprint
+from gossip_sgp.node import GossipNode
 from gossip_sgp.protocol import PushSumProtocol
 from gossip_sgp.pushsum import PushSumState, Share
+from gossip_sgp.sgp import SGP
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "SGP",
     "ConfigError",
+    "GossipConfig",
     "GossipError",
+    "GossipNode",
     "GossipTimeout",
     "Mailbox",
     "Message",
     "MessageKind",
+    "PeerSpec",
     "PushSumProtocol",
     "PushSumState",
     "Share",

@@ -57,7 +57,7 @@ def make_transport(config: GossipConfig) -> Transport:
             config.addresses,
             fingerprint=None,
             max_message_bytes=config.max_message_bytes,
-            bind=None if config.bind_host is None else f"tcp://{config.bind_host}:{config.me.port}",
+            bind=config.bind_address,
         )
     raise GossipError(
         f"transport {config.transport!r} needs an explicit transport object: "

@@ -12,8 +12,11 @@
 What one ``step()`` does (Assran et al., ICML 2019, Alg. 1), with ``x`` the numerator,
 ``w`` the push-sum weight and the model holding ``z = x / w``:
 
-1. the wrapped optimizer steps the model's parameters (gradient taken at ``z``), and the
-   same change is applied to ``x``;
+1. the wrapped optimizer steps the model's parameters (gradient taken at ``z``), and ``x``
+   moves so that ``x / w`` changes by exactly that step (``x += w * delta``). With ``w = 1``
+   this is the paper's ``x <- x - lr * g``; scaling by ``w`` (as the authors' code does)
+   keeps the effective learning rate at ``lr`` when a node's weight drifts, which happens
+   in the asynchronous mode and on non-power-of-two world sizes;
 2. ``x, w`` are split by the round's mixing weights; the out-peers' shares go to the gossip
    thread;
 3. received mass is folded in: in the synchronous mode (``staleness=0``) after waiting for
@@ -151,9 +154,10 @@ class SGP:
             scratch.copy_(flat)
         with torch.enable_grad():
             loss = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+        w = self.state.weight
         for x, scratch, flat in zip(self.state.numerator, self._scratch, self._flats, strict=True):
             torch.sub(flat, scratch, out=scratch)  # the optimizer's change of z ...
-            x.add_(scratch)  # ... applied to the numerator: x <- x - lr * g
+            x.add_(scratch, alpha=w)  # ... moves x / w by exactly that much
         return loss
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:

@@ -1,0 +1,225 @@
+"""The SGP optimizer wrapper and the gossip node, with workers as threads in one process.
+
+Every worker runs its own GossipNode (gossip thread + event loop) over the in-process
+transport, exactly as it would over ZeroMQ; the multi-process ZeroMQ runs are in
+tests/test_training.py.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+
+from gossip_sgp import SGP, GossipConfig, GossipNode, GossipTimeout
+from transports import InProcNetwork
+
+Worker = Callable[[int, GossipNode], Any]
+
+
+def run_workers(n: int, fn: Worker, *, timeout: float = 20.0, join: float = 60.0) -> list[Any]:
+    """Run ``fn(rank, node)`` on n threads, each with its own started node; return results."""
+    net = InProcNetwork(n)
+    results: list[Any] = [None] * n
+    errors: list[BaseException] = []
+
+    def worker(rank: int) -> None:
+        config = GossipConfig.local(
+            n, rank, ports=range(40000, 40000 + n), transport="inproc", timeout=timeout
+        )
+        try:
+            with GossipNode(config, transport=net.transport(rank)) as node:
+                results[rank] = fn(rank, node)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(r,), daemon=True) for r in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(join)
+    assert not any(t.is_alive() for t in threads), "a worker hung"
+    if errors:
+        raise errors[0]
+    return results
+
+
+def quadratic_worker(
+    steps: int, *, staleness: int | None = 0, lr: float = 0.1, topology: str = "exponential"
+) -> Worker:
+    """Worker i minimises 0.5 * ||x - i||^2 from x = 0: the joint optimum is mean(i)."""
+
+    def fn(rank: int, node: GossipNode) -> dict[str, Any]:
+        x = torch.nn.Parameter(torch.zeros(5, dtype=torch.float64))
+        opt = torch.optim.SGD([x], lr=lr)
+        sgp = SGP([x], opt, node, staleness=staleness, topology=topology)
+        for _ in range(steps):
+            opt.zero_grad()
+            (0.5 * (x - float(rank)).pow(2).sum()).backward()
+            sgp.step()
+        after_steps = x.detach().clone()
+        disagreement = sgp.consensus(max_rounds=64, tol=1e-12)
+        return {
+            "x": x.detach().clone(),
+            "after_steps": after_steps,
+            "numerator": sgp.state.numerator[0].clone(),
+            "weight": sgp.weight,
+            "disagreement": disagreement,
+            "round": sgp.round,
+        }
+
+    return fn
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("staleness", [0, 2])
+def test_workers_reach_the_joint_optimum(staleness: int | None) -> None:
+    n = 4
+    results = run_workers(n, quadratic_worker(150, staleness=staleness))
+    target = torch.full((5,), (n - 1) / 2, dtype=torch.float64)
+    for r in results:
+        torch.testing.assert_close(r["x"], target, atol=1e-3, rtol=0)
+        assert r["disagreement"] <= 1e-12
+    assert math.fsum(r["weight"] for r in results) == pytest.approx(n, abs=1e-12)
+    assert len({r["round"] for r in results}) == 1
+
+
+@pytest.mark.timeout(60)
+def test_asynchronous_workers_agree_on_a_point_between_their_optima() -> None:
+    # Asynchronous push-sum weighs each worker by its (uneven) push-sum weight at the fixed
+    # point, so with deliberately conflicting objectives the result is a weighted average of
+    # the optima, not their mean: check agreement and that it lies strictly between them.
+    n = 4
+    results = run_workers(n, quadratic_worker(150, staleness=None))
+    first = results[0]["x"]
+    for r in results:
+        assert r["disagreement"] <= 1e-12
+        torch.testing.assert_close(r["x"], first, atol=1e-9, rtol=0)
+    assert bool((first > 0.5).all()) and bool((first < n - 1.5).all())
+    assert math.fsum(r["weight"] for r in results) == pytest.approx(n, abs=1e-12)
+
+
+@pytest.mark.timeout(60)
+def test_synchronous_runs_are_bit_identical() -> None:
+    a = run_workers(4, quadratic_worker(30, lr=0.3))
+    b = run_workers(4, quadratic_worker(30, lr=0.3))
+    for ra, rb in zip(a, b, strict=True):
+        assert torch.equal(ra["after_steps"], rb["after_steps"])
+        assert ra["weight"] == rb["weight"]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("staleness", [0, 1, None])
+def test_gossip_moves_mass_but_never_creates_it(staleness: int | None) -> None:
+    n = 6  # not a power of two: weights stay uneven
+    results = run_workers(n, quadratic_worker(20, lr=0.0, staleness=staleness))
+    total = torch.stack([r["numerator"] for r in results]).sum(0)
+    torch.testing.assert_close(total, torch.zeros(5, dtype=torch.float64))
+    assert math.fsum(r["weight"] for r in results) == pytest.approx(n, abs=1e-12)
+
+
+@pytest.mark.timeout(60)
+def test_gossip_averages_distinct_starts() -> None:
+    n = 8
+
+    def fn(rank: int, node: GossipNode) -> torch.Tensor:
+        x = torch.nn.Parameter(torch.full((3,), float(rank)))
+        sgp = SGP([x], torch.optim.SGD([x], lr=0.0), node)
+        for _ in range(3):  # log2(8) rounds of the exponential graph: the exact average
+            sgp.step()
+        return x.detach().clone()
+
+    for x in run_workers(n, fn):
+        torch.testing.assert_close(x, torch.full((3,), 3.5))
+
+
+@pytest.mark.timeout(30)
+def test_single_worker_is_plain_sgd() -> None:
+    def fn(rank: int, node: GossipNode) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 2).double()
+        ref = torch.nn.Linear(4, 2).double()
+        ref.load_state_dict(model.state_dict())
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+        ref_opt = torch.optim.SGD(ref.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+        sgp = SGP(model.parameters(), opt, node)
+        data = torch.randn(8, 4, dtype=torch.float64)
+        for _ in range(5):
+            for m, step in ((model, sgp.step), (ref, ref_opt.step)):
+                m.zero_grad()
+                m(data).pow(2).sum().backward()
+                step()
+        return model.weight.detach(), ref.weight.detach()
+
+    ((got, want),) = run_workers(1, fn)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.timeout(30)
+def test_state_dict_round_trip() -> None:
+    def fn(rank: int, node: GossipNode) -> None:
+        x = torch.nn.Parameter(torch.arange(4, dtype=torch.float64) + rank)
+        opt = torch.optim.SGD([x], lr=0.1, momentum=0.5)
+        sgp = SGP([x], opt, node)
+        for _ in range(3):
+            opt.zero_grad()
+            x.sum().backward()
+            sgp.step()
+        saved = sgp.state_dict()
+        assert saved["round"] == 3 and saved["weight"] == sgp.weight
+        before = x.detach().clone()
+        with torch.no_grad():
+            x.zero_()
+            sgp.state.numerator[0].zero_()
+        sgp.load_state_dict(saved)
+        torch.testing.assert_close(x.detach(), before)
+        assert sgp.round == 3
+        bad = dict(saved, fingerprint=saved["fingerprint"] ^ 1)
+        with pytest.raises(Exception, match="another model"):
+            sgp.load_state_dict(bad)
+
+    run_workers(2, fn)
+
+
+@pytest.mark.timeout(30)
+def test_missing_peer_times_out_with_a_clear_error() -> None:
+    def fn(rank: int, node: GossipNode) -> None:
+        x = torch.nn.Parameter(torch.zeros(2))
+        sgp = SGP([x], torch.optim.SGD([x], lr=0.1), node, timeout=0.5)
+        if rank == 0:
+            with pytest.raises(GossipTimeout, match="round-0 messages of ranks \\[1\\]"):
+                sgp.step()
+
+    run_workers(2, fn)
+
+
+@pytest.mark.timeout(30)
+def test_other_model_is_rejected() -> None:
+    def fn(rank: int, node: GossipNode) -> int:
+        x = torch.nn.Parameter(torch.zeros(2 + rank))  # rank 1 has another layout
+        sgp = SGP([x], torch.optim.SGD([x], lr=0.1), node, timeout=0.5)
+        with pytest.raises(GossipTimeout):
+            sgp.step()
+        return node.rejected["wrong_model"]
+
+    assert run_workers(2, fn) == [1, 1]
+
+
+@pytest.mark.timeout(30)
+def test_bad_arguments() -> None:
+    def fn(rank: int, node: GossipNode) -> None:
+        x = torch.nn.Parameter(torch.zeros(2))
+        y = torch.nn.Parameter(torch.zeros(2))
+        opt = torch.optim.SGD([x], lr=0.1)
+        with pytest.raises(ValueError, match="not managed by the optimizer"):
+            SGP([x, y], opt, node)
+        with pytest.raises(ValueError, match="staleness"):
+            SGP([x], opt, node, staleness=-1)
+        with pytest.raises(ValueError, match="at least one parameter"):
+            SGP([], opt, node)
+
+    run_workers(2, fn)
