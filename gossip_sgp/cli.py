@@ -44,6 +44,22 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def _port_or_zero(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(
+            f"must be a TCP port in 1..65535, or 0 for off; got {text}"
+        )
+    return value
+
+
 def _add_simulate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     import topologies
 
@@ -119,6 +135,128 @@ def _run_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_worker_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments ``launch`` and ``run`` share: the grace period and what to run."""
+    p.add_argument(
+        "--grace",
+        type=_non_negative_float,
+        default=10.0,
+        metavar="S",
+        help="seconds workers get to exit after SIGINT before SIGTERM, and after SIGTERM "
+        "before SIGKILL (default: 10)",
+    )
+    p.add_argument(
+        "-m",
+        "--module",
+        action="store_true",
+        help="SCRIPT is a module name, run like `python -m MODULE`",
+    )
+    p.add_argument("script", metavar="SCRIPT", help="the training script (or module with -m)")
+    p.add_argument(
+        "args", nargs=argparse.REMAINDER, metavar="ARGS", help="arguments passed to the script"
+    )
+
+
+def _add_launch(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from gossip_sgp.config import TRANSPORTS
+
+    p = sub.add_parser(
+        "launch",
+        help="start N workers of one job on this machine",
+        description="Start N workers `python SCRIPT ARGS` (or `python -m MODULE ARGS`) on free "
+        "ports of one host, with each worker's rank and the peer list in its environment. "
+        "Output lines are prefixed with [rank R]. Ctrl-C stops every worker; if one worker "
+        "fails, the others are stopped and its exit code is returned.",
+        epilog="Launcher options go before SCRIPT; everything after SCRIPT goes to the script.",
+    )
+    p.add_argument(
+        "--nproc", type=_positive_int, required=True, metavar="N", help="number of workers"
+    )
+    p.add_argument(
+        "--transport", choices=TRANSPORTS, default="zmq", help="gossip transport (default: zmq)"
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=_port_or_zero,
+        default=0,
+        metavar="BASE",
+        help="serve rank R's Prometheus metrics on port BASE + R (default: 0, off)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address the workers bind and gossip on")
+    p.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=None,
+        metavar="S",
+        help="seconds a synchronous step waits for a round's messages (default: 120)",
+    )
+    _add_worker_arguments(p)
+    p.set_defaults(func=_run_launch)
+
+
+def _run_launch(args: argparse.Namespace) -> int:
+    from gossip_sgp.errors import ConfigError
+    from gossip_sgp.launch import launch
+
+    try:
+        return launch(
+            [args.script, *args.args],
+            args.nproc,
+            module=args.module,
+            metrics_port=args.metrics_port,
+            host=args.host,
+            transport=args.transport,
+            timeout=args.timeout,
+            grace=args.grace,
+        )
+    except ConfigError as exc:
+        print(f"gossip-sgp launch: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "run",
+        help="start this machine's worker of a job across machines",
+        description="Start one worker of a multi-machine job described by a TOML peer list "
+        "(run the same command with each rank on its machine). The peer list is checked "
+        "before the script starts; signals are forwarded and the script's exit code returned.",
+        epilog="Options go before SCRIPT; everything after SCRIPT goes to the script.",
+    )
+    p.add_argument("--config", required=True, metavar="PEERS_TOML", help="the job's TOML peer list")
+    p.add_argument(
+        "--rank", type=_non_negative_int, required=True, help="this worker's rank in the list"
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=_port_or_zero,
+        default=None,
+        metavar="PORT",
+        help="serve this worker's Prometheus metrics on PORT (0: off; default: the peer "
+        "list's metrics_port)",
+    )
+    _add_worker_arguments(p)
+    p.set_defaults(func=_run_run)
+
+
+def _run_run(args: argparse.Namespace) -> int:
+    from gossip_sgp.errors import ConfigError
+    from gossip_sgp.launch import run
+
+    try:
+        return run(
+            args.config,
+            args.rank,
+            [args.script, *args.args],
+            module=args.module,
+            metrics_port=args.metrics_port,
+            grace=args.grace,
+        )
+    except ConfigError as exc:
+        print(f"gossip-sgp run: error: {exc}", file=sys.stderr)
+        return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (also used to render the CLI docs)."""
     from gossip_sgp import __version__
@@ -130,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gossip-sgp {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_simulate(sub)
+    _add_launch(sub)
+    _add_run(sub)
     return parser
 
 
