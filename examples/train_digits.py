@@ -22,6 +22,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 from datetime import timedelta
 
 import numpy as np
@@ -59,7 +60,8 @@ class SmallCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.conv1(x))
         x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+        out: torch.Tensor = self.fc2(F.relu(self.fc1(x.flatten(1))))
+        return out
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -96,7 +98,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     model.eval()
     with torch.no_grad():
-        correct = (model(x).argmax(dim=1) == y).sum().item()
+        correct = int((model(x).argmax(dim=1) == y).sum().item())
     model.train()
     return correct / len(y)
 
@@ -105,14 +107,14 @@ def flat_params(model: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
-def open_store(rank: int, world_size: int) -> dist.TCPStore | None:
+def open_store(rank: int, world_size: int) -> Any:
     """A key-value store shared by the workers, used to gather results (and by AllReduce)."""
     if world_size == 1:
         return None
     host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
     if not host or not port:
         sys.exit("MASTER_ADDR and MASTER_PORT must be set (gossip-sgp launch/run set them)")
-    return dist.TCPStore(host, int(port), world_size, is_master=rank == 0,
+    return dist.TCPStore(host, int(port), world_size, is_master=rank == 0,  # type: ignore[attr-defined]
                          timeout=timedelta(seconds=300))
 
 
@@ -144,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         assert store is not None or world_size == 1
         if world_size > 1:
-            dist.init_process_group("gloo", store=dist.PrefixStore("pg", store),  # type: ignore[arg-type]
+            dist.init_process_group("gloo", store=dist.PrefixStore("pg", store),  # type: ignore[attr-defined]
                                     rank=rank, world_size=world_size)
     try:
         order_gen = torch.Generator().manual_seed(args.seed * 1000 + rank)
@@ -156,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 idx = order[i * args.batch_size : (i + 1) * args.batch_size]
                 optimizer.zero_grad()
                 loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
-                loss.backward()
+                loss.backward()  # type: ignore[no-untyped-call]
                 if args.algorithm == "sgp":
                     sgp.step()  # SGP: local step + one push-sum round
                 else:
@@ -200,7 +202,7 @@ def allreduce_gradients(model: nn.Module, world_size: int) -> None:
         offset += g.numel()
 
 
-def report(args: argparse.Namespace, rank: int, world_size: int, store: dist.TCPStore | None,
+def report(args: argparse.Namespace, rank: int, world_size: int, store: Any,
            model: nn.Module, result: dict[str, float], seconds: float) -> None:
     """Gather every worker's accuracy and parameters at rank 0 and print the summary."""
     params = flat_params(model).double().numpy()

@@ -259,7 +259,7 @@ def _run_run(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (also used to render the CLI docs)."""
-    from gossip_sgp import __version__
+    from gossip_sgp import __version__, demo
 
     parser = argparse.ArgumentParser(
         prog="gossip-sgp",
@@ -268,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gossip-sgp {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_simulate(sub)
+    demo.add_parser(sub)
     _add_launch(sub)
     _add_run(sub)
     return parser

@@ -32,7 +32,7 @@ __all__ = ["GossipNode"]
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[Message], None]
+Handler = Callable[[Message], object]
 
 _STOP_TIMEOUT = 5.0
 """Seconds the node gives its thread to drain and close (the issue's shutdown budget)."""
@@ -119,7 +119,7 @@ class GossipNode:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def start(self) -> None:
+    def start(self) -> GossipNode:
         """Start the gossip thread and the transport; raises if the transport cannot start."""
         if self._thread is not None:
             raise GossipError("GossipNode.start() called twice")
@@ -140,6 +140,7 @@ class GossipNode:
                 self._start_error
             )
         self._install_sigterm()
+        return self
 
     def close(self) -> None:
         """Drain pending sends (bounded), close the transport, join the thread. Idempotent."""
