@@ -1,0 +1,256 @@
+"""ZeroMQ transport: PUSH/PULL over TCP, for Ethernet, WAN and cloud.
+
+Each rank binds one PULL socket on its own address and connects one PUSH socket to every
+peer it sends to (created on first send). Messages travel as :mod:`gossip_sgp.wire` frames,
+the payload frames zero-copy on both ends. Reconnection after a peer restarts or a link
+drops is ZeroMQ's job; messages queued while a peer is away are delivered when it is back,
+those on the wire when the link broke are lost (ZeroMQ does not retry them).
+
+Bounded memory: at most ``sndhwm`` messages wait per peer and ``rcvhwm`` on the receive
+side (ZeroMQ high-water marks, counted in messages, so size them with the model: 16 queued
+sends of a 1 GiB model are 16 GiB). When a peer's queue is full, :meth:`ZmqTransport.send`
+waits up to ``send_timeout`` seconds and then raises :class:`~gossip_sgp.errors.SendTimeout`
+with the message not sent.
+
+Performance: libzmq receives each message into freshly allocated memory, and faulting that
+in with 4 KiB pages can cost more than the transfer (on a VM, several times more). Start
+workers with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` so that glibc uses transparent huge
+pages; ``benchmarks/zmq_throughput.py`` and ``docs/wire-format.md`` have the figures.
+
+Without CurveZMQ anyone who can reach the port can send; the ``sender`` in a header is not
+authenticated. Validation keeps malformed input out, it does not stop a forged share.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Awaitable, Sequence
+from typing import Any, TypeVar
+
+import zmq
+import zmq.asyncio
+
+from gossip_sgp import wire
+from gossip_sgp.errors import SendTimeout, TransportClosed, TransportError, WireError
+from gossip_sgp.message import Message
+from transports.base import TransportStats
+
+__all__ = ["ZmqTransport"]
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+_WARN_EVERY_S = 10.0
+"""At most one warning per reject reason in this many seconds."""
+_RECONNECT_IVL_MS = 100
+_RECONNECT_IVL_MAX_MS = 5000
+
+
+class ZmqTransport:
+    """One rank's ZeroMQ endpoint; create and use it inside one running event loop.
+
+    Args:
+        rank: this worker's rank.
+        addresses: ``addresses[r]`` is rank ``r``'s endpoint, ``"tcp://host:port"``.
+        fingerprint: model fingerprint every received message must carry; ``None`` accepts
+            any and leaves the check to the caller.
+        max_message_bytes: largest payload accepted (and sent); larger input is rejected.
+        sndhwm: messages that may queue per peer before ``send`` waits.
+        rcvhwm: received messages that may queue before ZeroMQ stops reading peers.
+        bind: where to bind instead of ``addresses[rank]`` (e.g. ``"tcp://0.0.0.0:5555"``
+            while peers connect to the public address).
+        context: the ZeroMQ context; default ``zmq.asyncio.Context.instance()``.
+        send_timeout: seconds ``send`` waits for room in a full queue; ``None`` waits
+            until close.
+    """
+
+    def __init__(
+        self,
+        rank: int,
+        addresses: Sequence[str],
+        *,
+        fingerprint: int | None,
+        max_message_bytes: int = 1 << 30,
+        sndhwm: int = 16,
+        rcvhwm: int = 64,
+        bind: str | None = None,
+        context: zmq.asyncio.Context | None = None,
+        send_timeout: float | None = 30.0,
+    ) -> None:
+        if not 0 <= rank < len(addresses):
+            raise ValueError(f"rank {rank} out of range for {len(addresses)} addresses")
+        if max_message_bytes < 1 or sndhwm < 1 or rcvhwm < 1:
+            raise ValueError("max_message_bytes, sndhwm and rcvhwm must be >= 1")
+        if send_timeout is not None and not send_timeout > 0:
+            raise ValueError(f"send_timeout must be > 0 or None, got {send_timeout}")
+        self.rank = rank
+        self.addresses = tuple(addresses)
+        self.world_size = len(self.addresses)
+        self.fingerprint = fingerprint
+        self.max_message_bytes = max_message_bytes
+        self.stats = TransportStats()
+        self._sndhwm, self._rcvhwm = sndhwm, rcvhwm
+        self._bind = bind or self.addresses[rank]
+        self._context = context
+        self._send_timeout = send_timeout
+        self._pull: zmq.asyncio.Socket | None = None
+        self._push: dict[int, zmq.asyncio.Socket] = {}
+        self._pending: set[asyncio.Future[Any]] = set()
+        self._closed = False
+        self._warned_at: dict[str, float] = {}
+
+    async def start(self) -> None:
+        """Bind the receive socket; raises ``TransportError`` naming the address on failure."""
+        self._check_open()
+        if self._pull is not None:
+            return
+        sock = self._socket(zmq.PULL, self._bind)
+        try:
+            sock.setsockopt(zmq.RCVHWM, self._rcvhwm)
+            # Per frame: libzmq drops the connection of a peer sending a larger frame.
+            sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes + wire.MAX_HEADER_BYTES)
+            sock.bind(self._bind)
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            raise TransportError(f"rank {self.rank} cannot bind {self._bind!r}: {exc}") from exc
+        self._pull = sock
+
+    async def send(self, peer: int, message: Message) -> None:
+        """Queue ``message`` for ``peer``; returns once ZeroMQ holds it, not when it arrived.
+
+        Raises ``SendTimeout`` when the peer's queue stays full for ``send_timeout`` seconds
+        (the message is then not sent), ``WireError`` for a message that cannot be encoded.
+        """
+        self._check_open()
+        if not 0 <= peer < self.world_size or peer == self.rank:
+            raise TransportError(f"rank {self.rank} cannot send to peer {peer}")
+        if message.sender != self.rank or message.receiver != peer:
+            raise TransportError(
+                f"message {message.sender}->{message.receiver} sent by rank {self.rank} to {peer}"
+            )
+        if self.fingerprint is not None and message.fingerprint != self.fingerprint:
+            raise TransportError(f"message fingerprint {message.fingerprint:#x} is not ours")
+        if message.nbytes > self.max_message_bytes:
+            raise WireError("oversized", f"{message.nbytes} bytes > {self.max_message_bytes}")
+        if message.sent_at == 0.0:
+            message = dataclasses.replace(message, sent_at=time.time())
+        frames = wire.encode(message)
+        sock = self._push.get(peer)
+        if sock is None:
+            sock = self._connect(peer)
+        try:
+            # copy=False: pyzmq passes the tensor memory to libzmq and keeps the buffers
+            # (which keep the tensors alive) until libzmq has sent them.
+            await self._track(sock.send_multipart(frames, copy=False))
+        except zmq.Again:
+            raise SendTimeout(
+                f"rank {self.rank}: send queue to rank {peer} stayed full for "
+                f"{self._send_timeout} s; message not sent"
+            ) from None
+        except zmq.ZMQError as exc:
+            self._check_open()
+            raise TransportError(f"rank {self.rank} failed to send to rank {peer}: {exc}") from exc
+        self.stats.messages_sent[peer] += 1
+        self.stats.bytes_sent[peer] += sum(memoryview(frame).nbytes for frame in frames)
+
+    async def recv(self) -> Message:
+        """The next valid message; invalid input is counted in ``stats.rejected`` and skipped."""
+        while True:
+            self._check_open()
+            if self._pull is None:
+                raise TransportError(f"transport of rank {self.rank} is not started")
+            try:
+                frames = await self._track(self._pull.recv_multipart(copy=False))
+            except zmq.ZMQError as exc:
+                self._check_open()
+                raise TransportError(f"rank {self.rank} failed to receive: {exc}") from exc
+            buffers = [frame.buffer for frame in frames]
+            try:
+                message = wire.decode(
+                    buffers,
+                    rank=self.rank,
+                    world_size=self.world_size,
+                    fingerprint=self.fingerprint,
+                    max_bytes=self.max_message_bytes,
+                )
+            except WireError as exc:
+                self._reject(exc)
+                await asyncio.sleep(0)  # a flood of garbage must not starve the event loop
+                continue
+            self.stats.messages_received[message.sender] += 1
+            self.stats.bytes_received[message.sender] += sum(b.nbytes for b in buffers)
+            return message
+
+    async def close(self) -> None:
+        """Close every socket (``linger=0``: unsent messages are dropped); idempotent.
+
+        Pending ``send`` and ``recv`` calls raise ``TransportClosed``.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        for future in self._pending:
+            if not future.done():
+                future.set_exception(TransportClosed(f"transport of rank {self.rank} closed"))
+        sockets = [*self._push.values(), *([self._pull] if self._pull is not None else [])]
+        self._push.clear()
+        self._pull = None
+        for sock in sockets:
+            sock.close(linger=0)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise TransportClosed(f"transport of rank {self.rank} is closed")
+
+    def _socket(self, kind: int, address: str) -> zmq.asyncio.Socket:
+        context = self._context or zmq.asyncio.Context.instance()
+        sock = context.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        if "[" in address:  # an IPv6 literal; names keep resolving to IPv4 as before
+            sock.setsockopt(zmq.IPV6, 1)
+        return sock
+
+    def _connect(self, peer: int) -> zmq.asyncio.Socket:
+        address = self.addresses[peer]
+        sock = self._socket(zmq.PUSH, address)
+        try:
+            sock.setsockopt(zmq.SNDHWM, self._sndhwm)
+            sock.setsockopt(zmq.RECONNECT_IVL, _RECONNECT_IVL_MS)
+            sock.setsockopt(zmq.RECONNECT_IVL_MAX, _RECONNECT_IVL_MAX_MS)
+            # zmq.asyncio turns SNDTIMEO into a timer that fails the pending send with Again.
+            timeout = self._send_timeout
+            sock.setsockopt(zmq.SNDTIMEO, -1 if timeout is None else math.ceil(timeout * 1000))
+            sock.connect(address)
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            raise TransportError(f"rank {self.rank} cannot connect to {address!r}: {exc}") from exc
+        self._push[peer] = sock
+        return sock
+
+    async def _track(self, awaitable: Awaitable[_T]) -> _T:
+        """Await a socket future; ``close()`` fails it with ``TransportClosed``."""
+        future = asyncio.ensure_future(awaitable)
+        if future.done():
+            return future.result()
+        self._pending.add(future)
+        try:
+            return await future
+        finally:
+            self._pending.discard(future)
+
+    def _reject(self, exc: WireError) -> None:
+        self.stats.rejected[exc.reason] += 1
+        now = time.monotonic()
+        if now - self._warned_at.get(exc.reason, -math.inf) >= _WARN_EVERY_S:
+            self._warned_at[exc.reason] = now
+            log.warning(
+                "rank %d rejected a message (%s, %d so far): %s",
+                self.rank,
+                exc.reason,
+                self.stats.rejected[exc.reason],
+                exc.detail,
+            )
