@@ -22,8 +22,8 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
 from datetime import timedelta
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,7 +34,9 @@ from torch.nn import functional as F
 from gossip_sgp import SGP, GossipConfig, GossipNode
 
 
-def load_digits_split(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def load_digits_split(
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The 1,797 8x8 digits, scaled to [0, 1], split 80/20 the same way on every worker."""
     from sklearn.datasets import load_digits
 
@@ -66,14 +68,21 @@ class SmallCNN(nn.Module):
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--algorithm", choices=("sgp", "allreduce"), default="sgp",
-                   help="sgp: push-sum gossip; allreduce: synchronous data parallel (gloo)")
-    p.add_argument("--staleness", default="0",
-                   help="SGP only: 0 synchronous, N overlap by N rounds, 'none' asynchronous")
+    p.add_argument(
+        "--algorithm",
+        choices=("sgp", "allreduce"),
+        default="sgp",
+        help="sgp: push-sum gossip; allreduce: synchronous data parallel (gloo)",
+    )
+    p.add_argument(
+        "--staleness",
+        default="0",
+        help="SGP only: 0 synchronous, N overlap by N rounds, 'none' asynchronous",
+    )
     p.add_argument("--topology", default="exponential", help="SGP peer schedule")
-    p.add_argument("--epochs", type=int, default=20, help="passes over each worker's shard")
+    p.add_argument("--epochs", type=int, default=40, help="passes over each worker's shard")
     p.add_argument("--batch-size", type=int, default=32, help="per-worker batch size")
-    p.add_argument("--lr", type=float, default=0.05, help="peak learning rate")
+    p.add_argument("--lr", type=float, default=0.1, help="peak learning rate")
     p.add_argument("--seed", type=int, default=0, help="seed for model init and data order")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     p.add_argument("--json", action="store_true", help="rank 0 ends with one JSON line")
@@ -114,8 +123,13 @@ def open_store(rank: int, world_size: int) -> Any:
     host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
     if not host or not port:
         sys.exit("MASTER_ADDR and MASTER_PORT must be set (gossip-sgp launch/run set them)")
-    return dist.TCPStore(host, int(port), world_size, is_master=rank == 0,  # type: ignore[attr-defined]
-                         timeout=timedelta(seconds=300))
+    return dist.TCPStore(  # type: ignore[attr-defined]
+        host,
+        int(port),
+        world_size,
+        is_master=rank == 0,
+        timeout=timedelta(seconds=300),
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -132,22 +146,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     x_train, y_train = x_train[rank::world_size], y_train[rank::world_size]  # this worker's shard
     torch.manual_seed(args.seed)  # the same initial model on every worker
     model = SmallCNN()
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
-                                weight_decay=1e-4)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=1e-4
+    )
     steps_per_epoch = math.ceil(len(y_train) / args.batch_size)
     total_steps = args.epochs * steps_per_epoch
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr,
-                                                   total_steps=total_steps, pct_start=0.15)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=args.lr, total_steps=total_steps, pct_start=0.15
+    )
     node = None
     if args.algorithm == "sgp":
         node = GossipNode(config).start()  # SGP: gossip thread + ZeroMQ sockets
-        sgp = SGP(model.parameters(), optimizer, node, topology=args.topology,  # SGP
-                  staleness=args.staleness)
+        sgp = SGP(
+            model.parameters(),
+            optimizer,
+            node,
+            topology=args.topology,  # SGP
+            staleness=args.staleness,
+        )
     else:
         assert store is not None or world_size == 1
         if world_size > 1:
-            dist.init_process_group("gloo", store=dist.PrefixStore("pg", store),  # type: ignore[attr-defined]
-                                    rank=rank, world_size=world_size)
+            dist.init_process_group(
+                "gloo",
+                store=dist.PrefixStore("pg", store),  # type: ignore[attr-defined]
+                rank=rank,
+                world_size=world_size,
+            )
     try:
         order_gen = torch.Generator().manual_seed(args.seed * 1000 + rank)
         started, steps = time.perf_counter(), 0
@@ -171,14 +196,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                 done = (epoch + 1) / args.epochs
                 bar = "#" * round(20 * done) + "." * (20 - round(20 * done))
                 rate = steps / (time.perf_counter() - started)
-                print(f"epoch {epoch + 1:>3}/{args.epochs} [{bar}] loss "
-                      f"{epoch_loss / steps_per_epoch:.4f}  {rate:.1f} steps/s", flush=True)
+                print(
+                    f"epoch {epoch + 1:>3}/{args.epochs} [{bar}] loss "
+                    f"{epoch_loss / steps_per_epoch:.4f}  {rate:.1f} steps/s",
+                    flush=True,
+                )
         train_seconds = time.perf_counter() - started
         if args.algorithm == "sgp":
             sgp.consensus()  # SGP: gossip until the workers agree
         seconds = time.perf_counter() - started
-        result = {"accuracy": accuracy(model, x_test, y_test), "steps": steps,
-                  "train_seconds": train_seconds}
+        result = {
+            "accuracy": accuracy(model, x_test, y_test),
+            "steps": steps,
+            "train_seconds": train_seconds,
+        }
         report(args, rank, world_size, store, model, result, seconds)
     finally:
         if node is not None:
@@ -202,8 +233,15 @@ def allreduce_gradients(model: nn.Module, world_size: int) -> None:
         offset += g.numel()
 
 
-def report(args: argparse.Namespace, rank: int, world_size: int, store: Any,
-           model: nn.Module, result: dict[str, float], seconds: float) -> None:
+def report(
+    args: argparse.Namespace,
+    rank: int,
+    world_size: int,
+    store: Any,
+    model: nn.Module,
+    result: dict[str, float],
+    seconds: float,
+) -> None:
     """Gather every worker's accuracy and parameters at rank 0 and print the summary."""
     params = flat_params(model).double().numpy()
     if store is not None:
@@ -211,7 +249,8 @@ def report(args: argparse.Namespace, rank: int, world_size: int, store: Any,
         store.set(f"params/{rank}", params.tobytes())
     if rank != 0:
         if store is not None:
-            store.wait(["done"])  # rank 0 hosts the store: stay until it has read everything
+            store.wait(["done"])  # rank 0 hosts the store: it must outlive every reader
+            store.add("left", 1)
         return
     results, all_params = [result], [params]
     for r in range(1, world_size):
@@ -220,6 +259,9 @@ def report(args: argparse.Namespace, rank: int, world_size: int, store: Any,
         all_params.append(np.frombuffer(store.get(f"params/{r}"), dtype=np.float64))
     if store is not None:
         store.set("done", "1")
+        deadline = time.monotonic() + 60
+        while store.add("left", 0) < world_size - 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
     stacked = np.stack(all_params)
     mean = stacked.mean(axis=0)
     consensus_error = float(np.linalg.norm(stacked - mean, axis=1).max() / np.linalg.norm(mean))
@@ -236,8 +278,10 @@ def report(args: argparse.Namespace, rank: int, world_size: int, store: Any,
         "seconds": seconds,
     }
     print("test accuracy per worker: " + " ".join(f"{a:.4f}" for a in accuracies))
-    print(f"mean accuracy {summary['accuracy']:.4f}, consensus error {consensus_error:.2e}, "
-          f"{summary['steps_per_second']:.1f} steps/s per worker, {seconds:.1f} s")
+    print(
+        f"mean accuracy {summary['accuracy']:.4f}, consensus error {consensus_error:.2e}, "
+        f"{summary['steps_per_second']:.1f} steps/s per worker, {seconds:.1f} s"
+    )
     if args.json:
         print(json.dumps(summary), flush=True)
     if args.summary_file:

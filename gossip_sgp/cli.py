@@ -1,9 +1,9 @@
 """The ``gossip-sgp`` command: one entry point, one subcommand per job.
 
-    gossip-sgp simulate --nodes 1024 --rounds 12 --dim 10000
-    gossip-sgp demo
-    gossip-sgp launch --nproc 4 examples/train_digits.py --epochs 5
-    gossip-sgp run --config peers.toml --rank 0 examples/train_digits.py
+gossip-sgp simulate --nodes 1024 --rounds 12 --dim 10000
+gossip-sgp demo
+gossip-sgp launch --nproc 4 examples/train_digits.py --epochs 5
+gossip-sgp run --config peers.toml --rank 0 examples/train_digits.py
 """
 
 from __future__ import annotations
@@ -76,11 +76,17 @@ def _add_simulate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--topology", choices=topologies.NAMES, default="exponential", help="peer schedule"
     )
     p.add_argument(
-        "--peers-per-round", type=_positive_int, default=1, help="out-peers per round (exponential, base-k)"
+        "--peers-per-round",
+        type=_positive_int,
+        default=1,
+        help="out-peers per round (exponential, base-k)",
     )
     p.add_argument("--dim", type=_positive_int, default=1000, help="vector length per node")
     p.add_argument(
-        "--dtype", choices=("float64", "float32", "bfloat16"), default="float64", help="numerator dtype"
+        "--dtype",
+        choices=("float64", "float32", "bfloat16"),
+        default="float64",
+        help="numerator dtype",
     )
     p.add_argument(
         "--mode",

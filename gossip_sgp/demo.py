@@ -28,7 +28,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "accuracy per worker, the consensus error and throughput.",
     )
     p.add_argument("--nproc", type=int, default=4, help="number of local workers (default 4)")
-    p.add_argument("--epochs", type=int, default=20, help="epochs per worker (default 20)")
+    p.add_argument("--epochs", type=int, default=40, help="epochs per worker (default 40)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument(
         "--staleness",

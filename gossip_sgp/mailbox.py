@@ -22,7 +22,10 @@ from collections.abc import Collection
 from gossip_sgp.message import Message
 from gossip_sgp.pushsum import Share
 
-__all__ = ["Mailbox", "SequenceWindow"]
+__all__ = ["Mailbox", "Receipt", "SequenceWindow"]
+
+Receipt = tuple[int, int, int]
+"""``(sender, seq, round)`` of a message whose mass has been folded in."""
 
 
 class SequenceWindow:
@@ -76,8 +79,10 @@ class Mailbox:
         self._cond = threading.Condition()
         self._seqs: dict[int, SequenceWindow] = {}
         # round -> sender -> shares (synchronous/overlap modes)
-        self._by_round: dict[int, dict[int, list[Share]]] = {}
+        self._by_round: dict[int, dict[int, list[tuple[Share, Receipt]]]] = {}
         self._acc: Share | None = None  # running sum (asynchronous mode)
+        self._acc_receipts: list[Receipt] = []
+        self._receipts: list[Receipt] = []  # taken, not yet acknowledged
         self._arrived: set[tuple[int, int]] = set()  # (sender, round) not yet taken
         self._gauges: dict[int, float] = {}  # round -> largest gauge received
         self.rejected: Counter[str] = Counter()
@@ -94,7 +99,9 @@ class Mailbox:
                 self.rejected["duplicate"] += 1
                 return False
             share: Share = (message.tensors, message.weight)
+            receipt = (message.sender, message.seq, message.round)
             if self.coalesce:
+                self._acc_receipts.append(receipt)
                 if self._acc is None:
                     self._acc = _sum([share])
                 else:
@@ -103,7 +110,7 @@ class Mailbox:
                     self._acc = (self._acc[0], self._acc[1] + share[1])
             else:
                 senders = self._by_round.setdefault(message.round, {})
-                senders.setdefault(message.sender, []).append(share)
+                senders.setdefault(message.sender, []).append((share, receipt))
             self._arrived.add((message.sender, message.round))
             if message.gauge:
                 r = message.round
@@ -134,6 +141,8 @@ class Mailbox:
         with self._cond:
             if self.coalesce:
                 share, self._acc = self._acc, None
+                self._receipts.extend(self._acc_receipts)
+                self._acc_receipts.clear()
                 self._arrived = {
                     a for a in self._arrived if max_round is not None and a[1] > max_round
                 }
@@ -143,12 +152,20 @@ class Mailbox:
             for r in rounds:
                 senders = self._by_round.pop(r)
                 for sender in sorted(senders):
-                    shares.extend(senders[sender])
+                    for share, receipt in senders[sender]:
+                        shares.append(share)
+                        self._receipts.append(receipt)
                     self._arrived.discard((sender, r))
             return _sum(shares) if shares else None
 
+    def pop_receipts(self) -> list[Receipt]:
+        """Receipts of the messages taken since the last call (to acknowledge them)."""
+        with self._cond:
+            receipts, self._receipts = self._receipts, []
+            return receipts
+
     def take_gauge(self, max_round: int) -> float:
-        """The largest ``gauge`` of messages of rounds ``<= max_round`` (0.0 if none); forgets them."""
+        """The largest ``gauge`` of rounds ``<= max_round`` (0.0 if none); forgets them."""
         with self._cond:
             rounds = [r for r in self._gauges if r <= max_round]
             return max((self._gauges.pop(r) for r in rounds), default=0.0)
@@ -158,7 +175,12 @@ class Mailbox:
         with self._cond:
             if self.coalesce:
                 return [] if self._acc is None else [self._acc]
-            return [s for senders in self._by_round.values() for ss in senders.values() for s in ss]
+            return [
+                share
+                for senders in self._by_round.values()
+                for entries in senders.values()
+                for share, _ in entries
+            ]
 
     def pending_weight(self) -> float:
         """Push-sum weight received but not yet taken."""

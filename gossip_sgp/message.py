@@ -26,6 +26,9 @@ class MessageKind(enum.IntEnum):
 
     MASS = 0
     """A push-sum share: numerator tensors plus weight, to be folded in by the receiver."""
+    ACK = 1
+    """Receipt of the MASS message with the same ``seq`` on the reverse link; no tensors,
+    weight 0. Lets a sender bound the mass it has in flight and measure round trips."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,6 +18,7 @@ import contextlib
 import logging
 import signal
 import threading
+import time
 import types
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
@@ -25,7 +26,8 @@ from typing import Any
 
 from gossip_sgp.config import GossipConfig
 from gossip_sgp.errors import GossipError, TransportClosed, TransportError
-from gossip_sgp.message import Message
+from gossip_sgp.mailbox import Receipt
+from gossip_sgp.message import Message, MessageKind
 from transports.base import Transport, TransportStats
 
 __all__ = ["GossipNode"]
@@ -33,6 +35,9 @@ __all__ = ["GossipNode"]
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Message], object]
+
+_MAX_UNACKED = 1024
+"""Unacknowledged messages remembered per peer; older ones are forgotten (peer is gone)."""
 
 _STOP_TIMEOUT = 5.0
 """Seconds the node gives its thread to drain and close (the issue's shutdown budget)."""
@@ -91,6 +96,10 @@ class GossipNode:
         self._fingerprint: int | None = None
         self._early: deque[Message] = deque(maxlen=4096)
         self._old_sigterm: Any = None
+        # peer -> seq -> monotonic send time of MASS messages not yet acknowledged
+        self._unacked: dict[int, dict[int, float]] = {}
+        self.rtt: dict[int, deque[float]] = {}
+        """Recent send-to-fold-in round-trip times per peer, in seconds."""
         self.send_errors: Counter[int] = Counter()
         """Failed sends per peer (the mass of a failed send is lost with it)."""
         self.rejected: Counter[str] = Counter()
@@ -223,15 +232,42 @@ class GossipNode:
             self._dispatch(message)
 
     def _dispatch(self, message: Message) -> None:
+        if message.kind == MessageKind.ACK:
+            self._acknowledged(message)
+            return
         with self._lock:
             handler, fp = self._handler, self._fingerprint
             if handler is None:
                 self._early.append(message)
-                return
+        if handler is None:
+            return
         if message.fingerprint != fp:
             self._reject("wrong_model", message)
             return
-        handler(message)
+        if handler(message) is False:  # a duplicate: our acknowledgement may have been lost
+            self._enqueue(self._acks([(message.sender, message.seq, message.round)]))
+
+    def _acks(self, receipts: Sequence[Receipt]) -> list[Message]:
+        return [
+            Message(
+                sender=self.rank,
+                receiver=sender,
+                round=round,
+                seq=seq,
+                weight=0.0,
+                tensors=(),
+                fingerprint=self._fingerprint or 0,
+                kind=MessageKind.ACK,
+            )
+            for sender, seq, round in receipts
+        ]
+
+    def _acknowledged(self, ack: Message) -> None:
+        with self._lock:
+            sent = self._unacked.get(ack.sender, {}).pop(ack.seq, None)
+            if sent is not None:
+                rtts = self.rtt.setdefault(ack.sender, deque(maxlen=64))
+                rtts.append(time.monotonic() - sent)
 
     def _reject(self, reason: str, message: Message) -> None:
         self.rejected[reason] += 1
@@ -282,20 +318,40 @@ class GossipNode:
             early = list(self._early)
             self._early.clear()
         for message in early:
-            if message.fingerprint != fingerprint:
-                self._reject("wrong_model", message)
-            else:
-                handler(message)
+            self._dispatch(message)
 
     def send(self, messages: Sequence[Message]) -> None:
         """Queue ``messages`` for sending (thread-safe, returns at once)."""
         loop = self._loop
         if loop is None or not self.running:
             raise GossipError("the gossip node is not running")
+        now = time.monotonic()
+        with self._lock:
+            for m in messages:
+                unacked = self._unacked.setdefault(m.receiver, {})
+                unacked[m.seq] = now
+                if len(unacked) > _MAX_UNACKED:  # a dead peer: forget the oldest
+                    del unacked[next(iter(unacked))]
         try:
             loop.call_soon_threadsafe(self._enqueue, list(messages))
         except RuntimeError as exc:  # loop closed under us
             raise GossipError("the gossip node is not running") from exc
+
+    def acknowledge(self, receipts: Sequence[Receipt]) -> None:
+        """Tell the senders that these messages' mass has been folded in (thread-safe).
+
+        A sender counts a message as outstanding until then, so in the asynchronous mode a
+        fast worker cannot pour its mass into a slow worker faster than it is consumed.
+        """
+        loop = self._loop
+        if receipts and loop is not None and self.running:
+            with contextlib.suppress(RuntimeError):  # loop closed under us: nothing to tell
+                loop.call_soon_threadsafe(self._enqueue, self._acks(receipts))
+
+    def outstanding(self, peer: int) -> int:
+        """Messages sent to ``peer`` whose mass it has not folded in yet (thread-safe)."""
+        with self._lock:
+            return len(self._unacked.get(peer, ()))
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every queued message has been handed to the transport."""

@@ -50,8 +50,7 @@ class PushSumState:
         Returns one fresh share per peer; ``x`` and ``w`` are scaled in place.
         """
         shares: dict[int, Share] = {
-            peer: (tuple(x * p for x in self.numerator), self.weight * p)
-            for peer, p in out.items()
+            peer: (tuple(x * p for x in self.numerator), self.weight * p) for peer, p in out.items()
         }
         if self_weight != 1.0:
             for x in self.numerator:

@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+import topologies
 from gossip_sgp.protocol import PushSumProtocol
 from gossip_sgp.pushsum import PushSumState
 from transports.base import Transport, iter_messages
 from transports.faults import FaultSpec, FaultyTransport
 from transports.inproc import InProcNetwork, InProcTransport
-import topologies
 
 __all__ = ["SimulationConfig", "SimulationResult", "simulate"]
 
@@ -137,7 +137,9 @@ async def _simulate(cfg: SimulationConfig) -> SimulationResult:
     nodes: list[PushSumProtocol] = []
     for rank in range(n):
         base = network.transport(rank)
-        t: Transport = base if spec is None else FaultyTransport(base, spec, seed=cfg.seed * 7919 + rank)
+        t: Transport = (
+            base if spec is None else FaultyTransport(base, spec, seed=cfg.seed * 7919 + rank)
+        )
         transports.append(t)
         state = PushSumState([values[rank].clone()])
         nodes.append(PushSumProtocol(rank, topo, state, coalesce=cfg.mode == "async"))
@@ -190,7 +192,8 @@ async def _receive(transport: Transport, node: PushSumProtocol) -> None:
 async def _settle(transports: list[Transport]) -> None:
     """Let the receive tasks take in everything already delivered."""
     await asyncio.sleep(0)
-    while any(_inner(t).queued() for t in transports):
+    # Not a timed wait: each sleep(0) hands the loop to the receive tasks once.
+    while any(_inner(t).queued() for t in transports):  # noqa: ASYNC110
         await asyncio.sleep(0)
 
 
@@ -211,7 +214,9 @@ async def _wait_round(rnd: int, transports: list[Transport], nodes: list[PushSum
     while True:
         await _settle(transports)
         if all(
-            node.mailbox.has([(s, r) for s, r in node.expected(rnd) if (s, node.rank, r) not in lost])
+            node.mailbox.has(
+                [(s, r) for s, r in node.expected(rnd) if (s, node.rank, r) not in lost]
+            )
             for node in nodes
         ):
             return

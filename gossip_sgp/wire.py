@@ -91,8 +91,7 @@ def encode(message: Message) -> list[bytes | memoryview]:
     equivalent (bfloat16) travel as their raw bytes.
     """
     weight = float(message.weight)
-    if not math.isfinite(weight) or weight <= 0.0:
-        raise WireError("bad_weight", f"weight {weight!r} is not a finite float > 0")
+    _check_weight(message.kind, weight, len(message.tensors))
     if not math.isfinite(message.sent_at) or not math.isfinite(message.gauge):
         raise WireError("malformed", f"sent_at {message.sent_at!r}, gauge {message.gauge!r}")
     if len(message.tensors) > MAX_TENSORS:
@@ -109,6 +108,15 @@ def encode(message: Message) -> list[bytes | memoryview]:
         flat = tensor.detach().to("cpu").contiguous().reshape(-1)
         payload.append(flat.view(torch.uint8).numpy().data)  # the view keeps the tensor alive
     return [_header(message, weight, specs), *payload]
+
+
+def _check_weight(kind: int, weight: float, n_tensors: int) -> None:
+    """MASS carries a finite weight > 0; ACK carries weight 0 and no tensors."""
+    if kind == MessageKind.ACK:
+        if weight != 0.0 or n_tensors:
+            raise WireError("bad_weight", "an acknowledgement carries weight 0 and no tensors")
+    elif not math.isfinite(weight) or weight <= 0.0:
+        raise WireError("bad_weight", f"weight {weight!r} is not a finite float > 0")
 
 
 def _header(message: Message, weight: float, specs: list[list[Any]]) -> bytes:
@@ -187,8 +195,10 @@ def decode(
     if fingerprint is not None and model != fingerprint:
         raise WireError("wrong_model", f"fingerprint {model:#x}, expected {fingerprint:#x}")
     weight = header["weight"]
-    if type(weight) is not float or not math.isfinite(weight) or weight <= 0.0:
-        raise WireError("bad_weight", f"weight {weight!r} is not a finite float > 0")
+    if type(weight) is not float:
+        raise WireError("bad_weight", f"weight {weight!r} is not a float")
+    tensor_specs = header["tensors"]
+    _check_weight(kind, weight, len(tensor_specs) if type(tensor_specs) is list else 0)
     sent_at = header["sent_at"]
     if type(sent_at) is not float or not math.isfinite(sent_at):
         raise WireError("malformed", f"sent_at {sent_at!r}")

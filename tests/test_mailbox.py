@@ -23,8 +23,17 @@ def msg(sender: int, seq: int, rnd: int, value: float, weight: float = 0.5) -> M
 
 def test_sequence_window_rejects_repeats_in_any_order() -> None:
     w = SequenceWindow(window=8)
-    assert [w.accept(s) for s in (2, 0, 1, 1, 2, 3, 0)] == [True, True, True, False, False, True, False]
-    assert w.floor == 4 and not w.seen
+    assert [w.accept(s) for s in (2, 0, 1, 1, 2, 3, 0)] == [
+        True,
+        True,
+        True,
+        False,
+        False,
+        True,
+        False,
+    ]
+    assert w.floor == 4
+    assert not w.seen
 
 
 def test_sequence_window_memory_is_bounded() -> None:
@@ -53,8 +62,10 @@ def test_take_by_round_leaves_newer_rounds() -> None:
     box.put(msg(2, 0, 0, 4.0))
     share = box.take(max_round=0)
     assert share is not None
-    assert share[0][0].tolist() == [5.0] * 3 and share[1] == 1.0
-    assert box.has([(1, 1)]) and not box.has([(1, 0)])
+    assert share[0][0].tolist() == [5.0] * 3
+    assert share[1] == 1.0
+    assert box.has([(1, 1)])
+    assert not box.has([(1, 0)])
     assert box.pending_weight() == 0.5
     assert box.take(max_round=0) is None
 
@@ -67,7 +78,8 @@ def test_sum_does_not_depend_on_arrival_order() -> None:
     for s, v in reversed(list(enumerate(values))):
         b.put(msg(s + 1, 0, 0, v))
     sa, sb = a.take(), b.take()
-    assert sa is not None and sb is not None
+    assert sa is not None
+    assert sb is not None
     assert torch.equal(sa[0][0], sb[0][0])
 
 
@@ -89,9 +101,11 @@ def test_coalescing_keeps_one_buffer_and_all_mass() -> None:
     assert len(box.pending()) == 1
     assert box.pending_weight() == 25.0
     share = box.take(max_round=49)
-    assert share is not None and share[0][0].tolist() == [100.0] * 3
+    assert share is not None
+    assert share[0][0].tolist() == [100.0] * 3
     # arrivals of rounds after 49 are still known to waiters
-    assert box.has([(1, 50), (1, 99)]) and not box.has([(1, 49)])
+    assert box.has([(1, 50), (1, 99)])
+    assert not box.has([(1, 49)])
 
 
 def test_gauge_is_tracked_per_round() -> None:

@@ -99,7 +99,8 @@ def test_asynchronous_workers_agree_on_a_point_between_their_optima() -> None:
     for r in results:
         assert r["disagreement"] <= 1e-12
         torch.testing.assert_close(r["x"], first, atol=1e-9, rtol=0)
-    assert bool((first > 0.5).all()) and bool((first < n - 1.5).all())
+    assert bool((first > 0.5).all())
+    assert bool((first < n - 1.5).all())
     assert math.fsum(r["weight"] for r in results) == pytest.approx(n, abs=1e-12)
 
 
@@ -170,7 +171,8 @@ def test_state_dict_round_trip() -> None:
             x.sum().backward()
             sgp.step()
         saved = sgp.state_dict()
-        assert saved["round"] == 3 and saved["weight"] == sgp.weight
+        assert saved["round"] == 3
+        assert saved["weight"] == sgp.weight
         before = x.detach().clone()
         with torch.no_grad():
             x.zero_()

@@ -42,7 +42,8 @@ def test_non_power_of_two_converges_geometrically() -> None:
 def test_faults_are_survivable_and_booked() -> None:
     cfg = SimulationConfig(nodes=8, rounds=40, dim=10, drop=0.05, duplicate=0.1, reorder=0.1)
     result = simulate(cfg)
-    assert result.dropped > 0 and result.duplicates_rejected > 0
+    assert result.dropped > 0
+    assert result.duplicates_rejected > 0
     assert result.weight_total < 8.0
     # Mass was lost, so the fixed point is a weighted average, not the mean: the error
     # settles instead of vanishing, but the nodes still agree with each other.
@@ -52,7 +53,8 @@ def test_faults_are_survivable_and_booked() -> None:
 def test_simulate_cli_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["simulate", "--nodes", "8", "--rounds", "3", "--dim", "10", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["nodes"] == 8 and out["topology"] == "exponential"
+    assert out["nodes"] == 8
+    assert out["topology"] == "exponential"
     assert [r["round"] for r in out["rounds"]] == [1, 2, 3]
     assert out["rounds"][-1]["max_rel_error"] < 1e-12
 
@@ -96,7 +98,7 @@ async def _run_and_account(n: int, rounds: int, spec: FaultSpec, seed: int, topo
             await asyncio.sleep(0.002)  # let some delayed messages land, not all
             for node in nodes:
                 node.absorb(None)
-            while any(t.inner.queued() for t in ts):  # type: ignore[attr-defined]
+            while any(t.inner.queued() for t in ts):  # type: ignore[attr-defined]  # noqa: ASYNC110
                 await asyncio.sleep(0)  # delivered but not yet received: let receivers run
             # From here to the asserts nothing awaits, so nothing moves.
             held = [node.state.numerator[0] for node in nodes]
@@ -143,6 +145,11 @@ def test_mass_is_conserved_under_faults(
     topo: str,
 ) -> None:
     spec = FaultSpec(
-        drop=drop, duplicate=duplicate, reorder=reorder, delay=delay, jitter=delay / 2, max_hold=0.003
+        drop=drop,
+        duplicate=duplicate,
+        reorder=reorder,
+        delay=delay,
+        jitter=delay / 2,
+        max_hold=0.003,
     )
     asyncio.run(_run_and_account(n, rounds, spec, seed, topo))

@@ -36,7 +36,9 @@ class InProcNetwork:
         """The transport of ``rank`` (start it inside its own event loop)."""
         return InProcTransport(self, rank)
 
-    def _register(self, rank: int, loop: asyncio.AbstractEventLoop, q: asyncio.Queue[object]) -> None:
+    def _register(
+        self, rank: int, loop: asyncio.AbstractEventLoop, q: asyncio.Queue[object]
+    ) -> None:
         with self._lock:
             if rank in self._inboxes:
                 raise TransportError(f"rank {rank} is already started on this network")

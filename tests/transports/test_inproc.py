@@ -29,7 +29,8 @@ async def test_send_and_receive() -> None:
     m = msg(0, 1)
     await a.send(1, m)
     assert await asyncio.wait_for(b.recv(), 5) is m
-    assert a.stats.messages_sent[1] == 1 and a.stats.bytes_sent[1] == 16
+    assert a.stats.messages_sent[1] == 1
+    assert a.stats.bytes_sent[1] == 16
     assert b.stats.messages_received[0] == 1
     await a.close()
     await b.close()
