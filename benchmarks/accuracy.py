@@ -1,0 +1,65 @@
+"""SGP against AllReduce on the digits example: accuracy and speed, side by side in one run.
+
+Runs examples/train_digits.py through ``gossip-sgp launch`` for every (workers, algorithm,
+seed) and prints test accuracy (mean over workers), per-worker steps per second and wall
+time, then per algorithm the mean over seeds and its difference to AllReduce.
+
+    python benchmarks/accuracy.py --workers 4 8 --seeds 0 1 2 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+
+ALGORITHMS = {
+    "allreduce": ["--algorithm", "allreduce"],
+    "sgp sync": ["--staleness", "0"],
+    "sgp overlap": ["--staleness", "1"],
+    "sgp async": ["--staleness", "none"],
+}
+
+
+def run(workers: int, extra: list[str], seed: int, epochs: int) -> dict[str, float]:
+    cmd = [
+        sys.executable, "-m", "gossip_sgp.cli", "launch", "--nproc", str(workers),
+        "-m", "gossip_sgp.examples.train_digits", "--quiet", "--json",
+        "--seed", str(seed), "--epochs", str(epochs), *extra,
+    ]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=True).stdout
+    line = next(x for x in reversed(out.splitlines()) if x.startswith("[rank 0] {"))
+    result: dict[str, float] = json.loads(line.removeprefix("[rank 0] "))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workers", type=int, nargs="+", default=[4, 8], help="world sizes")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="seeds")
+    p.add_argument("--epochs", type=int, default=40, help="epochs per run")
+    args = p.parse_args(argv)
+    print(f"{'workers':>7} {'algorithm':<12} {'seed':>4} {'accuracy':>9} {'steps/s':>8} {'s':>6}")
+    for n in args.workers:
+        means: dict[str, float] = {}
+        for name, extra in ALGORITHMS.items():
+            accs = []
+            for seed in args.seeds:
+                r = run(n, extra, seed, args.epochs)
+                accs.append(r["accuracy"])
+                print(
+                    f"{n:>7} {name:<12} {seed:>4} {r['accuracy']:>9.4f} "
+                    f"{r['steps_per_second']:>8.1f} {r['seconds']:>6.1f}",
+                    flush=True,
+                )
+            means[name] = statistics.mean(accs)
+        for name, mean in means.items():
+            diff = 100 * (mean - means["allreduce"])
+            print(f"{n:>7} {name:<12} mean {mean:.4f}  ({diff:+.2f} points vs allreduce)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
