@@ -9,11 +9,17 @@ training thread.
     with GossipNode(GossipConfig.from_env()) as node:
         sgp = SGP(model.parameters(), optimizer, node)
         ...
+
+Shutdown (:meth:`GossipNode.close`, the end of the ``with`` block, SIGINT or SIGTERM) takes
+at most 5 seconds: queued messages get a second to reach the transport, then every task of
+the loop is cancelled, the transport closes its sockets and the thread ends. Messages whose
+mass the node could not send are counted in ``GossipNode.dropped`` and logged.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import signal
@@ -22,13 +28,15 @@ import time
 import types
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, NoReturn
 
 from gossip_sgp.config import GossipConfig
 from gossip_sgp.errors import GossipError, TransportClosed, TransportError
 from gossip_sgp.mailbox import Receipt
 from gossip_sgp.message import Message, MessageKind
-from transports.base import Transport, TransportStats
+
+if TYPE_CHECKING:  # transports imports gossip_sgp: a runtime import here would be circular
+    from transports.base import Transport, TransportStats
 
 __all__ = ["GossipNode"]
 
@@ -39,8 +47,26 @@ Handler = Callable[[Message], object]
 _MAX_UNACKED = 1024
 """Unacknowledged messages remembered per peer; older ones are forgotten (peer is gone)."""
 
+_MAX_EARLY = 4096
+"""Messages kept for a subscriber that has not subscribed yet; beyond that the oldest go."""
+
+_START_TIMEOUT = 30.0
+"""Seconds the transport gets to start (bind, connect)."""
+
 _STOP_TIMEOUT = 5.0
 """Seconds the node gives its thread to drain and close (the issue's shutdown budget)."""
+
+_DRAIN_TIMEOUT = 1.0
+"""Seconds queued messages get to reach the transport on close. Longer would gain little:
+a queue that does not drain in a second is held up by a slow or dead peer. The rest of the
+budget goes to closing the transport and, in a worker, to the interpreter's own exit (about
+a second with torch loaded)."""
+
+_CANCEL_TIMEOUT = 0.5
+"""Seconds cancelled tasks get to finish during shutdown."""
+
+_CLOSE_TIMEOUT = 1.0
+"""Seconds the transport gets to close its sockets (and release what it sent)."""
 
 
 def _new_event_loop() -> asyncio.AbstractEventLoop:
@@ -50,6 +76,15 @@ def _new_event_loop() -> asyncio.AbstractEventLoop:
         return asyncio.new_event_loop()
     loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
     return loop
+
+
+def _exit_on_sigterm(signum: int, frame: types.FrameType | None) -> NoReturn:
+    raise SystemExit(128 + signum)
+
+
+def _worth_logging(count: int) -> bool:
+    """Log the 1st, 10th, 100th, ... occurrence of a repeated event, then every 10000th."""
+    return count in (1, 10, 100, 1000) or count % 10000 == 0
 
 
 def make_transport(config: GossipConfig) -> Transport:
@@ -73,10 +108,11 @@ def make_transport(config: GossipConfig) -> Transport:
 class GossipNode:
     """A worker's gossip runtime: event-loop thread, transport, send queues.
 
-    Use it as a context manager (or call :meth:`start` and :meth:`close`). On exit, SIGINT
-    or SIGTERM it drains what it can within a few seconds, closes its sockets and joins its
-    thread. While running in the main thread it turns SIGTERM into ``SystemExit(143)`` so
-    ``with`` blocks unwind and sockets close.
+    Use it as a context manager (or call :meth:`start` and :meth:`close`); a node starts
+    once. On exit, SIGINT or SIGTERM it drains what it can within a few seconds, closes its
+    sockets and joins its thread. Started in the main thread while SIGTERM has its default
+    action, it turns SIGTERM into ``SystemExit(143)`` until closed, so ``with`` blocks
+    unwind and sockets close; SIGINT raises ``KeyboardInterrupt`` as usual.
     """
 
     def __init__(self, config: GossipConfig, *, transport: Transport | None = None) -> None:
@@ -92,10 +128,15 @@ class GossipNode:
         self._queues: dict[int, asyncio.Queue[Message]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._lock = threading.Lock()
+        # Under _lock: close() was called or the loop is shutting down; sends are refused.
+        self._closed = False
+        self._failure: BaseException | None = None  # why the node stopped on its own
+        self._finished = False  # under _lock: the gossip thread is done (on_close has run)
         self._handler: Handler | None = None
+        self._on_close: Callable[[], object] | None = None
         self._fingerprint: int | None = None
-        self._early: deque[Message] = deque(maxlen=4096)
-        self._old_sigterm: Any = None
+        self._early: deque[Message] = deque(maxlen=_MAX_EARLY)
+        self._sigterm_installed = False
         # peer -> seq -> monotonic send time of MASS messages not yet acknowledged
         self._unacked: dict[int, dict[int, float]] = {}
         self.rtt: dict[int, deque[float]] = {}
@@ -104,6 +145,10 @@ class GossipNode:
         """Failed sends per peer (the mass of a failed send is lost with it)."""
         self.rejected: Counter[str] = Counter()
         """Messages the node rejected after the transport accepted them, per reason."""
+        self.dropped: Counter[str] = Counter()
+        """Push-sum messages whose mass the node lost, per reason: ``handler_error`` (the
+        subscriber raised), ``early_overflow`` (more than ``_MAX_EARLY`` arrived before
+        anyone subscribed), ``closed`` (still unsent when the node closed)."""
 
     # ----------------------------------------------------------------- lifecycle
     def __enter__(self) -> GossipNode:
@@ -128,40 +173,54 @@ class GossipNode:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called or the node stopped on its own."""
+        return self._closed
+
     def start(self) -> GossipNode:
-        """Start the gossip thread and the transport; raises if the transport cannot start."""
-        if self._thread is not None:
-            raise GossipError("GossipNode.start() called twice")
+        """Start the gossip thread and the transport.
+
+        Raises ``TransportError`` (naming the address, for example a port already in use)
+        when the transport cannot start; no thread is left behind then.
+        """
+        if self._thread is not None or self._closed:
+            raise GossipError("a GossipNode starts only once; make a new one to start again")
         if self._transport is None:
             self._transport = make_transport(self.config)
         self._thread = threading.Thread(
             target=self._run, name=f"gossip-sgp-rank{self.rank}", daemon=True
         )
         self._thread.start()
-        if not self._ready.wait(30.0):
-            raise GossipError("the gossip thread did not start within 30 s")
+        if not self._ready.wait(_START_TIMEOUT + _STOP_TIMEOUT):
+            raise TransportError(f"rank {self.rank}: the gossip thread is stuck in start()")
         if self._start_error is not None:
             self._thread.join(_STOP_TIMEOUT)
-            self._thread = None
             if isinstance(self._start_error, GossipError):
                 raise self._start_error
-            raise TransportError(f"transport failed to start: {self._start_error}") from (
-                self._start_error
-            )
+            raise TransportError(
+                f"rank {self.rank}: transport failed to start: {self._start_error!r}"
+            ) from self._start_error
         self._install_sigterm()
         return self
 
     def close(self) -> None:
-        """Drain pending sends (bounded), close the transport, join the thread. Idempotent."""
+        """Drain pending sends (bounded), close the transport, join the thread.
+
+        Idempotent and callable from any thread; returns within ``_STOP_TIMEOUT`` seconds.
+        Messages still unsent are counted in ``dropped["closed"]`` and logged.
+        """
         self._restore_sigterm()
-        thread, loop = self._thread, self._loop
-        if thread is None or loop is None or not thread.is_alive():
+        with self._lock:
+            self._closed = True
+        thread, loop, stopped = self._thread, self._loop, self._stopped
+        if thread is None or loop is None or stopped is None or not thread.is_alive():
             return
-        stopped = self._stopped
-        if stopped is not None:
-            with contextlib.suppress(RuntimeError):  # loop already closed
-                loop.call_soon_threadsafe(stopped.set)
-        thread.join(_STOP_TIMEOUT + 1.0)
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(stopped.set)
+        if thread is threading.current_thread():
+            return  # called by a handler: the thread stops once the handler returns
+        thread.join(_STOP_TIMEOUT)
         if thread.is_alive():
             log.warning("gossip thread of rank %d did not stop in time", self.rank)
 
@@ -170,16 +229,16 @@ class GossipNode:
             return
         if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
             return  # the application handles SIGTERM itself
-
-        def _on_sigterm(signum: int, frame: types.FrameType | None) -> None:
-            raise SystemExit(128 + signum)
-
-        self._old_sigterm = signal.signal(signal.SIGTERM, _on_sigterm)
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        self._sigterm_installed = True
 
     def _restore_sigterm(self) -> None:
-        if self._old_sigterm is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self._old_sigterm)
-            self._old_sigterm = None
+        # Only the main thread may set handlers; closed from another thread, the handler
+        # stays (SIGTERM then still ends the process with 143, as the default would).
+        if self._sigterm_installed and threading.current_thread() is threading.main_thread():
+            if signal.getsignal(signal.SIGTERM) is _exit_on_sigterm:  # nobody replaced it
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            self._sigterm_installed = False
 
     # ------------------------------------------------------------ gossip thread
     def _run(self) -> None:
@@ -194,34 +253,81 @@ class GossipNode:
             else:
                 log.exception("gossip thread of rank %d failed", self.rank)
         finally:
-            self._ready.set()
             with contextlib.suppress(Exception):
                 loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
+            with self._lock:
+                self._closed = self._finished = True
+                on_close = self._on_close
+            self._ready.set()
+            if on_close is not None:
+                self._call_on_close(on_close)
 
     async def _main(self) -> None:
         self._stopped = asyncio.Event()
         transport = self.transport
-        await transport.start()
-        receiver = asyncio.create_task(self._receive(transport))
+        try:
+            await asyncio.wait_for(transport.start(), _START_TIMEOUT)
+        except BaseException as exc:
+            await self._close_transport(transport)
+            if isinstance(exc, asyncio.TimeoutError):
+                raise TransportError(
+                    f"rank {self.rank}: the transport did not start within {_START_TIMEOUT:g} s"
+                ) from None
+            raise
+        self._tasks.add(asyncio.create_task(self._receive(transport)))
         self._ready.set()
         try:
             await self._stopped.wait()
-            await self._drain(_STOP_TIMEOUT / 2)
+            await self._drain(_DRAIN_TIMEOUT)
         finally:
-            for task in [receiver, *self._tasks]:
-                task.cancel()
-            await asyncio.gather(receiver, *self._tasks, return_exceptions=True)
-            await transport.close()
+            await self._shutdown(transport)
 
     async def _drain(self, timeout: float) -> None:
-        try:
+        with contextlib.suppress(asyncio.TimeoutError):  # what is left is counted as dropped
             await asyncio.wait_for(
                 asyncio.gather(*(q.join() for q in self._queues.values())), timeout
             )
+
+    async def _shutdown(self, transport: Transport) -> None:
+        """Cancel every task of the loop (receiver, senders, flushes); close the transport."""
+        with self._lock:
+            self._closed = True
+        # Sends and flushes accepted before that are scheduled callbacks: let them run, so
+        # that the tasks they create are cancelled below and their messages counted.
+        await asyncio.sleep(0)
+        tasks = {t for t in asyncio.all_tasks() if t is not asyncio.current_task()}
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=_CANCEL_TIMEOUT)
+        for q in self._queues.values():
+            while not q.empty():
+                if q.get_nowait().kind == MessageKind.MASS:
+                    self._count(self.dropped, "closed")
+        if self.dropped["closed"]:
+            log.warning(
+                "rank %d closed with %d messages unsent; their mass is lost",
+                self.rank,
+                self.dropped["closed"],
+            )
+        await self._close_transport(transport)
+
+    async def _close_transport(self, transport: Transport) -> None:
+        try:
+            await asyncio.wait_for(transport.close(), _CLOSE_TIMEOUT)
         except asyncio.TimeoutError:
-            unsent = sum(q.qsize() for q in self._queues.values())
-            log.warning("rank %d closing with %d unsent messages", self.rank, unsent)
+            log.warning(
+                "rank %d: the transport did not close within %g s", self.rank, _CLOSE_TIMEOUT
+            )
+        except Exception:
+            log.exception("rank %d: closing the transport failed", self.rank)
+
+    def _call_on_close(self, on_close: Callable[[], object]) -> None:
+        try:
+            on_close()
+        except Exception:
+            log.exception("the on_close callback of rank %d failed", self.rank)
 
     async def _receive(self, transport: Transport) -> None:
         while True:
@@ -229,23 +335,46 @@ class GossipNode:
                 message = await transport.recv()
             except TransportClosed:
                 return
+            except Exception as exc:
+                # A node that cannot receive must not keep pouring its mass out: stop it,
+                # so that sends fail and waiters wake up with the reason.
+                self._failure = exc
+                log.error(
+                    "rank %d cannot receive, stopping: %s",
+                    self.rank,
+                    exc,
+                    exc_info=not isinstance(exc, GossipError),  # a bug: show where
+                )
+                assert self._stopped is not None
+                self._stopped.set()
+                return
             self._dispatch(message)
 
     def _dispatch(self, message: Message) -> None:
+        """Hand ``message`` to the subscriber (gossip thread, or subscribe()'s caller)."""
         if message.kind == MessageKind.ACK:
             self._acknowledged(message)
             return
+        overflow = False
         with self._lock:
             handler, fp = self._handler, self._fingerprint
             if handler is None:
-                self._early.append(message)
+                overflow = len(self._early) == self._early.maxlen
+                self._early.append(message)  # when full, the deque drops the oldest
+        if overflow:
+            self._drop("early_overflow")
         if handler is None:
             return
         if message.fingerprint != fp:
             self._reject("wrong_model", message)
             return
-        if handler(message) is False:  # a duplicate: our acknowledgement may have been lost
-            self._enqueue(self._acks([(message.sender, message.seq, message.round)]))
+        try:
+            fresh = handler(message)
+        except Exception:
+            self._drop("handler_error", exc_info=True)
+            return
+        if fresh is False:  # a duplicate: our acknowledgement may have been lost
+            self.acknowledge([(message.sender, message.seq, message.round)])
 
     def _acks(self, receipts: Sequence[Receipt]) -> list[Message]:
         return [
@@ -269,15 +398,32 @@ class GossipNode:
                 rtts = self.rtt.setdefault(ack.sender, deque(maxlen=64))
                 rtts.append(time.monotonic() - sent)
 
+    def _count(self, counter: Counter[str], reason: str) -> int:
+        """Add one to ``counter[reason]`` (thread-safe); returns the new count."""
+        with self._lock:
+            counter[reason] += 1
+            return counter[reason]
+
+    def _drop(self, reason: str, *, exc_info: bool = False) -> None:
+        count = self._count(self.dropped, reason)
+        if _worth_logging(count):
+            log.warning(
+                "rank %d dropped a message (%s, %d so far): its mass is lost",
+                self.rank,
+                reason,
+                count,
+                exc_info=exc_info,
+            )
+
     def _reject(self, reason: str, message: Message) -> None:
-        self.rejected[reason] += 1
-        if self.rejected[reason] in (1, 10, 100, 1000) or self.rejected[reason] % 10000 == 0:
+        count = self._count(self.rejected, reason)
+        if _worth_logging(count):
             log.warning(
                 "rank %d rejected a message from rank %d: %s (%d so far)",
                 self.rank,
                 message.sender,
                 reason,
-                self.rejected[reason],
+                count,
             )
 
     def _enqueue(self, messages: Sequence[Message]) -> None:
@@ -296,57 +442,94 @@ class GossipNode:
             message = await q.get()
             try:
                 await transport.send(peer, message)
-            except TransportClosed:
-                return
-            except GossipError as exc:
+            except asyncio.CancelledError:
+                if message.kind == MessageKind.MASS:
+                    self._count(self.dropped, "closed")
+                raise
+            except Exception as exc:
                 self.send_errors[peer] += 1
-                log.warning("rank %d failed to send to rank %d: %s", self.rank, peer, exc)
+                log.warning(
+                    "rank %d failed to send to rank %d: %s",
+                    self.rank,
+                    peer,
+                    exc,
+                    exc_info=not isinstance(exc, GossipError),  # a bug: show where
+                )
             finally:
                 q.task_done()
 
     # ---------------------------------------------------------- training thread
-    def subscribe(self, handler: Handler, *, fingerprint: int) -> None:
+    def subscribe(
+        self,
+        handler: Handler,
+        *,
+        fingerprint: int,
+        on_close: Callable[[], object] | None = None,
+    ) -> None:
         """Deliver every valid message for a model with ``fingerprint`` to ``handler``.
 
-        ``handler`` runs in the gossip thread and must be quick and thread-safe. Messages
-        that arrived before anyone subscribed are delivered now.
+        ``handler`` runs in the gossip thread and must be quick and thread-safe; it returns
+        False for a duplicate (the node then acknowledges it again). If it raises, the
+        message is counted in ``dropped["handler_error"]`` and delivery goes on. Messages
+        that arrived before anyone subscribed are delivered now, in the calling thread.
+
+        ``on_close`` is called once, after the last delivery, when the node stops (closed
+        or failed): a subscriber blocked waiting for messages can wake up. It runs in the
+        gossip thread, or at once when the node has stopped already.
         """
         with self._lock:
             if self._handler is not None:
                 raise GossipError("this node already has a subscriber (one SGP per node)")
             self._handler, self._fingerprint = handler, fingerprint
+            self._on_close = on_close
             early = list(self._early)
             self._early.clear()
+            finished = self._finished
         for message in early:
             self._dispatch(message)
+        if finished and on_close is not None:
+            self._call_on_close(on_close)
 
     def send(self, messages: Sequence[Message]) -> None:
-        """Queue ``messages`` for sending (thread-safe, returns at once)."""
-        loop = self._loop
-        if loop is None or not self.running:
-            raise GossipError("the gossip node is not running")
+        """Queue ``messages`` for sending (thread-safe, returns at once).
+
+        Raises ``GossipError`` when the node is not running (never started, closed, or
+        stopped because it could not receive); the messages are then not sent.
+        """
         now = time.monotonic()
         with self._lock:
+            loop = self._running_loop()
             for m in messages:
                 unacked = self._unacked.setdefault(m.receiver, {})
                 unacked[m.seq] = now
                 if len(unacked) > _MAX_UNACKED:  # a dead peer: forget the oldest
                     del unacked[next(iter(unacked))]
-        try:
+            # Under the lock: close() cannot slip in between, so these messages are queued
+            # before the loop sees the stop request and drains.
             loop.call_soon_threadsafe(self._enqueue, list(messages))
-        except RuntimeError as exc:  # loop closed under us
-            raise GossipError("the gossip node is not running") from exc
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        """The loop, while it accepts work; else raise (call with ``_lock`` held)."""
+        if self._failure is not None:
+            raise GossipError(f"the gossip node of rank {self.rank} stopped: {self._failure}")
+        if self._closed:
+            raise GossipError(f"the gossip node of rank {self.rank} is closed")
+        if self._loop is None or not self._ready.is_set():
+            raise GossipError(f"the gossip node of rank {self.rank} has not been started")
+        return self._loop
 
     def acknowledge(self, receipts: Sequence[Receipt]) -> None:
         """Tell the senders that these messages' mass has been folded in (thread-safe).
 
         A sender counts a message as outstanding until then, so in the asynchronous mode a
         fast worker cannot pour its mass into a slow worker faster than it is consumed.
+        After close there is nobody to tell, and this does nothing.
         """
-        loop = self._loop
-        if receipts and loop is not None and self.running:
-            with contextlib.suppress(RuntimeError):  # loop closed under us: nothing to tell
-                loop.call_soon_threadsafe(self._enqueue, self._acks(receipts))
+        if not receipts:
+            return
+        acks = self._acks(receipts)
+        with self._lock, contextlib.suppress(GossipError):  # stopped: nobody to tell
+            self._running_loop().call_soon_threadsafe(self._enqueue, acks)
 
     def outstanding(self, peer: int) -> int:
         """Messages sent to ``peer`` whose mass it has not folded in yet (thread-safe)."""
@@ -354,18 +537,31 @@ class GossipNode:
             return len(self._unacked.get(peer, ()))
 
     def flush(self, timeout: float = 10.0) -> bool:
-        """Wait until every queued message has been handed to the transport."""
-        loop = self._loop
-        if loop is None or not self.running:
+        """Wait until every queued message has been handed to the transport.
+
+        Returns False when that takes longer than ``timeout`` seconds or the node stops
+        first. Handed over is not delivered: only an acknowledgement (:meth:`outstanding`)
+        shows that a peer folded a message in.
+        """
+        if threading.current_thread() is self._thread:
+            raise GossipError("flush() cannot run in the gossip thread: it would wait for itself")
+        with self._lock:
+            try:
+                loop = self._running_loop()
+            except GossipError:
+                return False
+            future = asyncio.run_coroutine_threadsafe(self._flushed(timeout), loop)
+        try:
+            return future.result(timeout + _STOP_TIMEOUT)
+        except (concurrent.futures.CancelledError, concurrent.futures.TimeoutError):
+            future.cancel()
             return False
 
-        async def _wait() -> None:
-            for q in list(self._queues.values()):
-                await q.join()
-
-        future = asyncio.run_coroutine_threadsafe(asyncio.wait_for(_wait(), timeout), loop)
+    async def _flushed(self, timeout: float) -> bool:
         try:
-            future.result(timeout + 1.0)
-        except (TimeoutError, asyncio.TimeoutError):
+            await asyncio.wait_for(
+                asyncio.gather(*(q.join() for q in self._queues.values())), timeout
+            )
+        except asyncio.TimeoutError:
             return False
         return True

@@ -1,0 +1,488 @@
+"""The gossip node's lifecycle: start, close, signals, failures, early and late messages.
+
+ZeroMQ tests bind to 127.0.0.1 on free ports; the others run over the in-process transport.
+Every node a test starts is closed by the ``nodes`` fixture, which then checks that no
+gossip thread is left and that SIGTERM has its default action again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import gossip_sgp.node as node_module
+from gossip_sgp import GossipConfig, GossipError, GossipNode, Message, TransportError
+from gossip_sgp.config import ENV_PEERS, ENV_RANK
+from transports import InProcNetwork, InProcTransport
+
+FP = 0x5EED
+THREAD_PREFIX = "gossip-sgp-rank"
+
+Nodes = Callable[..., GossipNode]
+
+
+# ------------------------------------------------------------------------------ helpers
+def free_ports(n: int) -> list[int]:
+    """n distinct free TCP ports on 127.0.0.1 (held open together so none repeats)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def gossip_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith(THREAD_PREFIX)]
+
+
+def tcp_ports_in_use() -> set[int]:
+    """Local and remote ports of this process's TCP sockets (from /proc, no psutil)."""
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # listdir's own descriptor is gone by now
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:[") : -1])
+    ports = set()
+    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
+        with open(table) as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                if fields[9] in inodes:
+                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+                    ports.add(int(fields[2].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+    """Poll ``predicate`` until it holds or ``timeout`` passes (for state with no event)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def mass(sender: int, receiver: int, seq: int, *, fp: int = FP, size: int = 4) -> Message:
+    return Message(
+        sender=sender,
+        receiver=receiver,
+        round=seq,
+        seq=seq,
+        weight=0.5,
+        tensors=(torch.full((size,), float(seq)),),
+        fingerprint=fp,
+    )
+
+
+def local_config(world_size: int, rank: int, ports: list[int], **kw: Any) -> GossipConfig:
+    return GossipConfig.local(world_size, rank, ports=ports, **kw)
+
+
+@pytest.fixture
+def nodes() -> Iterator[Nodes]:
+    """``nodes(config, transport=None)``: a started node, closed after the test."""
+    started: list[GossipNode] = []
+    sigterm = signal.getsignal(signal.SIGTERM)
+
+    def start(config: GossipConfig, transport: InProcTransport | None = None) -> GossipNode:
+        node = GossipNode(config, transport=transport)
+        started.append(node)
+        return node.start()
+
+    try:
+        yield start
+    finally:
+        for node in started:
+            node.close()
+    assert not gossip_threads()
+    assert signal.getsignal(signal.SIGTERM) is sigterm
+
+
+@pytest.fixture
+def inproc(nodes: Nodes) -> Callable[[int], list[GossipNode]]:
+    """``inproc(n)``: n started nodes on one in-process network."""
+
+    def start(n: int) -> list[GossipNode]:
+        net = InProcNetwork(n)
+        ports = list(range(40000, 40000 + n))
+        return [
+            nodes(local_config(n, r, ports, transport="inproc"), net.transport(r)) for r in range(n)
+        ]
+
+    return start
+
+
+# ----------------------------------------------------------------------- ZeroMQ, in process
+@pytest.mark.timeout(20)
+def test_two_nodes_exchange_a_message_and_its_acknowledgement(nodes: Nodes) -> None:
+    ports = free_ports(2)
+    a = nodes(local_config(2, 0, ports))
+    b = nodes(local_config(2, 1, ports))
+    received: queue.Queue[Message] = queue.Queue()
+    b.subscribe(received.put, fingerprint=FP)
+    a.send([mass(0, 1, 0, size=1000)])
+    assert a.outstanding(1) == 1
+    got = received.get(timeout=10)
+    assert (got.sender, got.seq, got.weight) == (0, 0, 0.5)
+    assert torch.equal(got.tensors[0], torch.zeros(1000))
+    b.acknowledge([(got.sender, got.seq, got.round)])
+    assert wait_until(lambda: a.outstanding(1) == 0)
+    assert len(a.rtt[1]) == 1
+    assert 0 < a.rtt[1][0] < 10
+    assert a.stats.messages_sent[1] == 1
+    assert b.stats.messages_received[0] == 1
+    assert not a.dropped
+    assert not b.dropped
+
+
+@pytest.mark.timeout(20)
+def test_close_leaves_no_thread_and_no_socket(nodes: Nodes) -> None:
+    ports = free_ports(2)
+    a = nodes(local_config(2, 0, ports))
+    b = nodes(local_config(2, 1, ports))
+    received: queue.Queue[Message] = queue.Queue()
+    b.subscribe(received.put, fingerprint=FP)
+    a.send([mass(0, 1, 0)])  # a connects to b: sockets on both ports
+    received.get(timeout=10)
+    assert len(gossip_threads()) == 2
+    assert set(ports) <= tcp_ports_in_use()
+    assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL  # the node's, until closed
+    a.close()
+    b.close()
+    assert not a.running
+    assert not b.running
+    assert a.closed
+    assert not gossip_threads()
+    # libzmq's reaper thread closes the file descriptors just after the sockets close.
+    assert wait_until(lambda: not set(ports) & tcp_ports_in_use()), tcp_ports_in_use()
+    with GossipNode(local_config(2, 0, ports)):  # the port is free again
+        pass
+
+
+@pytest.mark.timeout(20)
+def test_port_in_use_is_a_clear_error_and_leaves_no_thread() -> None:
+    blocker = socket.socket()
+    try:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        port = blocker.getsockname()[1]
+        node = GossipNode(local_config(1, 0, [port]))
+        with pytest.raises(TransportError, match=f"127.0.0.1:{port}.*in use"):
+            node.start()
+        assert not gossip_threads()
+        assert not node.running
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        with pytest.raises(GossipError, match="starts only once"):
+            node.start()
+        assert not gossip_threads()
+        node.close()  # harmless
+    finally:
+        blocker.close()
+
+
+@pytest.mark.timeout(20)
+def test_close_is_prompt_with_a_peer_that_never_reads(
+    nodes: Nodes, caplog: pytest.LogCaptureFixture
+) -> None:
+    silent = socket.socket()  # accepts connections in the kernel, never reads a byte
+    try:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        node = nodes(local_config(2, 0, [free_ports(1)[0], silent.getsockname()[1]]))
+        node.send([mass(0, 1, seq, size=1 << 14) for seq in range(64)])
+        assert not node.flush(timeout=0.2)
+        flushed: list[bool] = []
+        flusher = threading.Thread(target=lambda: flushed.append(node.flush(timeout=30)))
+        flusher.start()
+        started = time.monotonic()
+        node.close()
+        assert time.monotonic() - started < 5.0
+        flusher.join(5)
+        assert flushed == [False]  # the close cut the flush short
+        assert not node.running
+        assert node.dropped["closed"] > 0  # the node's queue; ZeroMQ's queue is not counted
+        assert "messages unsent; their mass is lost" in caplog.text
+        started = time.monotonic()
+        node.close()
+        assert time.monotonic() - started < 0.1
+    finally:
+        silent.close()
+
+
+# ------------------------------------------------------------------- in-process transport
+@pytest.mark.timeout(20)
+def test_send_flush_and_acknowledge_after_close(inproc: Callable[[int], list[GossipNode]]) -> None:
+    a, _ = inproc(2)
+    a.send([mass(0, 1, 0)])
+    assert a.flush(timeout=5)
+    a.close()
+    with pytest.raises(GossipError, match="rank 0 is closed"):
+        a.send([mass(0, 1, 1)])
+    assert not a.flush(timeout=5)
+    a.acknowledge([(1, 0, 0)])  # nobody to tell: no error
+    a.close()
+    fresh = GossipNode(local_config(2, 0, [1, 2], transport="inproc"))
+    with pytest.raises(GossipError, match="has not been started"):
+        fresh.send([mass(0, 1, 0)])
+
+
+@pytest.mark.timeout(20)
+def test_a_failing_handler_does_not_stop_later_deliveries(
+    inproc: Callable[[int], list[GossipNode]], caplog: pytest.LogCaptureFixture
+) -> None:
+    a, b = inproc(2)
+    delivered: queue.Queue[int] = queue.Queue()
+
+    def handler(message: Message) -> bool:
+        if message.seq == 0:
+            raise RuntimeError("bug in the handler")
+        delivered.put(message.seq)
+        return True
+
+    b.subscribe(handler, fingerprint=FP)
+    a.send([mass(0, 1, seq) for seq in range(3)])
+    assert sorted(delivered.get(timeout=5) for _ in range(2)) == [1, 2]
+    assert b.dropped == {"handler_error": 1}
+    assert "bug in the handler" in caplog.text
+    assert b.running
+
+
+@pytest.mark.timeout(20)
+def test_messages_that_arrive_before_subscribe_are_delivered_then(
+    inproc: Callable[[int], list[GossipNode]],
+) -> None:
+    a, b = inproc(2)
+    a.send([mass(0, 1, 0), mass(0, 1, 1), mass(0, 1, 2, fp=FP + 1)])
+    assert wait_until(lambda: b.stats.messages_received[0] == 3)
+    delivered: list[int] = []
+    b.subscribe(lambda m: delivered.append(m.seq), fingerprint=FP)
+    assert wait_until(lambda: b.rejected["wrong_model"] == 1)
+    assert delivered == [0, 1]
+    assert not b.dropped
+
+
+@pytest.mark.timeout(20)
+def test_early_duplicates_are_acknowledged_again(
+    inproc: Callable[[int], list[GossipNode]],
+) -> None:
+    a, b = inproc(2)
+    a.send([mass(0, 1, 0), mass(0, 1, 0)])  # the second looks like a retry
+    assert wait_until(lambda: b.stats.messages_received[0] == 2)
+    seen: set[int] = set()
+
+    def handler(message: Message) -> bool:
+        fresh = message.seq not in seen
+        seen.add(message.seq)
+        return fresh
+
+    b.subscribe(handler, fingerprint=FP)  # delivers both in this thread
+    assert wait_until(lambda: a.outstanding(1) == 0)
+
+
+@pytest.mark.timeout(20)
+def test_early_buffer_overflow_is_counted(
+    inproc: Callable[[int], list[GossipNode]],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(node_module, "_MAX_EARLY", 4)
+    a, b = inproc(2)
+    a.send([mass(0, 1, seq) for seq in range(6)])
+    assert wait_until(lambda: b.dropped["early_overflow"] == 2)
+    delivered: list[int] = []
+    b.subscribe(lambda m: delivered.append(m.seq), fingerprint=FP)
+    assert delivered == [2, 3, 4, 5]
+    assert "early_overflow" in caplog.text
+
+
+@pytest.mark.timeout(20)
+def test_close_from_another_thread_wakes_the_subscriber(
+    inproc: Callable[[int], list[GossipNode]],
+) -> None:
+    (node,) = inproc(1)
+    woken = threading.Event()
+    node.subscribe(lambda m: True, fingerprint=FP, on_close=woken.set)
+    closer = threading.Thread(target=node.close)
+    closer.start()
+    assert woken.wait(5)
+    closer.join(5)
+    assert not closer.is_alive()
+    assert not node.running
+    late = threading.Event()
+    (other,) = inproc(1)
+    other.close()
+    other.subscribe(lambda m: True, fingerprint=FP, on_close=late.set)
+    assert late.is_set()  # subscribed to a stopped node: told at once
+
+
+@pytest.mark.timeout(20)
+def test_close_from_the_handler_does_not_deadlock(
+    inproc: Callable[[int], list[GossipNode]],
+) -> None:
+    a, b = inproc(2)
+    woken = threading.Event()
+    b.subscribe(lambda m: b.close(), fingerprint=FP, on_close=woken.set)
+    a.send([mass(0, 1, 0)])
+    assert woken.wait(5)
+    assert b.closed
+    assert wait_until(lambda: not b.running)
+
+
+class _BrokenTransport(InProcTransport):
+    async def recv(self) -> Message:
+        raise TransportError("socket exploded")
+
+
+@pytest.mark.timeout(20)
+def test_a_node_that_cannot_receive_stops_and_says_why(
+    nodes: Nodes, caplog: pytest.LogCaptureFixture
+) -> None:
+    woken = threading.Event()
+    config = local_config(2, 0, [1, 2], transport="inproc")
+    node = GossipNode(config, transport=_BrokenTransport(InProcNetwork(2), 0))
+    node.subscribe(lambda m: True, fingerprint=FP, on_close=woken.set)
+    node.start()
+    try:
+        assert woken.wait(5)
+        with pytest.raises(GossipError, match="rank 0 stopped: socket exploded"):
+            node.send([mass(0, 1, 0)])
+        assert "cannot receive" in caplog.text
+    finally:
+        node.close()
+
+
+@pytest.mark.timeout(20)
+def test_sigterm_handler_only_when_default_and_in_the_main_thread(
+    inproc: Callable[[int], list[GossipNode]],
+) -> None:
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers can only be set in the main thread")
+
+    def mine(signum: int, frame: object) -> None:
+        raise AssertionError("not called")
+
+    (node,) = inproc(1)
+    assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    node.close()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        inproc(1)[0].close()
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    started: list[GossipNode] = []
+    thread = threading.Thread(target=lambda: started.extend(inproc(1)))
+    thread.start()
+    thread.join(10)
+    assert started
+    assert started[0].running
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+# --------------------------------------------------------------------------- subprocesses
+WORKER = textwrap.dedent(
+    """
+    import sys, time
+    import torch
+    from gossip_sgp import GossipConfig, GossipNode, Message
+
+    busy = sys.argv[1] == "busy"
+    with GossipNode(GossipConfig.from_env()) as node:
+        for seq in range(64 if busy else 0):  # rank 1 never reads: they stay unsent
+            node.send([Message(sender=0, receiver=1, round=seq, seq=seq, weight=0.5,
+                               tensors=(torch.ones(4096),))])
+        print("ready", flush=True)
+        while True:
+            time.sleep(0.01)
+    """
+)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    ("signum", "mode"),
+    [(signal.SIGTERM, "idle"), (signal.SIGTERM, "busy"), (signal.SIGINT, "idle")],
+)
+def test_worker_exits_promptly_on_a_signal(
+    tmp_path: Path, signum: signal.Signals, mode: str
+) -> None:
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    silent = socket.socket()  # rank 1: accepts connections, never reads
+    try:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        peers = f"127.0.0.1:{free_ports(1)[0]},127.0.0.1:{silent.getsockname()[1]}"
+        env = {**os.environ, ENV_PEERS: peers, ENV_RANK: "0"}
+        process = subprocess.Popen(
+            [sys.executable, "-W", "default", str(script), mode],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert process.stdout is not None
+            assert process.stdout.readline() == "ready\n", process.communicate()[1]
+            process.send_signal(signum)
+            started = time.monotonic()
+            _, stderr = process.communicate(timeout=10)
+            elapsed = time.monotonic() - started
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+    finally:
+        silent.close()
+    assert elapsed < 5.0
+    lines = stderr.splitlines()
+    if signum == signal.SIGTERM:
+        assert process.returncode == 128 + signal.SIGTERM  # SystemExit(143): no traceback
+        expected = ["messages unsent; their mass is lost"] if mode == "busy" else []
+        assert len(lines) == len(expected), stderr
+        for line, text in zip(lines, expected, strict=True):
+            assert text in line
+    else:
+        # KeyboardInterrupt unwinds the with block (the node closes), then Python ends the
+        # process with SIGINT itself, as shells expect (exit status 130).
+        assert process.returncode == -signal.SIGINT
+        assert lines[0] == "Traceback (most recent call last):", stderr
+        assert lines[-1] == "KeyboardInterrupt", stderr
+        assert stderr.count("Traceback") == 1, stderr
+        assert "gossip_sgp" not in stderr, stderr
+
+
+@pytest.mark.timeout(10)
+def test_logging_is_quiet_for_a_clean_run(
+    inproc: Callable[[int], list[GossipNode]], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="gossip_sgp")
+    a, b = inproc(2)
+    b.subscribe(lambda m: True, fingerprint=FP)
+    a.send([mass(0, 1, 0)])
+    assert wait_until(lambda: b.stats.messages_received[0] == 1)
+    a.close()
+    b.close()
+    assert not caplog.records
