@@ -5,34 +5,33 @@
 
 Each case moves ``--size-mib`` MiB from a sender process to a receiver process over
 127.0.0.1 and times, in the sender, from the start of the send until a tiny acknowledgement
-comes back from the receiver:
+comes back from the receiver, so each figure is end to end:
 
 * raw: ``socket.sendall`` of one buffer; the receiver ``recv_into``s one preallocated
-  buffer, then acknowledges. The floor any transport can hope for.
-* pyzmq: plain PUSH/PULL, a 200-byte frame plus the payload frame, ``copy=False`` on both
-  ends, nothing decoded: what libzmq itself costs.
-* zmq: ``ZmqTransport.send`` of a float32 ``Message``; the receiving ``ZmqTransport.recv``
-  validates and decodes it (non-finite check included) before the receiver acknowledges
-  with a tensor-less message. Encode and decode are inside the timed span.
+  buffer, then acknowledges. The floor any transport can hope for: no allocation, no
+  framing, no validation.
+* zmq: ``ZmqTransport.send`` of a float32 ``Message`` (encode included); the receiving
+  ``ZmqTransport.recv`` validates and decodes it (non-finite check included) before the
+  receiver acknowledges with a tensor-less message. The transport as a user gets it.
+* zmq, tune_malloc=False: the same without the transport's malloc tuning. This is also what
+  a process gets when the tuning cannot take effect (see ``transports/zmq.py``).
+* zmq, GLIBC_TUNABLES=glibc.malloc.hugetlb=1: untuned, with glibc asked (in the environment,
+  at process start) to put freshly mapped blocks on transparent huge pages instead.
 
 Every end is its own process (with its own event loop, uvloop where installed), as in a real
-job. The cases' messages take turns (all pairs of processes stay up, only one sends at a
-time), so background load on a shared machine hits them alike. The first ``--warmup``
-messages of each case are not reported: on the VM these figures come from, ZeroMQ's first
-few messages after an idle spell take several times longer than the steady state.
-
-The whole runs twice: with the default allocator settings, and with
-``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` in the environment of every process. That
-matters because libzmq receives every message into freshly allocated memory: with 4 KiB
-pages the kernel faults it in page by page, which can cost more than the copy from the
-socket itself; with the tunable, glibc asks for transparent huge pages instead. The raw
-case reuses one buffer, so it pays that cost once.
+job; the ZeroMQ ends create their transport first thing, as a worker that builds its
+GossipNode early does. The cases' messages take turns (all pairs of processes stay up, only
+one sends at a time), so background load on a shared machine hits them alike. The first
+``--warmup`` messages of each case are not reported: ZeroMQ's first few messages after an
+idle spell take several times longer than the steady state, and the first large message
+grows the receiver's heap.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import multiprocessing as mp
 import os
@@ -40,18 +39,17 @@ import socket
 import statistics
 import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import contextmanager
 from multiprocessing.connection import Connection
 from typing import Any
 
 import torch
-import zmq
 
 from gossip_sgp.message import Message
 from transports.zmq import ZmqTransport
 
 FINGERPRINT = 0x5EED
-HUGETLB = "glibc.malloc.hugetlb=1"
 
 
 def _run(main: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
@@ -76,8 +74,8 @@ def _free_ports(n: int) -> list[int]:
 # ---------------------------------------------------------------------------- raw TCP
 
 
-def _raw_receiver(port: int, ready: Connection, nbytes: int, rounds: int) -> None:
-    with socket.create_server(("127.0.0.1", port)) as server:
+def _raw_receiver(ports: list[int], ready: Connection, nbytes: int, rounds: int) -> None:
+    with socket.create_server(("127.0.0.1", ports[1])) as server:
         ready.send(True)
         conn, _ = server.accept()
         with conn:
@@ -92,9 +90,9 @@ def _raw_receiver(port: int, ready: Connection, nbytes: int, rounds: int) -> Non
                 conn.sendall(b"k")
 
 
-def _raw_sender(port: int, ctl: Connection, nbytes: int, rounds: int) -> None:
+def _raw_sender(ports: list[int], ctl: Connection, nbytes: int, rounds: int) -> None:
     payload = bytes(nbytes)
-    with socket.create_connection(("127.0.0.1", port)) as conn:
+    with socket.create_connection(("127.0.0.1", ports[1])) as conn:
         for _ in range(rounds):
             ctl.recv()
             start = time.perf_counter()
@@ -104,45 +102,18 @@ def _raw_sender(port: int, ctl: Connection, nbytes: int, rounds: int) -> None:
             ctl.send(time.perf_counter() - start)
 
 
-# ---------------------------------------------------------------------------- plain pyzmq
-
-
-def _pyzmq_receiver(ports: list[int], ready: Connection, nbytes: int, rounds: int) -> None:
-    context = zmq.Context()
-    pull, push = context.socket(zmq.PULL), context.socket(zmq.PUSH)
-    pull.bind(f"tcp://127.0.0.1:{ports[1]}")
-    push.connect(f"tcp://127.0.0.1:{ports[0]}")
-    ready.send(True)
-    for _ in range(rounds):
-        frames = pull.recv_multipart(copy=False)
-        del frames
-        push.send(b"k")
-    context.destroy(linger=1000)
-
-
-def _pyzmq_sender(ports: list[int], ctl: Connection, nbytes: int, rounds: int) -> None:
-    context = zmq.Context()
-    pull, push = context.socket(zmq.PULL), context.socket(zmq.PUSH)
-    pull.bind(f"tcp://127.0.0.1:{ports[0]}")
-    push.connect(f"tcp://127.0.0.1:{ports[1]}")
-    frames: list[bytes | bytearray] = [bytes(200), bytearray(nbytes)]
-    for _ in range(rounds):
-        ctl.recv()
-        start = time.perf_counter()
-        push.send_multipart(frames, copy=False)
-        pull.recv()
-        ctl.send(time.perf_counter() - start)
-    context.destroy(linger=0)
-
-
 # ---------------------------------------------------------------------------- ZmqTransport
 
 
-def _zmq_receiver(ports: list[int], ready: Connection, nbytes: int, rounds: int) -> None:
+def _zmq_receiver(
+    ports: list[int], ready: Connection, nbytes: int, rounds: int, *, tune_malloc: bool = True
+) -> None:
     addresses = [f"tcp://127.0.0.1:{p}" for p in ports]
+    transport = ZmqTransport(
+        1, addresses, fingerprint=FINGERPRINT, max_message_bytes=nbytes, tune_malloc=tune_malloc
+    )
 
     async def main() -> None:
-        transport = ZmqTransport(1, addresses, fingerprint=FINGERPRINT, max_message_bytes=nbytes)
         await transport.start()
         ready.send(True)
         try:
@@ -164,12 +135,16 @@ def _zmq_receiver(ports: list[int], ready: Connection, nbytes: int, rounds: int)
     _run(main)
 
 
-def _zmq_sender(ports: list[int], ctl: Connection, nbytes: int, rounds: int) -> None:
+def _zmq_sender(
+    ports: list[int], ctl: Connection, nbytes: int, rounds: int, *, tune_malloc: bool = True
+) -> None:
     addresses = [f"tcp://127.0.0.1:{p}" for p in ports]
+    transport = ZmqTransport(
+        0, addresses, fingerprint=FINGERPRINT, max_message_bytes=nbytes, tune_malloc=tune_malloc
+    )
     tensor = torch.rand(nbytes // 4)
 
     async def main() -> None:
-        transport = ZmqTransport(0, addresses, fingerprint=FINGERPRINT, max_message_bytes=nbytes)
         await transport.start()
         try:
             for seq in range(rounds):
@@ -196,25 +171,59 @@ def _zmq_sender(ports: list[int], ctl: Connection, nbytes: int, rounds: int) -> 
 # ---------------------------------------------------------------------------- driver
 
 
-Case = Callable[..., None]
-"""A process body: ``(port or ports, pipe, nbytes, rounds)``."""
+Body = Callable[..., None]
+"""A process body: ``(ports, pipe, nbytes, rounds)``; ``ports[1]`` is the receiver's."""
+
+HUGETLB = "glibc.malloc.hugetlb=1"
+CASES: dict[str, tuple[Body, Body, dict[str, str]]] = {
+    "raw": (_raw_receiver, _raw_sender, {}),
+    "zmq": (_zmq_receiver, _zmq_sender, {}),
+    "zmq tune_malloc=False": (
+        functools.partial(_zmq_receiver, tune_malloc=False),
+        functools.partial(_zmq_sender, tune_malloc=False),
+        {},
+    ),
+    f"zmq GLIBC_TUNABLES={HUGETLB}": (
+        functools.partial(_zmq_receiver, tune_malloc=False),
+        functools.partial(_zmq_sender, tune_malloc=False),
+        {"GLIBC_TUNABLES": HUGETLB},
+    ),
+}
+"""Name: (receiver, sender, environment of both processes)."""
+
+
+@contextmanager
+def _environment(env: dict[str, str]) -> Iterator[None]:
+    """``env`` added to ``os.environ`` while processes start (they copy it then)."""
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 class Pair:
     """A receiver and a sender process; the sender times one message per ``round()``."""
 
-    def __init__(self, receiver: Case, sender: Case, *args: Any) -> None:
+    def __init__(self, receiver: Body, sender: Body, env: dict[str, str], *args: Any) -> None:
         ctx = mp.get_context("spawn")
         ports = _free_ports(2)
-        port: Any = ports[1] if receiver is _raw_receiver else ports
         ready, ready_out = ctx.Pipe(duplex=False)
         self._ctl, ctl_child = ctx.Pipe()
-        self.procs = [ctx.Process(target=receiver, args=(port, ready_out, *args), daemon=True)]
-        self.procs[0].start()
-        if not ready.poll(60):
-            raise RuntimeError("receiver did not start")
-        self.procs.append(ctx.Process(target=sender, args=(port, ctl_child, *args), daemon=True))
-        self.procs[1].start()
+        self.procs = [
+            ctx.Process(target=receiver, args=(ports, ready_out, *args), daemon=True),
+            ctx.Process(target=sender, args=(ports, ctl_child, *args), daemon=True),
+        ]
+        with _environment(env):
+            self.procs[0].start()
+            if not ready.poll(60):
+                raise RuntimeError("receiver did not start")
+            self.procs[1].start()
 
     def round(self) -> float:
         self._ctl.send(True)
@@ -228,6 +237,7 @@ class Pair:
             proc.join(30)
             if proc.is_alive():
                 proc.terminate()
+                proc.join(5)
 
 
 def measure(nbytes: int, rounds: int) -> dict[str, list[float]]:
@@ -235,8 +245,8 @@ def measure(nbytes: int, rounds: int) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {name: [] for name in CASES}
     pairs: dict[str, Pair] = {}
     try:
-        for name, (receiver, sender) in CASES.items():
-            pairs[name] = Pair(receiver, sender, nbytes, rounds)
+        for name, (receiver, sender, env) in CASES.items():
+            pairs[name] = Pair(receiver, sender, env, nbytes, rounds)
         for _ in range(rounds):
             for name, pair in pairs.items():
                 times[name].append(pair.round())
@@ -246,16 +256,9 @@ def measure(nbytes: int, rounds: int) -> dict[str, list[float]]:
     return times
 
 
-CASES: dict[str, tuple[Case, Case]] = {
-    "raw": (_raw_receiver, _raw_sender),
-    "pyzmq": (_pyzmq_receiver, _pyzmq_sender),
-    "zmq": (_zmq_receiver, _zmq_sender),
-}
-
-
-def summary(nbytes: int, times: list[float]) -> dict[str, float]:
-    rates = sorted(nbytes / t / 1e9 for t in times)
-    return {"min": rates[0], "median": statistics.median(rates), "max": rates[-1]}
+def summary(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    return {"min": ordered[0], "median": statistics.median(ordered), "max": ordered[-1]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -268,7 +271,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     nbytes = args.size_mib << 20
-    rounds = args.warmup + args.repeats
+    times = {
+        name: t[args.warmup :] for name, t in measure(nbytes, args.warmup + args.repeats).items()
+    }
+    cases = {name: summary([nbytes / s / 1e9 for s in t]) for name, t in times.items()}
+    # Each message's throughput over the raw message sent just before it: neighbours in
+    # time see the same background load, so these ratios are steadier than the rates.
+    ratios = {
+        name: summary([raw / s for raw, s in zip(times["raw"], t, strict=True)])
+        for name, t in times.items()
+        if name != "raw"
+    }
     result: dict[str, Any] = {
         "size_mib": args.size_mib,
         "repeats": args.repeats,
@@ -276,32 +289,23 @@ def main(argv: list[str] | None = None) -> int:
         "cpus": os.cpu_count(),
         "python": sys.version.split()[0],
         "unit": "GB/s (1e9 bytes per second)",
+        "cases": cases,
+        "ratio_to_raw": ratios,
     }
-    for env in ("default", "hugetlb"):
-        saved = os.environ.get("GLIBC_TUNABLES")
-        if env == "hugetlb":  # the spawned processes read it at start-up
-            os.environ["GLIBC_TUNABLES"] = HUGETLB if saved is None else f"{saved}:{HUGETLB}"
-        try:
-            times = measure(nbytes, rounds)
-        finally:
-            if saved is None:
-                os.environ.pop("GLIBC_TUNABLES", None)
-            else:
-                os.environ["GLIBC_TUNABLES"] = saved
-        result[env] = {name: summary(nbytes, t[args.warmup :]) for name, t in times.items()}
-        result[env]["ratio"] = result[env]["zmq"]["median"] / result[env]["raw"]["median"]
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"{args.size_mib} MiB messages, {args.repeats} timed, loopback, {result['unit']}")
-    for env in ("default", "hugetlb"):
-        print(f"{env} allocator:")
-        for name in CASES:
-            r = result[env][name]
-            print(
-                f"  {name:5s}  min {r['min']:5.2f}  median {r['median']:5.2f}  max {r['max']:5.2f}"
-            )
-        print(f"  zmq/raw (medians) {result[env]['ratio']:.0%}")
+    print(
+        f"{args.size_mib} MiB messages, {args.repeats} timed per case, loopback; "
+        f"{result['unit']} and ratio to the raw message before, min / median / max"
+    )
+    width = max(map(len, cases))
+    for name, r in cases.items():
+        line = f"  {name:{width}s}  {r['min']:5.2f} / {r['median']:5.2f} / {r['max']:5.2f}"
+        if name in ratios:
+            q = ratios[name]
+            line += f"   {q['min']:4.0%} / {q['median']:4.0%} / {q['max']:4.0%} of raw"
+        print(line)
     return 0
 
 

@@ -101,7 +101,8 @@ def launch(
     for rank, port in enumerate(metrics_ports):
         if port:
             print(
-                f"gossip-sgp launch: rank {rank} metrics at http://127.0.0.1:{port}/metrics",
+                f"gossip-sgp launch: rank {rank} metrics port {port} reserved "
+                "(Prometheus metrics are not served by this version yet)",
                 file=err,
             )
     err.flush()

@@ -85,6 +85,7 @@ class Mailbox:
         self._receipts: list[Receipt] = []  # taken, not yet acknowledged
         self._arrived: set[tuple[int, int]] = set()  # (sender, round) not yet taken
         self._gauges: dict[int, float] = {}  # round -> largest gauge received
+        self.closed = False
         self.rejected: Counter[str] = Counter()
         self.received = 0
         self.last_arrival: dict[int, float] = {}
@@ -126,9 +127,19 @@ class Mailbox:
             return self._arrived.issuperset(expected)
 
     def wait(self, expected: Collection[tuple[int, int]], timeout: float | None) -> bool:
-        """Block until every ``(sender, round)`` in ``expected`` has arrived, or time out."""
+        """Block until every ``(sender, round)`` in ``expected`` has arrived.
+
+        Returns False on timeout, or at once when the mailbox is closed (no more deliveries).
+        """
         with self._cond:
-            return self._cond.wait_for(lambda: self._arrived.issuperset(expected), timeout)
+            self._cond.wait_for(lambda: self.closed or self._arrived.issuperset(expected), timeout)
+            return self._arrived.issuperset(expected)
+
+    def close(self) -> None:
+        """No more messages will come: wake every waiter."""
+        with self._cond:
+            self.closed = True
+            self._cond.notify_all()
 
     def take(self, max_round: int | None = None) -> Share | None:
         """Remove and return the summed mass of rounds ``<= max_round`` (all when None).

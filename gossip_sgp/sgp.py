@@ -140,7 +140,11 @@ class SGP:
             (len(self.topology.out_peers(node.rank, r)) for r in range(self.topology.period)),
             default=0,
         )
-        node.subscribe(self.protocol.mailbox.put, fingerprint=self.fingerprint)
+        node.subscribe(
+            self.protocol.mailbox.put,
+            fingerprint=self.fingerprint,
+            on_close=self.protocol.mailbox.close,
+        )
 
     @staticmethod
     def _resolve_topology(topology: str | Topology, peers: int, world_size: int) -> Topology:
@@ -217,6 +221,8 @@ class SGP:
             self.skipped_rounds += 1
 
     def _send(self, k: int, gauge: float) -> None:
+        if self.node.closed:  # before splitting: a share for a stopped node would be lost
+            raise GossipError(f"the gossip node of rank {self.node.rank} has stopped")
         messages = self.protocol.emit(k)
         if gauge:
             messages = [_with_gauge(m, gauge) for m in messages]
@@ -233,6 +239,11 @@ class SGP:
         expected = self.protocol.expected(round)
         if not self.protocol.mailbox.wait(expected, self.timeout):
             missing = sorted(s for s, r in expected if not self.protocol.mailbox.has([(s, r)]))
+            if self.protocol.mailbox.closed:
+                raise GossipError(
+                    f"the gossip node of rank {self.node.rank} stopped while waiting for the "
+                    f"round-{round} messages of ranks {missing}"
+                )
             raise GossipTimeout(
                 f"rank {self.node.rank} waited {self.timeout:g} s for the round-{round} "
                 f"messages of ranks {missing}; is every worker running the same number of "

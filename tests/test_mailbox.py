@@ -115,3 +115,14 @@ def test_gauge_is_tracked_per_round() -> None:
     assert box.take_gauge(0) == 0.3
     assert box.take_gauge(0) == 0.0
     assert box.take_gauge(5) == 0.7
+
+
+def test_close_wakes_a_waiter_at_once() -> None:
+    box = Mailbox()
+    timer = threading.Timer(0.05, box.close)
+    timer.start()
+    try:
+        assert not box.wait([(3, 0)], timeout=30.0)  # returns on close, long before 30 s
+    finally:
+        timer.cancel()
+    assert box.closed

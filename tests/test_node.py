@@ -26,7 +26,7 @@ import pytest
 import torch
 
 import gossip_sgp.node as node_module
-from gossip_sgp import GossipConfig, GossipError, GossipNode, Message, TransportError
+from gossip_sgp import GossipConfig, GossipError, GossipNode, Message, PeerSpec, TransportError
 from gossip_sgp.config import ENV_PEERS, ENV_RANK
 from transports import InProcNetwork, InProcTransport
 
@@ -486,3 +486,23 @@ def test_logging_is_quiet_for_a_clean_run(
     a.close()
     b.close()
     assert not caplog.records
+
+
+@pytest.mark.timeout(30)
+def test_curve_security_is_refused_until_supported(tmp_path: Path) -> None:
+    import zmq
+
+    public, secret = zmq.curve_keypair()
+    key_file = tmp_path / "secret.key"
+    key_file.write_bytes(secret)
+    peers = [
+        PeerSpec(rank=r, host="127.0.0.1", port=p, public_key=public.decode())
+        for r, p in enumerate(free_ports(2))
+    ]
+    config = GossipConfig(
+        rank=0, peers=tuple(peers), security="curve", secret_key_file=str(key_file)
+    )
+    node = GossipNode(config)
+    with pytest.raises(GossipError, match="security = 'curve' is not supported"):
+        node.start()
+    assert not gossip_threads()

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 
-from gossip_sgp import SGP, GossipConfig, GossipNode, GossipTimeout
+from gossip_sgp import SGP, GossipConfig, GossipError, GossipNode, GossipTimeout
 from transports import InProcNetwork
 
 Worker = Callable[[int, GossipNode], Any]
@@ -223,5 +223,20 @@ def test_bad_arguments() -> None:
             SGP([x], opt, node, staleness=-1)
         with pytest.raises(ValueError, match="at least one parameter"):
             SGP([], opt, node)
+
+    run_workers(2, fn)
+
+
+@pytest.mark.timeout(30)
+def test_closing_the_node_wakes_a_waiting_step() -> None:
+    def fn(rank: int, node: GossipNode) -> None:
+        x = torch.nn.Parameter(torch.zeros(2))
+        sgp = SGP([x], torch.optim.SGD([x], lr=0.1), node, timeout=25.0)
+        if rank == 0:
+            threading.Timer(0.2, node.close).start()
+            with pytest.raises(GossipError, match="stopped while waiting"):
+                sgp.step()  # rank 1 never steps: only the close can end this wait
+            with pytest.raises(GossipError, match="has stopped"):
+                sgp.step()
 
     run_workers(2, fn)

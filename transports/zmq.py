@@ -12,10 +12,17 @@ sends of a 1 GiB model are 16 GiB). When a peer's queue is full, :meth:`ZmqTrans
 waits up to ``send_timeout`` seconds and then raises :class:`~gossip_sgp.errors.SendTimeout`
 with the message not sent.
 
-Performance: libzmq receives each message into freshly allocated memory, and faulting that
-in with 4 KiB pages can cost more than the transfer (on a VM, several times more). Start
-workers with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` so that glibc uses transparent huge
-pages; ``benchmarks/zmq_throughput.py`` and ``docs/wire-format.md`` have the figures.
+Performance: libzmq's I/O thread mallocs a buffer for every incoming message. glibc serves
+blocks over 32 MiB with a fresh ``mmap`` and unmaps them on free, so every large message is
+faulted in page by page, which can cost more than the transfer (on a VM, several times
+more). With ``tune_malloc=True`` (the default) the constructor therefore sets glibc's malloc
+to serve large blocks from one reusable heap (see :func:`_tune_malloc` for what that costs);
+``benchmarks/zmq_throughput.py`` and ``docs/wire-format.md`` have the figures.
+
+Shutdown: payload frames are sent zero-copy, so libzmq reads the tensors' memory until it has
+written them out. :meth:`ZmqTransport.close` waits (briefly) until libzmq has let go of every
+frame; otherwise pyzmq's clean-up at interpreter exit can release that memory under libzmq's
+I/O thread (an abort, ``Bad address (src/tcp.cpp:...)``) or report ``pyzmq-gc send failed``.
 
 Without CurveZMQ anyone who can reach the port can send; the ``sender`` in a header is not
 authenticated. Validation keeps malformed input out, it does not stop a forged share.
@@ -24,9 +31,12 @@ authenticated. Validation keeps malformed input out, it does not stop a forged s
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import dataclasses
 import logging
 import math
+import os
+import sys
 import time
 from collections.abc import Awaitable, Sequence
 from typing import Any, TypeVar
@@ -48,6 +58,15 @@ _WARN_EVERY_S = 10.0
 """At most one warning per reject reason in this many seconds."""
 _RECONNECT_IVL_MS = 100
 _RECONNECT_IVL_MAX_MS = 5000
+_RELEASE_TIMEOUT_S = 5.0
+"""Longest ``close`` waits for libzmq to let go of zero-copy frames (normally milliseconds)."""
+_RELEASE_POLL_S = 0.002
+
+# mallopt parameters from glibc's <malloc.h>
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+_INT_MAX = (1 << 31) - 1
+_malloc_kept = 0
+"""The ``M_TRIM_THRESHOLD`` this process has set so far (0: not tuned)."""
 
 
 class ZmqTransport:
@@ -66,6 +85,12 @@ class ZmqTransport:
         context: the ZeroMQ context; default ``zmq.asyncio.Context.instance()``.
         send_timeout: seconds ``send`` waits for room in a full queue; ``None`` waits
             until close.
+        tune_malloc: set glibc's malloc so that large messages are received into reused
+            memory instead of freshly mapped pages (2-3x the throughput for large messages
+            here); process-wide, see :func:`_tune_malloc`. Create the transport early, before
+            torch has run multi-threaded work, for it to take effect. ``False`` leaves malloc
+            alone; so does a malloc setting in the environment (``GLIBC_TUNABLES`` or
+            ``MALLOC_*``).
     """
 
     def __init__(
@@ -80,6 +105,7 @@ class ZmqTransport:
         bind: str | None = None,
         context: zmq.asyncio.Context | None = None,
         send_timeout: float | None = 30.0,
+        tune_malloc: bool = True,
     ) -> None:
         if not 0 <= rank < len(addresses):
             raise ValueError(f"rank {rank} out of range for {len(addresses)} addresses")
@@ -100,8 +126,13 @@ class ZmqTransport:
         self._pull: zmq.asyncio.Socket | None = None
         self._push: dict[int, zmq.asyncio.Socket] = {}
         self._pending: set[asyncio.Future[Any]] = set()
+        self._in_flight: list[zmq.MessageTracker] = []
         self._closed = False
         self._warned_at: dict[str, float] = {}
+        if tune_malloc:
+            # Here, not in start(): GossipNode builds the transport before its gossip thread
+            # and ZeroMQ's threads exist, and glibc assigns a thread its arena for good.
+            _tune_malloc(2 * (max_message_bytes + wire.MAX_HEADER_BYTES))
 
     async def start(self) -> None:
         """Bind the receive socket; raises ``TransportError`` naming the address on failure."""
@@ -139,13 +170,18 @@ class ZmqTransport:
         if message.sent_at == 0.0:
             message = dataclasses.replace(message, sent_at=time.time())
         frames = wire.encode(message)
+        nbytes = sum(memoryview(frame).nbytes for frame in frames)
         sock = self._push.get(peer)
         if sock is None:
             sock = self._connect(peer)
+        # Zero-copy: libzmq reads the tensors' memory, which pyzmq keeps alive until libzmq
+        # releases each frame (frames under zmq.COPY_THRESHOLD are copied instead). The
+        # trackers tell close() when libzmq is done with them.
+        parts = [zmq.Frame(frame, track=True) for frame in frames]
+        self._in_flight = [t for t in self._in_flight if not t.done]
+        self._in_flight.append(zmq.MessageTracker(*parts))
         try:
-            # copy=False: pyzmq passes the tensor memory to libzmq and keeps the buffers
-            # (which keep the tensors alive) until libzmq has sent them.
-            await self._track(sock.send_multipart(frames, copy=False))
+            await self._track(sock.send_multipart(parts, copy=False))
         except zmq.Again:
             raise SendTimeout(
                 f"rank {self.rank}: send queue to rank {peer} stayed full for "
@@ -155,7 +191,7 @@ class ZmqTransport:
             self._check_open()
             raise TransportError(f"rank {self.rank} failed to send to rank {peer}: {exc}") from exc
         self.stats.messages_sent[peer] += 1
-        self.stats.bytes_sent[peer] += sum(memoryview(frame).nbytes for frame in frames)
+        self.stats.bytes_sent[peer] += nbytes
 
     async def recv(self) -> Message:
         """The next valid message; invalid input is counted in ``stats.rejected`` and skipped."""
@@ -188,7 +224,8 @@ class ZmqTransport:
     async def close(self) -> None:
         """Close every socket (``linger=0``: unsent messages are dropped); idempotent.
 
-        Pending ``send`` and ``recv`` calls raise ``TransportClosed``.
+        Pending ``send`` and ``recv`` calls raise ``TransportClosed``. Returns once libzmq
+        has released the memory of every message sent (or after a few seconds at worst).
         """
         if self._closed:
             return
@@ -201,6 +238,29 @@ class ZmqTransport:
         self._pull = None
         for sock in sockets:
             sock.close(linger=0)
+        await self._wait_released()
+
+    async def _wait_released(self) -> None:
+        """Wait until libzmq has let go of every zero-copy frame this transport sent.
+
+        Closing with ``linger=0`` makes libzmq drop what it still holds, but asynchronously,
+        in its own threads. Returning before that is done would let the process exit with
+        frames in flight: pyzmq's exit handler then stops the thread that releases them and
+        drops the buffers they point into while libzmq may still be writing them out. The
+        trackers are ``threading.Event``s set by pyzmq's garbage-collector thread, with
+        nothing to await, hence the polling.
+        """
+        deadline = time.monotonic() + _RELEASE_TIMEOUT_S
+        while any(not t.done for t in self._in_flight):
+            if time.monotonic() > deadline:
+                log.warning(
+                    "rank %d: ZeroMQ still holds %d sent messages after close",
+                    self.rank,
+                    sum(not t.done for t in self._in_flight),
+                )
+                return
+            await asyncio.sleep(_RELEASE_POLL_S)
+        self._in_flight.clear()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -254,3 +314,57 @@ class ZmqTransport:
                 self.stats.rejected[exc.reason],
                 exc.detail,
             )
+
+
+def _tune_malloc(keep_bytes: int) -> None:
+    """Make glibc serve large blocks from one heap and keep freed ones for reuse.
+
+    libzmq's I/O thread mallocs a buffer for each incoming message. By default glibc maps
+    blocks over 32 MiB (the most ``M_MMAP_THRESHOLD`` accepts) with a fresh ``mmap`` and
+    unmaps them on free, so each large message pays a page fault per 4 KiB, about 44 ms per
+    64 MiB on a VM: more than the transfer. Blocks of 64 MiB and more never fit a thread's
+    own arena (its heaps are 64 MiB at most) either. So, once per process:
+
+    * ``M_ARENA_MAX=1``: threads that first allocate from now on (the gossip thread,
+      libzmq's I/O thread) share the main arena; threads that already have an arena keep
+      it, which is why this runs before the transport's threads exist;
+    * ``M_MMAP_MAX=0``: large blocks come from the main heap (``brk``), not from ``mmap``;
+    * ``M_TRIM_THRESHOLD=keep_bytes``: up to that much free memory at the top of the heap
+      stays mapped for the next message instead of going back to the system.
+
+    The costs: freed large blocks are kept for reuse, so the resident size stays near its
+    peak instead of shrinking after it (bounded at the top of the heap by ``keep_bytes``,
+    twice the largest message); and threads contend for one arena's lock, which matters
+    little when large buffers dominate. Skipped outside glibc, when the environment already
+    configures malloc, or when ``mallopt`` is missing; failures are ignored.
+    """
+    global _malloc_kept
+    keep_bytes = min(keep_bytes, _INT_MAX)
+    if keep_bytes <= _malloc_kept or not _glibc_malloc_is_default():
+        return
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    if not _malloc_kept:
+        mallopt(_M_ARENA_MAX, 1)
+        mallopt(_M_MMAP_MAX, 0)
+    mallopt(_M_TRIM_THRESHOLD, keep_bytes)
+    _malloc_kept = keep_bytes
+
+
+def _glibc_malloc_is_default() -> bool:
+    """True on glibc when neither ``GLIBC_TUNABLES`` nor ``MALLOC_*`` configure malloc."""
+    if sys.platform != "linux":
+        return False
+    try:
+        libc = os.confstr("CS_GNU_LIBC_VERSION") or ""
+    except (ValueError, OSError):
+        return False
+    if not libc.startswith("glibc"):
+        return False
+    if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
+        return False
+    return not any(name.startswith("MALLOC_") for name in os.environ)
