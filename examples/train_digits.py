@@ -194,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 steps += 1
             if rank == 0 and not args.quiet:
                 done = (epoch + 1) / args.epochs
-                bar = "#" * round(20 * done) + "." * (20 - round(20 * done))
+                bar = "#" * int(20 * done) + "." * (20 - int(20 * done))
                 rate = steps / (time.perf_counter() - started)
                 print(
                     f"epoch {epoch + 1:>3}/{args.epochs} [{bar}] loss "

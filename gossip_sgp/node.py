@@ -56,6 +56,9 @@ _START_TIMEOUT = 30.0
 _STOP_TIMEOUT = 5.0
 """Seconds the node gives its thread to drain and close (the issue's shutdown budget)."""
 
+_ACK_LINGER = 1.5
+"""Seconds close() waits for the receivers to fold in the last messages sent."""
+
 _DRAIN_TIMEOUT = 1.0
 """Seconds queued messages get to reach the transport on close. Longer would gain little:
 a queue that does not drain in a second is held up by a slow or dead peer. The rest of the
@@ -221,10 +224,13 @@ class GossipNode:
     def close(self) -> None:
         """Drain pending sends (bounded), close the transport, join the thread.
 
-        Idempotent and callable from any thread; returns within ``_STOP_TIMEOUT`` seconds.
+        Idempotent and callable from any thread. It first waits up to ``_ACK_LINGER`` s for
+        the last messages sent to be folded in by their receivers, then stops within
+        ``_STOP_TIMEOUT`` s.
         Messages still unsent are counted in ``dropped["closed"]`` and logged.
         """
         self._restore_sigterm()
+        self._await_acknowledgements(_ACK_LINGER)
         with self._lock:
             self._closed = True
         thread, loop, stopped = self._thread, self._loop, self._stopped
@@ -237,6 +243,22 @@ class GossipNode:
         thread.join(_STOP_TIMEOUT)
         if thread.is_alive():
             log.warning("gossip thread of rank %d did not stop in time", self.rank)
+
+    def _await_acknowledgements(self, timeout: float) -> None:
+        """Give the last messages sent a moment to be folded in by their receivers.
+
+        A peer that is still gossiping (say, in its last consensus round) needs them; a peer
+        that has already stopped never acknowledges, hence the bound.
+        """
+        thread = self._thread
+        if thread is None or thread is threading.current_thread() or not thread.is_alive():
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not self._closed:
+            with self._lock:
+                if not any(self._unacked.values()):
+                    return
+            time.sleep(0.005)
 
     def _install_sigterm(self) -> None:
         if threading.current_thread() is not threading.main_thread():

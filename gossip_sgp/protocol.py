@@ -38,8 +38,11 @@ class PushSumProtocol:
         self.mailbox = Mailbox(coalesce=coalesce)
         self._next_seq: dict[int, int] = {}
 
-    def emit(self, round: int) -> list[Message]:
-        """Split this node's mass for ``round`` and return one message per out-peer."""
+    def emit(self, round: int, *, gauge: float = 0.0) -> list[Message]:
+        """Split this node's mass for ``round`` and return one message per out-peer.
+
+        ``gauge`` is a scalar piggybacked on every message (see ``SGP.consensus``).
+        """
         mixing = self.topology.mixing(self.rank, round)
         shares = self.state.split(mixing.self_weight, mixing.out)
         now = time.time()
@@ -57,6 +60,7 @@ class PushSumProtocol:
                     tensors=tensors,
                     fingerprint=self.fingerprint,
                     sent_at=now,
+                    gauge=gauge,
                 )
             )
         return messages
@@ -78,5 +82,10 @@ class PushSumProtocol:
         return dict(self._next_seq)
 
     def restore_sequence_numbers(self, next_seq: dict[int, int]) -> None:
-        """Continue numbering from a checkpoint, so peers do not reject new messages."""
-        self._next_seq = {int(k): int(v) for k, v in next_seq.items()}
+        """Continue numbering from a checkpoint, so peers do not reject new messages.
+
+        Numbers never move backwards: peers have seen every number this node already used,
+        and would reject a reused one as a replay.
+        """
+        for peer, seq in next_seq.items():
+            self._next_seq[int(peer)] = max(self._next_seq.get(int(peer), 0), int(seq))

@@ -13,7 +13,7 @@ What one ``step()`` does (Assran et al., ICML 2019, Alg. 1), with ``x`` the nume
 ``w`` the push-sum weight and the model holding ``z = x / w``:
 
 1. the wrapped optimizer steps the model's parameters (gradient taken at ``z``), and ``x``
-   moves so that ``x / w`` changes by exactly that step (``x += w * delta``). With ``w = 1``
+   becomes ``w * z``, so ``x / w`` changes by exactly that step. With ``w = 1``
    this is the paper's ``x <- x - lr * g``; scaling by ``w`` (as the authors' code does)
    keeps the effective learning rate at ``lr`` when a node's weight drifts, which happens
    in the asynchronous mode and on non-power-of-two world sizes;
@@ -124,7 +124,6 @@ class SGP:
             (str(i), tuple(p.shape), p.dtype) for i, p in enumerate(self.params)
         )
         self._flats = _flatten(self.params)
-        self._scratch = [torch.empty_like(f) for f in self._flats]
         self.state = PushSumState([f.detach().clone() for f in self._flats])
         self.protocol = PushSumProtocol(
             node.rank,
@@ -134,6 +133,7 @@ class SGP:
             coalesce=staleness is None,
         )
         self.round = 0
+        self._folded_through = -1  # every round <= this has been waited for and folded in
         self.skipped_rounds = 0
         """Asynchronous rounds in which this worker kept its mass (no send credit)."""
         self._credit = _INITIAL_CREDIT * max(
@@ -167,14 +167,13 @@ class SGP:
     # ------------------------------------------------------------------ training
     @torch.no_grad()
     def _apply_update(self, closure: Callable[[], Any] | None) -> Any:
-        for scratch, flat in zip(self._scratch, self._flats, strict=True):
-            scratch.copy_(flat)
         with torch.enable_grad():
             loss = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+        # x <- w * z: x / w moves by exactly the optimizer's change of z (and by any change
+        # the user made to the parameters since the last step).
         w = self.state.weight
-        for x, scratch, flat in zip(self.state.numerator, self._scratch, self._flats, strict=True):
-            torch.sub(flat, scratch, out=scratch)  # the optimizer's change of z ...
-            x.add_(scratch, alpha=w)  # ... moves x / w by exactly that much
+        for x, flat in zip(self.state.numerator, self._flats, strict=True):
+            torch.mul(flat, w, out=x)
         return loss
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -190,29 +189,34 @@ class SGP:
     @torch.no_grad()
     def _round(self, staleness: int | None, *, gauge: float) -> None:
         k = self.round
-        if self.node.world_size == 1:
-            pass
-        elif staleness is None:
-            self._async_round(k)
-        else:
-            self._send(k, gauge)
-            if k - staleness >= 0:
-                self._wait(k - staleness)
-                self._absorb(k - staleness)
+        if self.node.world_size > 1:
+            if staleness is None:
+                self._async_round(k)
+            else:
+                self._send(k, gauge)
+                self._catch_up(k - staleness)
         self.state.debias(out=self._flats)
         self.round = k + 1
+
+    def _catch_up(self, through: int) -> None:
+        """Wait for and fold every round up to ``through`` not folded yet."""
+        for r in range(self._folded_through + 1, through + 1):
+            self._wait(r)
+            self._absorb(r)
+            self._folded_through = r
 
     def _async_round(self, k: int) -> None:
         """Asynchronous round: fold what has arrived, then gossip if this worker may.
 
-        Every folded message earns a send credit and every message sent costs one, so no
-        worker gives away mass faster than it receives mass (each starts with enough
-        credit for one round). Without that, a fast worker would halve its weight every
-        step while a slow one hoards the mass: the fast worker's steps would count for
-        almost nothing, and its numerator would underflow. A worker without credit keeps
-        its mass this round and just trains.
+        Every folded message earns a send credit (see ``_absorb``) and every message sent
+        costs one, so no worker gives away mass faster than it receives mass (each starts
+        with enough credit for one round). Without that, a fast worker would halve its
+        weight every step while a slow one hoards the mass: the fast worker's steps would
+        count for almost nothing, and its numerator would underflow. A worker without
+        credit keeps its mass this round and just trains.
         """
-        self._credit += self._absorb(k)
+        self._absorb(k)
+        self._folded_through = k
         peers = len(self.topology.out_peers(self.node.rank, k))
         if self._credit >= peers:
             self._credit -= peers
@@ -223,17 +227,14 @@ class SGP:
     def _send(self, k: int, gauge: float) -> None:
         if self.node.closed:  # before splitting: a share for a stopped node would be lost
             raise GossipError(f"the gossip node of rank {self.node.rank} has stopped")
-        messages = self.protocol.emit(k)
-        if gauge:
-            messages = [_with_gauge(m, gauge) for m in messages]
-        self.node.send(messages)
+        self.node.send(self.protocol.emit(k, gauge=gauge))
 
-    def _absorb(self, max_round: int) -> int:
-        """Fold received mass of rounds ``<= max_round``; returns how many messages."""
+    def _absorb(self, max_round: int) -> None:
+        """Fold received mass of rounds ``<= max_round``; each message earns a send credit."""
         self.protocol.absorb(max_round)
         receipts = self.protocol.mailbox.pop_receipts()
         self.node.acknowledge(receipts)
-        return len(receipts)
+        self._credit += len(receipts)
 
     def _wait(self, round: int) -> None:
         expected = self.protocol.expected(round)
@@ -256,20 +257,20 @@ class SGP:
     def consensus(self, max_rounds: int = 64, tol: float = 1e-6) -> float:
         """Gossip without training until the workers agree; returns the disagreement reached.
 
-        Call it on every worker at the same point (for example after the last epoch). First
-        the rounds still in flight are folded in, then gossip-only rounds run in blocks long
-        enough for every worker to hear from every other; at the end of a block all workers
-        know the largest relative change of ``z`` any of them saw, and stop together once it
-        is at most ``tol`` or after ``max_rounds`` rounds. The returned value is that global
-        estimate (0.0 for a single worker).
+        Call it on every worker at the same point (for example after the last epoch); training
+        may go on afterwards. First the rounds still owed are folded in, then gossip-only
+        rounds run in blocks long enough for every worker to hear from every other. Each
+        message carries the largest relative change of ``z`` in one round that its sender
+        knows of from the previous block; at the end of a block all workers know the same
+        value and stop together once it is at most ``tol``, or after ``max_rounds`` rounds.
+        That value, returned, estimates the disagreement: it is 0 once the workers agree,
+        but on slowly mixing graphs (a ring) it understates the distance between workers.
+        It is ``inf`` when ``max_rounds`` is shorter than two blocks (the first block has
+        nothing to compare with); a single worker returns 0.0.
         """
         if self.node.world_size == 1:
             return 0.0
-        if self.staleness:
-            for r in range(max(0, self.round - self.staleness), self.round):
-                self._wait(r)
-                self._absorb(r)
-            self.state.debias(out=self._flats)
+        self._settle()
         mailbox = self.protocol.mailbox
         mailbox.take_gauge(self.round - 1)  # training messages carry no gauge
         done, disagreement, local = 0, math.inf, math.inf
@@ -288,14 +289,37 @@ class SGP:
                 break
         return disagreement
 
+    @torch.no_grad()
+    def _settle(self) -> None:
+        """Fold in everything this worker is owed: in the synchronous and overlap modes every
+        round sent so far (waiting for it), in the asynchronous mode whatever has arrived."""
+        if self.node.world_size == 1:
+            return
+        if self.staleness is None:
+            # Folds all that arrived, but remembers arrivals of this round on: a peer that is
+            # already in consensus() may have sent its round-``self.round`` message.
+            self._absorb(self.round - 1)
+            self._folded_through = self.round - 1
+        else:
+            self._catch_up(self.round - 1)
+        self.state.debias(out=self._flats)
+
     # --------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """Numerator, weight, round, sequence numbers and the optimizer's state."""
+        """Numerator, weight, round, sequence numbers, send credit and the optimizer's state.
+
+        Call it on every worker at the same step. It first folds in every round sent so far
+        (overlap mode: waits for the last ``staleness`` rounds), so the workers' checkpoints
+        together hold all the mass. In the asynchronous mode, mass still on the wire at that
+        moment is not in any checkpoint.
+        """
+        self._settle()
         return {
             "round": self.round,
             "weight": self.state.weight,
             "numerator": [x.detach().clone() for x in self.state.numerator],
             "next_seq": self.protocol.sequence_numbers(),
+            "credit": self._credit,
             "fingerprint": self.fingerprint,
             "optimizer": self.optimizer.state_dict(),
         }
@@ -314,15 +338,11 @@ class SGP:
             x.copy_(saved)
         self.state.weight = float(state["weight"])
         self.round = int(state["round"])
+        self._folded_through = self.round - 1
+        self._credit = int(state.get("credit", self._credit))
         self.protocol.restore_sequence_numbers(state["next_seq"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.state.debias(out=self._flats)
-
-
-def _with_gauge(message: Any, gauge: float) -> Any:
-    from dataclasses import replace
-
-    return replace(message, gauge=gauge)
 
 
 def _relative_change(before: list[torch.Tensor], after: list[torch.Tensor]) -> float:
