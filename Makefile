@@ -13,7 +13,7 @@ TORCH_CPU ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast lint typecheck simulate bench clean
+.PHONY: demo test test-fast lint typecheck simulate clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -143,13 +143,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     store = open_store(rank, world_size)
 
     x_train, y_train, x_test, y_test = load_digits_split()
+    y_all = y_train
     x_train, y_train = x_train[rank::world_size], y_train[rank::world_size]  # this worker's shard
     torch.manual_seed(args.seed)  # the same initial model on every worker
     model = SmallCNN()
     optimizer = torch.optim.SGD(
         model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=1e-4
     )
-    steps_per_epoch = math.ceil(len(y_train) / args.batch_size)
+    # Every worker must take the same number of steps (synchronous gossip pairs them up), so
+    # size the epoch by the smallest shard.
+    steps_per_epoch = math.ceil((len(y_all) // world_size) / args.batch_size)
     total_steps = args.epochs * steps_per_epoch
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=args.lr, total_steps=total_steps, pct_start=0.15

@@ -164,7 +164,6 @@ def _add_worker_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _add_launch(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from gossip_sgp.config import TRANSPORTS
 
     p = sub.add_parser(
         "launch",
@@ -179,14 +178,18 @@ def _add_launch(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         "--nproc", type=_positive_int, required=True, metavar="N", help="number of workers"
     )
     p.add_argument(
-        "--transport", choices=TRANSPORTS, default="zmq", help="gossip transport (default: zmq)"
+        "--transport",
+        choices=("zmq",),
+        default="zmq",
+        help="gossip transport between the worker processes (default: zmq)",
     )
     p.add_argument(
         "--metrics-port",
         type=_port_or_zero,
         default=0,
         metavar="BASE",
-        help="serve rank R's Prometheus metrics on port BASE + R (default: 0, off)",
+        help="reserve port BASE + R for rank R's Prometheus metrics (default: 0, off; this "
+        "version does not serve metrics yet)",
     )
     p.add_argument("--host", default="127.0.0.1", help="address the workers bind and gossip on")
     p.add_argument(
@@ -238,7 +241,8 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         type=_port_or_zero,
         default=None,
         metavar="PORT",
-        help="serve this worker's Prometheus metrics on PORT (0: off; default: the peer "
+        help="reserve PORT for this worker's Prometheus metrics (not served by this version "
+        "yet; 0: off; default: the peer "
         "list's metrics_port)",
     )
     _add_worker_arguments(p)

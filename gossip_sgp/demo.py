@@ -10,6 +10,7 @@ The training script is ``examples/train_digits.py`` (installed as
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import tempfile
@@ -39,7 +40,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--metrics-port",
         type=int,
         default=0,
-        help="serve Prometheus metrics of rank r on BASE + r (0: off)",
+        help="reserve port BASE + r for rank r's Prometheus metrics (0: off; this version "
+        "does not serve metrics yet)",
     )
     p.add_argument(
         "--json", action="store_true", help="end with one JSON line: accuracy, consensus, speed"
@@ -49,13 +51,20 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo; returns the exit code."""
+    from gossip_sgp.errors import ConfigError
     from gossip_sgp.launch import launch
 
+    problem = None
     if args.nproc < 1:
-        print("gossip-sgp demo: error: --nproc must be >= 1", file=sys.stderr)
-        return 2
-    if args.epochs < 1:
-        print("gossip-sgp demo: error: --epochs must be >= 1", file=sys.stderr)
+        problem = "--nproc must be >= 1"
+    elif args.epochs < 1:
+        problem = "--epochs must be >= 1"
+    elif not (args.staleness.lower() == "none" or args.staleness.isdigit()):
+        problem = f"--staleness must be an integer >= 0 or 'none', got {args.staleness!r}"
+    elif importlib.util.find_spec("sklearn") is None:
+        problem = "the demo needs scikit-learn for its data: pip install 'gossip-sgp[demo]'"
+    if problem is not None:
+        print(f"gossip-sgp demo: error: {problem}", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="gossip-sgp-demo-") as tmp:
         summary_file = Path(tmp) / "summary.json"
@@ -64,22 +73,26 @@ def run(args: argparse.Namespace) -> int:
             f"{args.epochs} epochs",
             flush=True,
         )
-        code = launch(
-            [
-                "gossip_sgp.examples.train_digits",
-                "--epochs",
-                str(args.epochs),
-                "--seed",
-                str(args.seed),
-                "--staleness",
-                str(args.staleness),
-                "--summary-file",
-                str(summary_file),
-            ],
-            args.nproc,
-            module=True,
-            metrics_port=args.metrics_port,
-        )
+        try:
+            code = launch(
+                [
+                    "gossip_sgp.examples.train_digits",
+                    "--epochs",
+                    str(args.epochs),
+                    "--seed",
+                    str(args.seed),
+                    "--staleness",
+                    str(args.staleness),
+                    "--summary-file",
+                    str(summary_file),
+                ],
+                args.nproc,
+                module=True,
+                metrics_port=args.metrics_port,
+            )
+        except ConfigError as exc:
+            print(f"gossip-sgp demo: error: {exc}", file=sys.stderr)
+            return 2
         if code != 0:
             return code
         summary = json.loads(summary_file.read_text(encoding="utf-8"))

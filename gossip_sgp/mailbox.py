@@ -144,30 +144,32 @@ class Mailbox:
     def take(self, max_round: int | None = None) -> Share | None:
         """Remove and return the summed mass of rounds ``<= max_round`` (all when None).
 
-        Returns None when there is nothing to fold. Shares are summed in (round, sender)
-        order, so the result does not depend on arrival order. In coalescing mode all mass
-        is returned, but only arrivals of rounds ``<= max_round`` are forgotten, so a later
-        :meth:`wait` for a newer round still sees them.
+        Returns None when there is nothing to fold. Shares kept per round are summed in
+        (round, sender) order, so the result does not depend on arrival order. The running
+        sum of coalescing mode is always returned whole; arrivals of rounds ``> max_round``
+        stay known to :meth:`wait` either way.
         """
         with self._cond:
-            if self.coalesce:
-                share, self._acc = self._acc, None
+            shares: list[Share] = []
+            if self._acc is not None:
+                shares.append(self._acc)
+                self._acc = None
                 self._receipts.extend(self._acc_receipts)
                 self._acc_receipts.clear()
-                self._arrived = {
-                    a for a in self._arrived if max_round is not None and a[1] > max_round
-                }
-                return share
             rounds = sorted(r for r in self._by_round if max_round is None or r <= max_round)
-            shares: list[Share] = []
             for r in rounds:
                 senders = self._by_round.pop(r)
                 for sender in sorted(senders):
                     for share, receipt in senders[sender]:
                         shares.append(share)
                         self._receipts.append(receipt)
-                    self._arrived.discard((sender, r))
+            self._arrived = {a for a in self._arrived if max_round is not None and a[1] > max_round}
             return _sum(shares) if shares else None
+
+    def set_coalesce(self, coalesce: bool) -> None:
+        """Switch between one running sum and per-round storage for messages from now on."""
+        with self._cond:
+            self.coalesce = coalesce
 
     def pop_receipts(self) -> list[Receipt]:
         """Receipts of the messages taken since the last call (to acknowledge them)."""
@@ -184,9 +186,8 @@ class Mailbox:
     def pending(self) -> list[Share]:
         """Mass received but not yet taken (for accounting and checkpoints)."""
         with self._cond:
-            if self.coalesce:
-                return [] if self._acc is None else [self._acc]
-            return [
+            running = [] if self._acc is None else [_sum([self._acc])]  # put() adds into it
+            return running + [
                 share
                 for senders in self._by_round.values()
                 for entries in senders.values()

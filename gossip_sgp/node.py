@@ -557,9 +557,9 @@ class GossipNode:
     def acknowledge(self, receipts: Sequence[Receipt]) -> None:
         """Tell the senders that these messages' mass has been folded in (thread-safe).
 
-        A sender counts a message as outstanding until then, so in the asynchronous mode a
-        fast worker cannot pour its mass into a slow worker faster than it is consumed.
-        After close there is nobody to tell, and this does nothing.
+        A sender counts a message as outstanding until then (:meth:`outstanding`, ``rtt``,
+        and the wait for the last messages in :meth:`close`). After close there is nobody
+        to tell, and this does nothing.
         """
         if not receipts:
             return

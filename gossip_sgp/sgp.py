@@ -270,6 +270,14 @@ class SGP:
         """
         if self.node.world_size == 1:
             return 0.0
+        mailbox = self.protocol.mailbox
+        mailbox.set_coalesce(False)  # gossip-only rounds fold round by round, in every mode
+        try:
+            return self._consensus(max_rounds, tol)
+        finally:
+            mailbox.set_coalesce(self.staleness is None)
+
+    def _consensus(self, max_rounds: int, tol: float) -> float:
         self._settle()
         mailbox = self.protocol.mailbox
         mailbox.take_gauge(self.round - 1)  # training messages carry no gauge

@@ -129,8 +129,8 @@ async def _simulate(cfg: SimulationConfig) -> SimulationResult:
     topo = topologies.get(cfg.topology, n, **_topology_options(cfg))
     gen = torch.Generator().manual_seed(cfg.seed)
     initial = torch.randn(n, cfg.dim, generator=gen, dtype=torch.float64)
-    mean = initial.mean(dim=0)
     values = initial.to(_DTYPES[cfg.dtype])
+    mean = values.double().mean(dim=0)  # the average of what the nodes actually start from
     network = InProcNetwork(n)
     spec = cfg.faults()
     transports: list[Transport] = []

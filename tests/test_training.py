@@ -64,7 +64,8 @@ class Jobs:
         try:
             out, _ = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            self.cleanup()
+            self.workers.update(_children(proc.pid))
+            os.killpg(proc.pid, signal.SIGKILL)
             out, _ = proc.communicate()
             pytest.fail(f"gossip-sgp {' '.join(args)} ran over {timeout} s:\n{out[-4000:]}")
         assert proc.returncode == 0, f"exit {proc.returncode}:\n{out[-4000:]}"

@@ -1,6 +1,6 @@
 """A fault-injecting wrapper around any transport, for tests and the simulator.
 
-``FaultyTransport(inner, drop=0.1, duplicate=0.05, delay=0.02, jitter=0.01, reorder=0.1)``
+``FaultyTransport(inner, FaultSpec(drop=0.1, duplicate=0.05, delay=0.02, reorder=0.1), seed=0)``
 drops, duplicates, delays and reorders outgoing messages at random (seeded). It keeps exact
 books, so tests can check mass conservation: ``dropped`` lists every message it discarded,
 :meth:`FaultyTransport.in_flight` the messages it holds that have not reached the inner
