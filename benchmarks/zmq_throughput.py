@@ -1,6 +1,6 @@
 """Loopback throughput of ZmqTransport against a raw TCP socket, in one run.
 
-    python benchmarks/zmq_throughput.py --size-mib 64 --repeats 5
+    python benchmarks/zmq_throughput.py --size-mib 64 --repeats 10
     python benchmarks/zmq_throughput.py --json > zmq.json
 
 Each case moves ``--size-mib`` MiB from a sender process to a receiver process over
@@ -19,12 +19,11 @@ comes back from the receiver, so each figure is end to end:
   at process start) to put freshly mapped blocks on transparent huge pages instead.
 
 Every end is its own process (with its own event loop, uvloop where installed), as in a real
-job; the ZeroMQ ends create their transport first thing, as a worker that builds its
-GossipNode early does. The cases' messages take turns (all pairs of processes stay up, only
-one sends at a time), so background load on a shared machine hits them alike. The first
-``--warmup`` messages of each case are not reported: ZeroMQ's first few messages after an
-idle spell take several times longer than the steady state, and the first large message
-grows the receiver's heap.
+job. The cases' messages take turns (all pairs of processes stay up, only one sends at a
+time), so background load on a shared machine hits them alike. The first ``--warmup``
+messages of each case are not reported: ZeroMQ's first few messages after an idle spell
+take several times longer than the steady state, and the first large message grows the
+receiver's heap.
 """
 
 from __future__ import annotations
@@ -275,8 +274,9 @@ def main(argv: list[str] | None = None) -> int:
         name: t[args.warmup :] for name, t in measure(nbytes, args.warmup + args.repeats).items()
     }
     cases = {name: summary([nbytes / s / 1e9 for s in t]) for name, t in times.items()}
-    # Each message's throughput over the raw message sent just before it: neighbours in
-    # time see the same background load, so these ratios are steadier than the rates.
+    # Each message's throughput over that of the raw message of its round (sent moments
+    # before it): neighbours in time see the same background load, so on a shared machine
+    # these ratios are steadier than the rates themselves.
     ratios = {
         name: summary([raw / s for raw, s in zip(times["raw"], t, strict=True)])
         for name, t in times.items()
@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(
         f"{args.size_mib} MiB messages, {args.repeats} timed per case, loopback; "
-        f"{result['unit']} and ratio to the raw message before, min / median / max"
+        f"{result['unit']} and ratio to the raw message of the same round, min / median / max"
     )
     width = max(map(len, cases))
     for name, r in cases.items():

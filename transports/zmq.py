@@ -12,12 +12,12 @@ sends of a 1 GiB model are 16 GiB). When a peer's queue is full, :meth:`ZmqTrans
 waits up to ``send_timeout`` seconds and then raises :class:`~gossip_sgp.errors.SendTimeout`
 with the message not sent.
 
-Performance: libzmq's I/O thread mallocs a buffer for every incoming message. glibc serves
-blocks over 32 MiB with a fresh ``mmap`` and unmaps them on free, so every large message is
-faulted in page by page, which can cost more than the transfer (on a VM, several times
-more). With ``tune_malloc=True`` (the default) the constructor therefore sets glibc's malloc
-to serve large blocks from one reusable heap (see :func:`_tune_malloc` for what that costs);
-``benchmarks/zmq_throughput.py`` and ``docs/wire-format.md`` have the figures.
+Performance: libzmq's I/O thread mallocs a buffer for every incoming message, and glibc
+serves blocks over 32 MiB with a fresh ``mmap`` that is faulted in page by page, which can
+cost more than the transfer (on a VM, several times more). With ``tune_malloc=True`` (the
+default) :meth:`ZmqTransport.start` sets glibc's malloc to serve large blocks from one
+reused heap instead (:func:`_tune_malloc` says what that costs and when it cannot take
+effect); ``benchmarks/zmq_throughput.py`` and ``docs/wire-format.md`` have the figures.
 
 Shutdown: payload frames are sent zero-copy, so libzmq reads the tensors' memory until it has
 written them out. :meth:`ZmqTransport.close` waits (briefly) until libzmq has let go of every
@@ -58,7 +58,7 @@ _WARN_EVERY_S = 10.0
 """At most one warning per reject reason in this many seconds."""
 _RECONNECT_IVL_MS = 100
 _RECONNECT_IVL_MAX_MS = 5000
-_RELEASE_TIMEOUT_S = 5.0
+_RELEASE_TIMEOUT_S = 2.0
 """Longest ``close`` waits for libzmq to let go of zero-copy frames (normally milliseconds)."""
 _RELEASE_POLL_S = 0.002
 
@@ -85,12 +85,11 @@ class ZmqTransport:
         context: the ZeroMQ context; default ``zmq.asyncio.Context.instance()``.
         send_timeout: seconds ``send`` waits for room in a full queue; ``None`` waits
             until close.
-        tune_malloc: set glibc's malloc so that large messages are received into reused
-            memory instead of freshly mapped pages (2-3x the throughput for large messages
-            here); process-wide, see :func:`_tune_malloc`. Create the transport early, before
-            torch has run multi-threaded work, for it to take effect. ``False`` leaves malloc
-            alone; so does a malloc setting in the environment (``GLIBC_TUNABLES`` or
-            ``MALLOC_*``).
+        tune_malloc: let :meth:`start` set glibc's malloc so that large messages are
+            received into reused memory instead of freshly mapped pages (about twice the
+            throughput for 64 MiB messages here). Process-wide and not free: see
+            :func:`_tune_malloc`. ``False`` leaves malloc alone, and so does a malloc
+            setting in the environment (``GLIBC_TUNABLES`` or ``MALLOC_*``).
     """
 
     def __init__(
@@ -129,16 +128,16 @@ class ZmqTransport:
         self._in_flight: list[zmq.MessageTracker] = []
         self._closed = False
         self._warned_at: dict[str, float] = {}
-        if tune_malloc:
-            # Here, not in start(): GossipNode builds the transport before its gossip thread
-            # and ZeroMQ's threads exist, and glibc assigns a thread its arena for good.
-            _tune_malloc(2 * (max_message_bytes + wire.MAX_HEADER_BYTES))
+        self._malloc_tuning = tune_malloc
 
     async def start(self) -> None:
         """Bind the receive socket; raises ``TransportError`` naming the address on failure."""
         self._check_open()
         if self._pull is not None:
             return
+        if self._malloc_tuning:
+            # Right before the first socket starts ZeroMQ's threads: see _tune_malloc.
+            _tune_malloc(2 * (self.max_message_bytes + wire.MAX_HEADER_BYTES))
         sock = self._socket(zmq.PULL, self._bind)
         try:
             sock.setsockopt(zmq.RCVHWM, self._rcvhwm)
@@ -225,7 +224,7 @@ class ZmqTransport:
         """Close every socket (``linger=0``: unsent messages are dropped); idempotent.
 
         Pending ``send`` and ``recv`` calls raise ``TransportClosed``. Returns once libzmq
-        has released the memory of every message sent (or after a few seconds at worst).
+        has released the memory of every message sent (at most 2 s later at worst).
         """
         if self._closed:
             return
@@ -319,24 +318,27 @@ class ZmqTransport:
 def _tune_malloc(keep_bytes: int) -> None:
     """Make glibc serve large blocks from one heap and keep freed ones for reuse.
 
-    libzmq's I/O thread mallocs a buffer for each incoming message. By default glibc maps
-    blocks over 32 MiB (the most ``M_MMAP_THRESHOLD`` accepts) with a fresh ``mmap`` and
-    unmaps them on free, so each large message pays a page fault per 4 KiB, about 44 ms per
-    64 MiB on a VM: more than the transfer. Blocks of 64 MiB and more never fit a thread's
-    own arena (its heaps are 64 MiB at most) either. So, once per process:
+    libzmq's I/O thread mallocs a buffer for every incoming message. By default glibc maps
+    blocks over 32 MiB with a fresh ``mmap`` and unmaps them on free, so each large message
+    pays a page fault per 4 KiB: about 44 ms per 64 MiB on a VM, more than the transfer.
+    ``M_MMAP_THRESHOLD`` is documented to stop at 32 MiB on 64-bit systems, and a thread's
+    own arena is no way out either (its heaps hold 64 MiB at most). So, once per process:
 
-    * ``M_ARENA_MAX=1``: threads that first allocate from now on (the gossip thread,
-      libzmq's I/O thread) share the main arena; threads that already have an arena keep
-      it, which is why this runs before the transport's threads exist;
-    * ``M_MMAP_MAX=0``: large blocks come from the main heap (``brk``), not from ``mmap``;
+    * ``M_ARENA_MAX=1``: a thread that allocates for the first time from now on shares an
+      existing arena, and the first such thread gets the main one. Called right before the
+      process's first ZeroMQ socket, that thread is libzmq's I/O thread (its reaper thread
+      allocates only once sockets close). Threads that allocated before keep their arenas.
+    * ``M_MMAP_MAX=0``: large blocks come from the main heap (``brk``), not from ``mmap``.
     * ``M_TRIM_THRESHOLD=keep_bytes``: up to that much free memory at the top of the heap
       stays mapped for the next message instead of going back to the system.
 
-    The costs: freed large blocks are kept for reuse, so the resident size stays near its
-    peak instead of shrinking after it (bounded at the top of the heap by ``keep_bytes``,
-    twice the largest message); and threads contend for one arena's lock, which matters
-    little when large buffers dominate. Skipped outside glibc, when the environment already
-    configures malloc, or when ``mallopt`` is missing; failures are ignored.
+    The costs: freed large blocks stay in the process for reuse, so its resident size stays
+    near its peak instead of shrinking after it (at the top of the heap, at most
+    ``keep_bytes``, twice the largest message, is kept); threads created later share one
+    arena's lock. It misses the I/O thread when the ZeroMQ context was already in use or the
+    process had already reached glibc's arena limit (8 per core); the environment settings
+    in ``docs/wire-format.md`` then still work, set when the process starts. Skipped outside
+    glibc and when the environment configures malloc; failures are ignored.
     """
     global _malloc_kept
     keep_bytes = min(keep_bytes, _INT_MAX)
