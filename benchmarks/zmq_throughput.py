@@ -45,6 +45,7 @@ from typing import Any
 
 import torch
 
+from gossip_sgp.launch import find_free_ports
 from gossip_sgp.message import Message
 from transports.zmq import ZmqTransport
 
@@ -60,14 +61,8 @@ def _run(main: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
 
 
 def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+    """n distinct free TCP ports on 127.0.0.1."""
+    return find_free_ports("127.0.0.1", n)
 
 
 # ---------------------------------------------------------------------------- raw TCP

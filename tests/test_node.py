@@ -28,6 +28,7 @@ import torch
 import gossip_sgp.node as node_module
 from gossip_sgp import GossipConfig, GossipError, GossipNode, Message, PeerSpec, TransportError
 from gossip_sgp.config import ENV_PEERS, ENV_RANK
+from gossip_sgp.launch import find_free_ports
 from transports import InProcNetwork, InProcTransport
 
 FP = 0x5EED
@@ -38,15 +39,8 @@ Nodes = Callable[..., GossipNode]
 
 # ------------------------------------------------------------------------------ helpers
 def free_ports(n: int) -> list[int]:
-    """n distinct free TCP ports on 127.0.0.1 (held open together so none repeats)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+    """n distinct free TCP ports on 127.0.0.1."""
+    return find_free_ports("127.0.0.1", n)
 
 
 def gossip_threads() -> list[threading.Thread]:
