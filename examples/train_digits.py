@@ -214,9 +214,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             "train_seconds": train_seconds,
         }
         report(args, rank, world_size, store, model, result, seconds)
+    except BaseException:
+        if node is not None:
+            node.close(linger=0.0)  # interrupted or failed: the peers are stopping too
+        raise
     finally:
         if node is not None:
-            node.close()
+            node.close()  # waits briefly until the peers have folded our last messages
         if args.algorithm == "allreduce" and dist.is_initialized():
             dist.destroy_process_group()
     return 0

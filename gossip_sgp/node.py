@@ -147,6 +147,7 @@ class GossipNode:
         self._fingerprint: int | None = None
         self._early: deque[Message] = deque(maxlen=_MAX_EARLY)
         self._sigterm_installed = False
+        self._hurry = False
         # peer -> seq -> monotonic send time of MASS messages not yet acknowledged
         self._unacked: dict[int, dict[int, float]] = {}
         self.rtt: dict[int, deque[float]] = {}
@@ -165,8 +166,10 @@ class GossipNode:
         self.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        # Leaving on an exception (Ctrl-C, SIGTERM, a failed step): the peers are most
+        # likely stopping too, so do not wait for their acknowledgements.
+        self.close(linger=_ACK_LINGER if exc_type is None else 0.0)
 
     @property
     def transport(self) -> Transport:
@@ -221,16 +224,18 @@ class GossipNode:
         self._install_sigterm()
         return self
 
-    def close(self) -> None:
+    def close(self, *, linger: float = _ACK_LINGER) -> None:
         """Drain pending sends (bounded), close the transport, join the thread.
 
-        Idempotent and callable from any thread. It first waits up to ``_ACK_LINGER`` s for
-        the last messages sent to be folded in by their receivers, then stops within
-        ``_STOP_TIMEOUT`` s.
+        Idempotent and callable from any thread. It first waits up to ``linger`` s (default
+        ``_ACK_LINGER``) for the last messages sent to be folded in by their receivers, then
+        stops within ``_STOP_TIMEOUT`` s. Leaving a ``with`` block on an exception skips the
+        wait.
         Messages still unsent are counted in ``dropped["closed"]`` and logged.
         """
         self._restore_sigterm()
-        self._await_acknowledgements(_ACK_LINGER)
+        self._hurry = linger == 0.0  # also skip draining the send queues
+        self._await_acknowledgements(linger)
         with self._lock:
             self._closed = True
         thread, loop, stopped = self._thread, self._loop, self._stopped
@@ -315,7 +320,7 @@ class GossipNode:
         self._ready.set()
         try:
             await self._stopped.wait()
-            await self._drain(_DRAIN_TIMEOUT)
+            await self._drain(_DRAIN_TIMEOUT if not self._hurry else 0.0)
         finally:
             await self._shutdown(transport)
 
