@@ -205,14 +205,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     flush=True,
                 )
         train_seconds = time.perf_counter() - started
+        result = {"steps": steps, "train_seconds": train_seconds}
         if args.algorithm == "sgp":
+            result["weight"] = sgp.weight
+            result["skipped_rounds"] = sgp.skipped_rounds
             sgp.consensus()  # SGP: gossip until the workers agree
         seconds = time.perf_counter() - started
-        result = {
-            "accuracy": accuracy(model, x_test, y_test),
-            "steps": steps,
-            "train_seconds": train_seconds,
-        }
+        result["accuracy"] = accuracy(model, x_test, y_test)
         report(args, rank, world_size, store, model, result, seconds)
     except BaseException:
         if node is not None:
@@ -283,6 +282,7 @@ def report(
         "consensus_error": consensus_error,
         "steps_per_second": sum(r["steps"] / r["train_seconds"] for r in results) / len(results),
         "seconds": seconds,
+        "per_worker": results,
     }
     print("test accuracy per worker: " + " ".join(f"{a:.4f}" for a in accuracies))
     print(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -288,6 +289,31 @@ def test_missing_peer_times_out_with_a_clear_error() -> None:
                 sgp.step()
 
     run_workers(2, fn)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("staleness", [1, None])
+def test_first_rounds_wait_for_late_peers_in_every_mode(staleness: int | None) -> None:
+    # A dissemination barrier: no worker trains alone while its peers are still starting.
+    # Rank 3 starts late; on the exponential graph of 4 workers the first 2 rounds carry
+    # its start to every other rank, so no one gets past round 2 before rank 3 begins.
+    n, late = 4, 0.6
+
+    def fn(rank: int, node: GossipNode) -> list[float]:
+        x = torch.nn.Parameter(torch.zeros(2))
+        sgp = SGP([x], torch.optim.SGD([x], lr=0.1), node, staleness=staleness)
+        if rank == 3:
+            time.sleep(late)
+        times = []
+        for _ in range(6):
+            sgp.step()
+            times.append(time.monotonic())
+        sgp.consensus()
+        return times
+
+    began = time.monotonic()
+    for rank, times in enumerate(run_workers(n, fn)):
+        assert times[1] - began >= late - 0.05, f"rank {rank} left the barrier early"
 
 
 @pytest.mark.timeout(30)
