@@ -24,8 +24,13 @@ written them out. :meth:`ZmqTransport.close` waits (briefly) until libzmq has le
 frame; otherwise pyzmq's clean-up at interpreter exit can release that memory under libzmq's
 I/O thread (an abort, ``Bad address (src/tcp.cpp:...)``) or report ``pyzmq-gc send failed``.
 
-Without CurveZMQ anyone who can reach the port can send; the ``sender`` in a header is not
-authenticated. Validation keeps malformed input out, it does not stop a forged share.
+Security: without CurveZMQ anyone who can reach the port can send, and the ``sender`` in a
+header is not authenticated; validation keeps malformed input out, it does not stop a forged
+share. With ``curve=CurveKeys(...)`` every connection is encrypted and authenticated
+(CurveZMQ): a ZAP handler on the transport's own ZeroMQ context admits only the public keys
+of the job's ranks (``stats.rejected["unknown_key"]`` counts refused handshakes), binds each
+connection to the rank whose key it proved, and :meth:`ZmqTransport.recv` drops a message
+whose header claims another rank (``stats.rejected["wrong_key"]``).
 """
 
 from __future__ import annotations
@@ -38,18 +43,20 @@ import math
 import os
 import sys
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import zmq
 import zmq.asyncio
+import zmq.utils.z85
+from zmq.auth.asyncio import AsyncioAuthenticator
 
 from gossip_sgp import wire
 from gossip_sgp.errors import SendTimeout, TransportClosed, TransportError, WireError
 from gossip_sgp.message import Message
 from transports.base import TransportStats
 
-__all__ = ["ZmqTransport"]
+__all__ = ["CurveKeys", "ZmqTransport"]
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +76,69 @@ _malloc_kept = 0
 """The ``M_TRIM_THRESHOLD`` this process has set so far (0: not tuned)."""
 
 
+@dataclasses.dataclass(frozen=True)
+class CurveKeys:
+    """CurveZMQ keys of one rank: its own key pair and every rank's public key (Z85 bytes)."""
+
+    public_key: bytes
+    """This rank's public key, 40 Z85 characters."""
+    secret_key: bytes
+    """This rank's secret key, 40 Z85 characters."""
+    peer_keys: tuple[bytes, ...]
+    """``peer_keys[r]`` is rank ``r``'s public key (this rank's own included)."""
+
+    def __post_init__(self) -> None:
+        for what, key in [("public", self.public_key), ("secret", self.secret_key)]:
+            _check_z85(f"{what} key", key)
+        for r, key in enumerate(self.peer_keys):
+            _check_z85(f"public key of rank {r}", key)
+        if zmq.curve_public(self.secret_key) != self.public_key:
+            raise ValueError("the secret key does not belong to the public key")
+        if len(set(self.peer_keys)) != len(self.peer_keys):
+            raise ValueError("two ranks have the same public key")
+
+    def rank_of(self, key: bytes) -> int | None:
+        """The rank whose public key is ``key`` (Z85), or None."""
+        try:
+            return self.peer_keys.index(key)
+        except ValueError:
+            return None
+
+
+def _check_z85(what: str, key: object) -> None:
+    if not isinstance(key, bytes) or len(key) != 40:
+        raise ValueError(f"{what} must be 40 Z85 characters as bytes")
+    try:
+        zmq.utils.z85.decode(key)
+    except (ValueError, KeyError):
+        raise ValueError(f"{what} is not valid Z85") from None
+
+
+class _RankAuthenticator(AsyncioAuthenticator):
+    """ZAP handler: admits the job's public keys; the ZeroMQ User-Id becomes the rank."""
+
+    def __init__(
+        self,
+        context: zmq.asyncio.Context,
+        keys: CurveKeys,
+        on_reject: Callable[[WireError], None],
+    ) -> None:
+        super().__init__(context, log=logging.getLogger(f"{__name__}.zap"))
+        self._keys = keys
+        self._on_reject = on_reject
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        """Credentials provider (see ``configure_curve_callback``): is ``key`` a rank's?"""
+        if self._keys.rank_of(key) is None:
+            self._on_reject(WireError("unknown_key", f"CurveZMQ handshake from key {key!r}"))
+            return False
+        return True
+
+    def curve_user_id(self, client_public_key: bytes) -> str:
+        rank = self._keys.rank_of(zmq.utils.z85.encode(client_public_key))
+        return str(rank)
+
+
 class ZmqTransport:
     """One rank's ZeroMQ endpoint; create and use it inside one running event loop.
 
@@ -85,6 +155,9 @@ class ZmqTransport:
         context: the ZeroMQ context; default ``zmq.asyncio.Context.instance()``.
         send_timeout: seconds ``send`` waits for room in a full queue; ``None`` waits
             until close.
+        curve: CurveZMQ keys; ``None`` sends in the clear. With keys the transport uses a
+            ZeroMQ context of its own (a ZAP handler serves one context), and ``context``
+            must be None.
         tune_malloc: let :meth:`start` set glibc's malloc so that large messages are
             received into reused memory instead of freshly mapped pages (about twice the
             throughput for 64 MiB messages here). Process-wide and not free: see
@@ -105,6 +178,7 @@ class ZmqTransport:
         context: zmq.asyncio.Context | None = None,
         send_timeout: float | None = 30.0,
         tune_malloc: bool = True,
+        curve: CurveKeys | None = None,
     ) -> None:
         if not 0 <= rank < len(addresses):
             raise ValueError(f"rank {rank} out of range for {len(addresses)} addresses")
@@ -112,6 +186,15 @@ class ZmqTransport:
             raise ValueError("max_message_bytes, sndhwm and rcvhwm must be >= 1")
         if send_timeout is not None and not send_timeout > 0:
             raise ValueError(f"send_timeout must be > 0 or None, got {send_timeout}")
+        if curve is not None:
+            if context is not None:
+                raise ValueError("a transport with CurveZMQ keys uses its own context")
+            if len(curve.peer_keys) != len(addresses):
+                raise ValueError(
+                    f"{len(curve.peer_keys)} public keys for {len(addresses)} addresses"
+                )
+            if curve.peer_keys[rank] != curve.public_key:
+                raise ValueError(f"public key of rank {rank} in the key list is not this key")
         self.rank = rank
         self.addresses = tuple(addresses)
         self.world_size = len(self.addresses)
@@ -129,6 +212,9 @@ class ZmqTransport:
         self._closed = False
         self._warned_at: dict[str, float] = {}
         self._malloc_tuning = tune_malloc
+        self._curve = curve
+        self._auth: _RankAuthenticator | None = None
+        self._owns_context = False
 
     async def start(self) -> None:
         """Bind the receive socket; raises ``TransportError`` naming the address on failure."""
@@ -138,8 +224,18 @@ class ZmqTransport:
         if self._malloc_tuning:
             # Right before the first socket starts ZeroMQ's threads: see _tune_malloc.
             _tune_malloc(2 * (self.max_message_bytes + wire.MAX_HEADER_BYTES))
+        if self._curve is not None and self._context is None:
+            self._context = zmq.asyncio.Context()
+            self._owns_context = True
+            self._auth = _RankAuthenticator(self._context, self._curve, self._reject)
+            self._auth.start()
+            self._auth.configure_curve_callback("*", credentials_provider=self._auth)
         sock = self._socket(zmq.PULL, self._bind)
         try:
+            if self._curve is not None:
+                sock.curve_server = True
+                sock.curve_secretkey = self._curve.secret_key
+                sock.curve_publickey = self._curve.public_key
             sock.setsockopt(zmq.RCVHWM, self._rcvhwm)
             # Per frame: libzmq drops the connection of a peer sending a larger frame.
             sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes + wire.MAX_HEADER_BYTES)
@@ -200,6 +296,11 @@ class ZmqTransport:
                 raise TransportError(f"transport of rank {self.rank} is not started")
             try:
                 frames = await self._track(self._pull.recv_multipart(copy=False))
+            except zmq.Again:
+                # pyzmq saw POLLIN but the message was not readable yet (seen with CurveZMQ,
+                # whose handshake and decryption run in libzmq's I/O thread): wait again.
+                await asyncio.sleep(0)
+                continue
             except zmq.ZMQError as exc:
                 self._check_open()
                 raise TransportError(f"rank {self.rank} failed to receive: {exc}") from exc
@@ -212,6 +313,13 @@ class ZmqTransport:
                     fingerprint=self.fingerprint,
                     max_bytes=self.max_message_bytes,
                 )
+                if self._curve is not None:
+                    proven = frames[0].get("User-Id")
+                    if proven != str(message.sender):
+                        raise WireError(
+                            "wrong_key",
+                            f"message claims rank {message.sender}, key is rank {proven}'s",
+                        )
             except WireError as exc:
                 self._reject(exc)
                 await asyncio.sleep(0)  # a flood of garbage must not starve the event loop
@@ -238,6 +346,12 @@ class ZmqTransport:
         for sock in sockets:
             sock.close(linger=0)
         await self._wait_released()
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+        if self._owns_context and self._context is not None:
+            self._context.destroy(linger=0)
+            self._context = None
 
     async def _wait_released(self) -> None:
         """Wait until libzmq has let go of every zero-copy frame this transport sent.
@@ -277,6 +391,10 @@ class ZmqTransport:
         address = self.addresses[peer]
         sock = self._socket(zmq.PUSH, address)
         try:
+            if self._curve is not None:
+                sock.curve_serverkey = self._curve.peer_keys[peer]
+                sock.curve_publickey = self._curve.public_key
+                sock.curve_secretkey = self._curve.secret_key
             sock.setsockopt(zmq.SNDHWM, self._sndhwm)
             sock.setsockopt(zmq.RECONNECT_IVL, _RECONNECT_IVL_MS)
             sock.setsockopt(zmq.RECONNECT_IVL_MAX, _RECONNECT_IVL_MAX_MS)
