@@ -34,7 +34,10 @@ typecheck: $(VENV)/.installed
 	$(VENV)/bin/mypy
 
 # The full suite: lint, types, then every test (multi-process training included).
+# scripts/ensure-test-tools installs prometheus and tcpdump for two integration tests
+# where it can (root with apt-get); it never fails the build.
 test: lint typecheck
+	-sh scripts/ensure-test-tools
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The quick loop while developing: skips the multi-process training runs.

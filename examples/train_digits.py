@@ -7,15 +7,21 @@ the SGP-specific lines are marked ``# SGP``.
     gossip-sgp launch --nproc 4 examples/train_digits.py --algorithm allreduce
     gossip-sgp launch --nproc 4 examples/train_digits.py --staleness 1     # overlap
     gossip-sgp launch --nproc 4 examples/train_digits.py --staleness none  # asynchronous
+    gossip-sgp launch --nproc 4 --transport torch examples/train_digits.py  # over gloo
+    torchrun --standalone --nproc-per-node 4 examples/train_digits.py --transport torch
+    gossip-sgp launch --nproc 4 examples/train_digits.py --compression int8  # 8-bit gossip
 
 Every worker trains on its own shard of the training set; rank 0 gathers the results through
-torch's TCPStore (MASTER_ADDR/MASTER_PORT, set by the launcher) and prints them; with
+torch's TCPStore (MASTER_ADDR/MASTER_PORT, set by the launcher; under torchrun, torchrun's
+own store) and prints them; with
 ``--json`` its last line is one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -23,6 +29,7 @@ import sys
 import time
 from collections.abc import Sequence
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,6 +39,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from gossip_sgp import SGP, GossipConfig, GossipNode
+from gossip_sgp.compression import parse_codec
 
 
 def load_digits_split(
@@ -80,6 +88,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="SGP only: 0 synchronous, N overlap by N rounds, 'none' asynchronous",
     )
     p.add_argument("--topology", default="exponential", help="SGP peer schedule")
+    p.add_argument(
+        "--transport",
+        choices=("zmq", "torch"),
+        help="SGP only: zmq, or torch (torch.distributed, gloo on CPU); default: the "
+        "launcher's choice (GOSSIP_SGP_TRANSPORT), else zmq",
+    )
     p.add_argument("--epochs", type=int, default=40, help="passes over each worker's shard")
     p.add_argument("--batch-size", type=int, default=32, help="per-worker batch size")
     p.add_argument("--lr", type=float, default=0.1, help="peak learning rate")
@@ -88,7 +102,33 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="rank 0 ends with one JSON line")
     p.add_argument("--quiet", action="store_true", help="no per-epoch progress lines")
     p.add_argument("--summary-file", help="rank 0 also writes the JSON summary to this file")
+    p.add_argument(
+        "--checkpoint",
+        metavar="DIR",
+        help="write DIR/rankR.pt at the end of every epoch (atomically; SGP: numerator, "
+        "weight, round, sequence numbers and optimizer; plus schedule and data order)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="with --checkpoint: continue from DIR/rankR.pt where it exists",
+    )
+    p.add_argument(
+        "--straggler",
+        metavar="RANK:FACTOR",
+        help="make RANK's steps FACTOR times slower (it sleeps FACTOR-1 times each step's "
+        "compute time), to try stragglers out",
+    )
+    p.add_argument(
+        "--compression",
+        default="none",
+        help="SGP only: message codec: none, fp16, bf16, int8[:BLOCK], topk:FRACTION",
+    )
     args = p.parse_args(argv)
+    try:
+        parse_codec(args.compression)
+    except ValueError as exc:
+        p.error(f"--compression: {exc}")
     if args.staleness.lower() in ("none", "async"):
         args.staleness = None
     else:
@@ -98,10 +138,69 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             p.error(f"--staleness must be an integer >= 0 or 'none', got {args.staleness!r}")
         if args.staleness < 0:
             p.error("--staleness must be >= 0 or 'none'")
+    transport = args.transport or os.environ.get("GOSSIP_SGP_TRANSPORT", "").strip()
+    if transport == "torch" and args.staleness is None and args.algorithm == "sgp":
+        p.error("--staleness none (asynchronous) needs the zmq transport; torch runs 0 or N")
+    args.straggler = parse_straggler(p, args.straggler)
+    if args.resume and not args.checkpoint:
+        p.error("--resume needs --checkpoint DIR")
     for name in ("epochs", "batch_size", "threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     return args
+
+
+def save_atomically(state: dict[str, Any], path: Path) -> None:
+    """``torch.save`` to a temporary file, then rename: a crash never leaves half a file.
+
+    The previous checkpoint is kept as ``rankR.prev.pt``: workers stopped while saving may
+    be one epoch apart, and resuming needs the same epoch on every worker."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    if path.exists():
+        os.replace(path, _previous(path))
+    os.replace(tmp, path)
+
+
+def _previous(path: Path) -> Path:
+    return path.with_name(path.name.removesuffix(".pt") + ".prev.pt")
+
+
+def load_common_checkpoint(
+    path: Path, rank: int, world_size: int, store: Any
+) -> dict[str, Any] | None:
+    """This worker's checkpoint of the latest epoch that every worker has (None: start over).
+
+    The workers agree through the store: each publishes the epochs it has saved."""
+    found: dict[int, dict[str, Any]] = {}
+    for candidate in (path, _previous(path)):
+        if candidate.exists():
+            state = torch.load(candidate, weights_only=True)  # data only, never code
+            found[int(state["epoch"])] = state
+    if store is None or world_size == 1:
+        return found[max(found)] if found else None
+    store.set(f"resume/{rank}", json.dumps(sorted(found)))
+    common = set(found)
+    for r in range(world_size):
+        common &= set(json.loads(store.get(f"resume/{r}")))
+    return found[max(common)] if common else None
+
+
+def parse_straggler(p: argparse.ArgumentParser, text: str | None) -> tuple[int, float] | None:
+    """``--straggler RANK:FACTOR`` as ``(rank, factor)``; None when not given."""
+    if text is None:
+        return None
+    rank, sep, factor = text.partition(":")
+    try:
+        parsed = (int(rank), float(factor))
+    except ValueError:
+        parsed = None
+    if not sep or parsed is None or parsed[0] < 0 or not 1.0 <= parsed[1] <= 1000.0:
+        p.error(
+            f"--straggler must be RANK:FACTOR with RANK >= 0 and FACTOR in 1..1000, got {text!r}"
+        )
+    return parsed
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -123,13 +222,16 @@ def open_store(rank: int, world_size: int) -> Any:
     host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
     if not host or not port:
         sys.exit("MASTER_ADDR and MASTER_PORT must be set (gossip-sgp launch/run set them)")
-    return dist.TCPStore(  # type: ignore[attr-defined]
+    # torchrun's agent already hosts a store on MASTER_PORT: join it as a client.
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(  # type: ignore[attr-defined]
         host,
         int(port),
         world_size,
-        is_master=rank == 0,
+        is_master=rank == 0 and not agent_store,
         timeout=timedelta(seconds=300),
     )
+    return dist.PrefixStore("train_digits", store)  # type: ignore[attr-defined]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -137,6 +239,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     if args.algorithm == "sgp":
         config = GossipConfig.from_env()  # SGP
+        if args.transport is not None:
+            config = dataclasses.replace(config, transport=args.transport)
         rank, world_size = config.rank, config.world_size
     else:
         rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -157,6 +261,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=args.lr, total_steps=total_steps, pct_start=0.15
     )
+    if (args.algorithm == "allreduce" or config.transport == "torch") and world_size > 1:
+        # AllReduce, and SGP's torch.distributed transport, run on a gloo process group.
+        dist.init_process_group(
+            "gloo",
+            store=dist.PrefixStore("pg", store),  # type: ignore[attr-defined]
+            rank=rank,
+            world_size=world_size,
+        )
     node = None
     if args.algorithm == "sgp":
         node = GossipNode(config).start()  # SGP: gossip thread + ZeroMQ sockets
@@ -166,27 +278,37 @@ def main(argv: Sequence[str] | None = None) -> int:
             node,
             topology=args.topology,  # SGP
             staleness=args.staleness,
+            compression=args.compression,  # SGP: what the codec drops stays here
         )
-    else:
-        assert store is not None or world_size == 1
-        if world_size > 1:
-            dist.init_process_group(
-                "gloo",
-                store=dist.PrefixStore("pg", store),  # type: ignore[attr-defined]
-                rank=rank,
-                world_size=world_size,
-            )
     try:
         order_gen = torch.Generator().manual_seed(args.seed * 1000 + rank)
-        started, steps = time.perf_counter(), 0
-        for epoch in range(args.epochs):
+        started, steps, first_epoch = time.perf_counter(), 0, 0
+        checkpoint = None if args.checkpoint is None else Path(args.checkpoint) / f"rank{rank}.pt"
+        saved = None
+        if checkpoint is not None and args.resume:
+            saved = load_common_checkpoint(checkpoint, rank, world_size, store)
+        if saved is not None:
+            if args.algorithm == "sgp":
+                sgp.load_state_dict(saved["sgp"])  # SGP: x, w, round, sequence numbers
+            else:
+                model.load_state_dict(saved["model"])
+                optimizer.load_state_dict(saved["optimizer"])
+            schedule.load_state_dict(saved["schedule"])
+            order_gen.set_state(saved["order_gen"])
+            first_epoch = int(saved["epoch"])
+            if rank == 0 and not args.quiet:
+                print(f"resumed from the checkpoints of epoch {first_epoch}", flush=True)
+        for epoch in range(first_epoch, args.epochs):
             order = torch.randperm(len(y_train), generator=order_gen)
             epoch_loss = 0.0
             for i in range(steps_per_epoch):
                 idx = order[i * args.batch_size : (i + 1) * args.batch_size]
+                computing = time.perf_counter()
                 optimizer.zero_grad()
                 loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
                 loss.backward()  # type: ignore[no-untyped-call]
+                if args.straggler is not None and args.straggler[0] == rank:
+                    time.sleep((args.straggler[1] - 1) * (time.perf_counter() - computing))
                 if args.algorithm == "sgp":
                     sgp.step()  # SGP: local step + one push-sum round
                 else:
@@ -194,7 +316,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                     optimizer.step()
                 schedule.step()
                 epoch_loss += loss.item()
+                if args.algorithm == "sgp":
+                    sgp.report(loss=loss.item())  # SGP: exported as gossip_sgp_loss
                 steps += 1
+            if checkpoint is not None:
+                state = {
+                    "epoch": epoch + 1,
+                    "schedule": schedule.state_dict(),
+                    "order_gen": order_gen.get_state(),
+                }
+                if args.algorithm == "sgp":
+                    state["sgp"] = sgp.state_dict()  # SGP: call it on every worker together
+                else:
+                    state["model"] = model.state_dict()
+                    state["optimizer"] = optimizer.state_dict()
+                save_atomically(state, checkpoint)
             if rank == 0 and not args.quiet:
                 done = (epoch + 1) / args.epochs
                 bar = "#" * int(20 * done) + "." * (20 - int(20 * done))
@@ -205,13 +341,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                     flush=True,
                 )
         train_seconds = time.perf_counter() - started
-        result = {"steps": steps, "train_seconds": train_seconds}
+        result: dict[str, Any] = {"steps": steps, "train_seconds": train_seconds}
         if args.algorithm == "sgp":
             result["weight"] = sgp.weight
             result["skipped_rounds"] = sgp.skipped_rounds
+            assert node is not None
+            # Bytes handed to the wire while training: headers, payloads and acknowledgements.
+            result["bytes_sent"] = sum(node.stats.bytes_sent.values())
             sgp.consensus()  # SGP: gossip until the workers agree
         seconds = time.perf_counter() - started
         result["accuracy"] = accuracy(model, x_test, y_test)
+        result["params_sha256"] = hashlib.sha256(flat_params(model).numpy().tobytes()).hexdigest()
         report(args, rank, world_size, store, model, result, seconds)
     except BaseException:
         if node is not None:
@@ -220,7 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if node is not None:
             node.close()  # waits briefly until the peers have folded our last messages
-        if args.algorithm == "allreduce" and dist.is_initialized():
+        if dist.is_initialized():
             dist.destroy_process_group()
     return 0
 
@@ -275,6 +415,7 @@ def report(
     summary = {
         "algorithm": args.algorithm,
         "staleness": args.staleness if args.algorithm == "sgp" else None,
+        "compression": args.compression if args.algorithm == "sgp" else None,
         "workers": world_size,
         "epochs": args.epochs,
         "accuracy": sum(accuracies) / len(accuracies),
@@ -282,6 +423,7 @@ def report(
         "consensus_error": consensus_error,
         "steps_per_second": sum(r["steps"] / r["train_seconds"] for r in results) / len(results),
         "seconds": seconds,
+        "bytes_sent_per_worker": sum(r.get("bytes_sent", 0) for r in results) / len(results),
         "per_worker": results,
     }
     print("test accuracy per worker: " + " ".join(f"{a:.4f}" for a in accuracies))

@@ -4,6 +4,8 @@ gossip-sgp simulate --nodes 1024 --rounds 12 --dim 10000
 gossip-sgp demo
 gossip-sgp launch --nproc 4 examples/train_digits.py --epochs 5
 gossip-sgp run --config peers.toml --rank 0 examples/train_digits.py
+gossip-sgp top --targets 127.0.0.1:9100,127.0.0.1:9101
+gossip-sgp prometheus-config --config peers.toml
 """
 
 from __future__ import annotations
@@ -100,6 +102,12 @@ def _add_simulate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--delay-ms", type=_non_negative_float, default=0.0, help="one-way delay (ms)")
     p.add_argument("--jitter-ms", type=_non_negative_float, default=0.0, help="delay jitter (ms)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument(
+        "--compression",
+        default="none",
+        metavar="CODEC",
+        help="message codec: none, fp16, bf16, int8[:BLOCK], topk:FRACTION (docs/compression.md)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(func=_run_simulate)
 
@@ -122,6 +130,7 @@ def _run_simulate(args: argparse.Namespace) -> int:
             delay_ms=args.delay_ms,
             jitter_ms=args.jitter_ms,
             seed=args.seed,
+            compression=args.compression,
         )
         result = simulate(config)
     except ValueError as exc:
@@ -138,6 +147,14 @@ def _run_simulate(args: argparse.Namespace) -> int:
         f"{result.messages} messages in {result.seconds:.2f} s; dropped {result.dropped}, "
         f"duplicates rejected {result.duplicates_rejected}; weight held {result.weight_total:.6f}"
     )
+    if config.compression != "none":
+        ratio = result.raw_bytes_sent / max(result.bytes_sent, 1)
+        print(
+            f"compression {config.compression}: {result.bytes_sent} payload bytes sent, "
+            f"{result.raw_bytes_sent} uncompressed ({ratio:.2f}x smaller)"
+        )
+    if result.rejected:
+        print(f"rejected (did not decode): {dict(result.rejected)}")
     return 0
 
 
@@ -179,17 +196,23 @@ def _add_launch(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     )
     p.add_argument(
         "--transport",
-        choices=("zmq",),
+        choices=("zmq", "torch"),
         default="zmq",
-        help="gossip transport between the worker processes (default: zmq)",
+        help="gossip transport between the worker processes: zmq (ZeroMQ, default) or torch "
+        "(torch.distributed point-to-point on gloo/NCCL; synchronous and overlap modes only)",
     )
     p.add_argument(
         "--metrics-port",
         type=_port_or_zero,
         default=0,
         metavar="BASE",
-        help="reserve port BASE + R for rank R's Prometheus metrics (default: 0, off; this "
-        "version does not serve metrics yet)",
+        help="rank R serves Prometheus metrics on port BASE + R (default: 0, off)",
+    )
+    p.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        metavar="ADDR",
+        help="address the metrics endpoints listen on (default: 127.0.0.1)",
     )
     p.add_argument("--host", default="127.0.0.1", help="address the workers bind and gossip on")
     p.add_argument(
@@ -213,6 +236,7 @@ def _run_launch(args: argparse.Namespace) -> int:
             args.nproc,
             module=args.module,
             metrics_port=args.metrics_port,
+            metrics_host=args.metrics_host,
             host=args.host,
             transport=args.transport,
             timeout=args.timeout,
@@ -241,9 +265,15 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         type=_port_or_zero,
         default=None,
         metavar="PORT",
-        help="reserve PORT for this worker's Prometheus metrics (not served by this version "
-        "yet; 0: off; default: the peer "
+        help="serve this worker's Prometheus metrics on PORT (0: off; default: the peer "
         "list's metrics_port)",
+    )
+    p.add_argument(
+        "--metrics-host",
+        default=None,
+        metavar="ADDR",
+        help="address the metrics endpoint listens on (default: the peer list's "
+        "metrics_host, else 127.0.0.1)",
     )
     _add_worker_arguments(p)
     p.set_defaults(func=_run_run)
@@ -260,6 +290,7 @@ def _run_run(args: argparse.Namespace) -> int:
             [args.script, *args.args],
             module=args.module,
             metrics_port=args.metrics_port,
+            metrics_host=args.metrics_host,
             grace=args.grace,
         )
     except ConfigError as exc:
@@ -269,7 +300,7 @@ def _run_run(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (also used to render the CLI docs)."""
-    from gossip_sgp import __version__, demo
+    from gossip_sgp import __version__, demo, keys, top
 
     parser = argparse.ArgumentParser(
         prog="gossip-sgp",
@@ -281,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_parser(sub)
     _add_launch(sub)
     _add_run(sub)
+    top.add_parsers(sub)
+    keys.add_parser(sub)
     return parser
 
 

@@ -48,6 +48,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 __all__ = [
     "ENV_BIND_HOST",
     "ENV_CONFIG",
+    "ENV_METRICS_HOST",
     "ENV_METRICS_PORT",
     "ENV_PEERS",
     "ENV_RANK",
@@ -61,8 +62,8 @@ __all__ = [
     "parse_peer_list",
 ]
 
-TRANSPORTS = ("zmq", "inproc")
-"""Transport names a config may select."""
+TRANSPORTS = ("zmq", "torch", "inproc")
+"""Transport names a config may select: ZeroMQ, torch.distributed (gloo/NCCL), in-process."""
 SECURITY = ("none", "curve")
 """Security modes: ``none``, or CurveZMQ authentication and encryption."""
 
@@ -74,6 +75,8 @@ ENV_RANK = "GOSSIP_SGP_RANK"
 """This worker's rank (falls back to torchrun's ``RANK``)."""
 ENV_METRICS_PORT = "GOSSIP_SGP_METRICS_PORT"
 """This worker's Prometheus port; 0 turns metrics off."""
+ENV_METRICS_HOST = "GOSSIP_SGP_METRICS_HOST"
+"""Address the Prometheus endpoint binds on (default 127.0.0.1; 0.0.0.0 for all)."""
 ENV_TRANSPORT = "GOSSIP_SGP_TRANSPORT"
 """Transport name, overrides the peer list's ``[job] transport``."""
 ENV_TIMEOUT = "GOSSIP_SGP_TIMEOUT"
@@ -83,7 +86,8 @@ ENV_BIND_HOST = "GOSSIP_SGP_BIND_HOST"
 
 _HOW_TO_START = (
     "start workers with `gossip-sgp launch --nproc N script.py` (one machine) or "
-    "`gossip-sgp run --config peers.toml --rank R script.py` (one worker per machine)"
+    "`gossip-sgp run --config peers.toml --rank R script.py` (one worker per machine), "
+    "or with torchrun"
 )
 _Z85 = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-:+=^!/*?&<>()[]{}@%$#"
 _Z85_VALUE = {c: i for i, c in enumerate(_Z85)}
@@ -221,11 +225,12 @@ class GossipConfig:
     peers: tuple[PeerSpec, ...]
     """All workers of the job, ordered by rank (``peers[r].rank == r``)."""
     transport: str = "zmq"
-    """Transport name, one of ``TRANSPORTS``: ``zmq``, or ``inproc`` for tests."""
+    """Transport name, one of ``TRANSPORTS``: ``zmq``, ``torch`` (torch.distributed), or
+    ``inproc`` for tests."""
     bind_host: str | None = None
     """Host to bind this worker's gossip socket on (e.g. ``0.0.0.0``); default: its peer host."""
     metrics_host: str = "127.0.0.1"
-    """Address the Prometheus endpoint binds on."""
+    """Address the Prometheus endpoint binds on: loopback unless you open it (``0.0.0.0``)."""
     timeout: float = 120.0
     """Seconds a synchronous step waits for a round's messages before ``GossipTimeout``."""
     max_message_bytes: int = 1 << 30
@@ -398,6 +403,12 @@ class GossipConfig:
         optional overrides ``GOSSIP_SGP_METRICS_PORT``, ``GOSSIP_SGP_TRANSPORT``,
         ``GOSSIP_SGP_TIMEOUT`` and ``GOSSIP_SGP_BIND_HOST``. ``WORLD_SIZE``, when set, must
         match the number of peers.
+
+        Under torchrun (no peer list; ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and
+        ``MASTER_PORT`` set) every worker picks a free port on the address it reaches
+        ``MASTER_ADDR`` from, publishes it in torchrun's TCPStore and reads the others'
+        (:func:`_peers_from_store`); with CUDA present it also selects GPU ``LOCAL_RANK``.
+        Call it once per worker.
         """
         env = os.environ if environ is None else environ
         rank = _env_rank(env)
@@ -414,12 +425,13 @@ class GossipConfig:
             except ConfigError as exc:
                 raise ConfigError(f"{ENV_PEERS}: {exc}") from None
             source = ENV_PEERS
+        elif all(_env(env, name) for name in _TORCHRUN_VARS):
+            config = cls(rank=rank, peers=_peers_from_store(env, rank))
+            source = "torchrun's TCPStore"
         else:
-            # Peer discovery through torchrun's TCPStore (RANK, WORLD_SIZE, MASTER_ADDR,
-            # MASTER_PORT) is the third source planned here; until then, say what to set.
+            missing = [name for name in _TORCHRUN_VARS if not _env(env, name)]
             hint = (
-                " (torchrun's environment alone is not enough yet: peer discovery through its "
-                "TCPStore is not implemented)"
+                f" (torchrun's environment alone is not enough without {', '.join(missing)})"
                 if "MASTER_ADDR" in env
                 else ""
             )
@@ -434,6 +446,96 @@ class GossipConfig:
                 "peer(s)"
             )
         return _apply_env_overrides(config, env)
+
+
+_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+_STORE_PREFIX = "gossip-sgp/peers"
+
+
+def _peers_from_store(env: Mapping[str, str], rank: int) -> tuple[PeerSpec, ...]:
+    """Exchange gossip addresses through the TCPStore at ``MASTER_ADDR:MASTER_PORT``.
+
+    The store is torchrun's own (its agent hosts it); this worker connects as a client,
+    writes ``host:port`` under its rank and waits up to ``GOSSIP_SGP_TIMEOUT`` (default
+    120 s) for every other rank's entry. The keys carry torchrun's run id and restart count,
+    so a restarted job never reads a previous attempt's addresses. The port is free when
+    chosen; another process may take it before the transport binds it (the usual race of
+    launchers that pick ports this way). The torch transport publishes an address too but
+    never binds it.
+    """
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    world = _env_int(env, "WORLD_SIZE")
+    master, port = env["MASTER_ADDR"].strip(), _env_int(env, "MASTER_PORT")
+    assert world is not None
+    assert port is not None
+    if world < 1 or rank >= world:
+        raise ConfigError(f"RANK={rank} is out of range for WORLD_SIZE={world}")
+    _check_port("MASTER_PORT", port)
+    local_rank = _env_int(env, "LOCAL_RANK")
+    if local_rank is not None and torch.cuda.is_available():
+        if not 0 <= local_rank < torch.cuda.device_count():
+            raise ConfigError(
+                f"LOCAL_RANK={local_rank}, but this machine has {torch.cuda.device_count()} GPUs"
+            )
+        torch.cuda.set_device(local_rank)
+    timeout = _env(env, ENV_TIMEOUT)
+    try:
+        seconds = float(timeout) if timeout is not None else GossipConfig.timeout
+    except ValueError:
+        raise ConfigError(f"{ENV_TIMEOUT} must be a number of seconds, got {timeout!r}") from None
+    host = _route_host(master)
+    mine = _free_port(host)
+    run = f"{env.get('TORCHELASTIC_RUN_ID', 'run')}/{env.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    keys = [f"{r}" for r in range(world)]
+    try:
+        client = dist.TCPStore(  # type: ignore[attr-defined]
+            master,
+            port,
+            world,
+            is_master=False,
+            timeout=timedelta(seconds=seconds),
+            wait_for_workers=False,
+        )
+        store = dist.PrefixStore(f"{_STORE_PREFIX}/{run}", client)  # type: ignore[attr-defined]
+        store.set(keys[rank], f"{_bracket(host)}:{mine}")
+        store.wait(keys)
+        text = ",".join(store.get(key).decode() for key in keys)
+    except (RuntimeError, ValueError) as exc:  # torch's DistStoreError is a RuntimeError
+        raise ConfigError(
+            f"no peer list, and the gossip addresses could not be exchanged through the "
+            f"TCPStore at {master}:{port} within {seconds:g} s ({exc}); start the workers "
+            f"with torchrun, or {_HOW_TO_START}"
+        ) from None
+    return tuple(PeerSpec(rank=r, host=h, port=p) for r, (h, p) in enumerate(parse_peer_list(text)))
+
+
+def _route_host(master: str) -> str:
+    """This machine's address on the route to ``master`` (loopback for a local master)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(master, 1, type=socket.SOCK_DGRAM)
+        family, _, _, _, address = infos[0]
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect(address)  # UDP: picks the route, sends nothing
+            host: str = probe.getsockname()[0]
+    except OSError as exc:
+        raise ConfigError(f"MASTER_ADDR {master!r} cannot be reached: {exc}") from None
+    return host
+
+
+def _free_port(host: str) -> int:
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+    return port
 
 
 def _env(env: Mapping[str, str], name: str) -> str | None:
@@ -478,6 +580,9 @@ def _apply_env_overrides(config: GossipConfig, env: Mapping[str, str]) -> Gossip
     bind_host = _env(env, ENV_BIND_HOST)
     if bind_host is not None:
         changes["bind_host"] = bind_host
+    metrics_host = _env(env, ENV_METRICS_HOST)
+    if metrics_host is not None:
+        changes["metrics_host"] = metrics_host
     metrics_port = _env_int(env, ENV_METRICS_PORT)
     try:
         if changes:
@@ -487,7 +592,7 @@ def _apply_env_overrides(config: GossipConfig, env: Mapping[str, str]) -> Gossip
                 raise ConfigError(f"must be in 0..65535 (0: off), got {metrics_port}")
             config = config.with_metrics_port(metrics_port)
     except ConfigError as exc:
-        names = [ENV_TRANSPORT, ENV_TIMEOUT, ENV_BIND_HOST, ENV_METRICS_PORT]
+        names = [ENV_TRANSPORT, ENV_TIMEOUT, ENV_BIND_HOST, ENV_METRICS_HOST, ENV_METRICS_PORT]
         given = ", ".join(name for name in names if _env(env, name) is not None)
         raise ConfigError(f"{given}: {exc}") from None
     return config

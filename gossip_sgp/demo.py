@@ -37,11 +37,23 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="0 synchronous (default), N overlap by N rounds, 'none' asynchronous",
     )
     p.add_argument(
+        "--compression",
+        default="none",
+        metavar="CODEC",
+        help="message codec: none (default), fp16, bf16, int8[:BLOCK], topk:FRACTION",
+    )
+    p.add_argument(
         "--metrics-port",
         type=int,
         default=0,
-        help="reserve port BASE + r for rank r's Prometheus metrics (0: off; this version "
-        "does not serve metrics yet)",
+        metavar="BASE",
+        help="rank r serves Prometheus metrics on port BASE + r (default: 0, off)",
+    )
+    p.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        metavar="ADDR",
+        help="address the metrics endpoints listen on (default: 127.0.0.1)",
     )
     p.add_argument(
         "--json", action="store_true", help="end with one JSON line: accuracy, consensus, speed"
@@ -61,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
         problem = "--epochs must be >= 1"
     elif not (args.staleness.lower() == "none" or args.staleness.isdigit()):
         problem = f"--staleness must be an integer >= 0 or 'none', got {args.staleness!r}"
+    elif (codec_problem := _codec_problem(args.compression)) is not None:
+        problem = f"--compression: {codec_problem}"
     elif importlib.util.find_spec("sklearn") is None:
         problem = "the demo needs scikit-learn for its data: pip install 'gossip-sgp[demo]'"
     if problem is not None:
@@ -83,12 +97,15 @@ def run(args: argparse.Namespace) -> int:
                     str(args.seed),
                     "--staleness",
                     str(args.staleness),
+                    "--compression",
+                    args.compression,
                     "--summary-file",
                     str(summary_file),
                 ],
                 args.nproc,
                 module=True,
                 metrics_port=args.metrics_port,
+                metrics_host=args.metrics_host,
             )
         except ConfigError as exc:
             print(f"gossip-sgp demo: error: {exc}", file=sys.stderr)
@@ -100,3 +117,13 @@ def run(args: argparse.Namespace) -> int:
         keys = ("accuracy", "accuracies", "consensus_error", "steps_per_second")
         print(json.dumps({k: summary[k] for k in keys}))
     return 0
+
+
+def _codec_problem(spec: str) -> str | None:
+    from gossip_sgp.compression import parse_codec
+
+    try:
+        parse_codec(spec)
+    except ValueError as exc:
+        return str(exc)
+    return None

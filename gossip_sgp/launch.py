@@ -39,6 +39,7 @@ from typing import IO, TextIO
 
 from gossip_sgp.config import (
     ENV_CONFIG,
+    ENV_METRICS_HOST,
     ENV_METRICS_PORT,
     ENV_PEERS,
     ENV_RANK,
@@ -65,6 +66,7 @@ def launch(
     *,
     module: bool = False,
     metrics_port: int = 0,
+    metrics_host: str = "127.0.0.1",
     host: str = "127.0.0.1",
     transport: str = "zmq",
     timeout: float | None = None,
@@ -78,7 +80,8 @@ def launch(
     ``script_or_module_argv`` is ``[script, *args]``, or ``["-m", module, *args]`` (the same as
     ``module=True`` with ``[module, *args]``); each worker runs it under ``sys.executable``.
     Workers gossip over free ports of ``host`` (loopback by default); with ``metrics_port``
-    > 0, rank r serves Prometheus metrics on ``metrics_port + r``. ``extra_env`` adds variables
+    > 0, rank r serves Prometheus metrics on ``http://metrics_host:(metrics_port + r)/metrics``
+    (loopback by default; the addresses are printed to ``stderr``). ``extra_env`` adds variables
     to the workers' environment (the launcher's own ``GOSSIP_SGP_*`` and torchrun ones win).
     Worker output lines go to ``stdout`` / ``stderr`` (default: the launcher's) prefixed
     with ``[rank R] ``.
@@ -96,15 +99,13 @@ def launch(
     if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
         raise ConfigError(f"nproc must be an integer >= 1, got {nproc!r}")
     _check_grace(grace)
-    metrics_ports = _metrics_ports(metrics_port, nproc)
-    envs = _launch_envs(nproc, host, transport, timeout, metrics_ports, extra_env)
+    metrics_ports = _metrics_ports(metrics_port, nproc, metrics_host)
+    extra = {**(extra_env or {}), ENV_METRICS_HOST: metrics_host}
+    envs = _launch_envs(nproc, host, transport, timeout, metrics_ports, extra)
+    shown = f"[{metrics_host}]" if ":" in metrics_host else metrics_host
     for rank, port in enumerate(metrics_ports):
         if port:
-            print(
-                f"gossip-sgp launch: rank {rank} metrics port {port} reserved "
-                "(Prometheus metrics are not served by this version yet)",
-                file=err,
-            )
+            print(f"gossip-sgp launch: rank {rank} metrics http://{shown}:{port}/metrics", file=err)
     err.flush()
     lock = threading.Lock()
     pumps: list[threading.Thread] = []
@@ -132,6 +133,7 @@ def run(
     *,
     module: bool = False,
     metrics_port: int | None = None,
+    metrics_host: str | None = None,
     extra_env: Mapping[str, str] | None = None,
     grace: float = 10.0,
     stderr: TextIO | None = None,
@@ -140,7 +142,8 @@ def run(
 
     The peer list is validated first (errors raise :class:`ConfigError` before the script
     starts). The worker gets ``GOSSIP_SGP_CONFIG`` (absolute path) and ``GOSSIP_SGP_RANK``,
-    ``metrics_port`` (0: off; None: as in the peer list) as ``GOSSIP_SGP_METRICS_PORT``, and
+    ``metrics_port`` (0: off; None: as in the peer list) as ``GOSSIP_SGP_METRICS_PORT``,
+    ``metrics_host`` (None: the peer list's ``metrics_host``) as ``GOSSIP_SGP_METRICS_HOST``, and
     torchrun's ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK=0``, ``LOCAL_WORLD_SIZE=1``. Unless set
     already, ``MASTER_ADDR`` is rank 0's host and ``MASTER_PORT`` rank 0's gossip port + 1000
     (- 1000 above 64535). It shares the launcher's stdin, stdout and stderr. Returns the
@@ -154,6 +157,8 @@ def run(
     env.update({ENV_CONFIG: os.path.abspath(config_path), ENV_RANK: str(rank)})
     if metrics_port is not None:
         env[ENV_METRICS_PORT] = str(metrics_port)
+    if metrics_host is not None:
+        env[ENV_METRICS_HOST] = metrics_host
     config = GossipConfig.from_env(env)
     master = config.peers[0]
     env.update(
@@ -246,8 +251,8 @@ def _launch_envs(
     return envs
 
 
-def _metrics_ports(base: int, nproc: int) -> list[int]:
-    """Rank r's metrics port (``base + r``, or 0 for off), checked to be free on loopback."""
+def _metrics_ports(base: int, nproc: int, host: str = "127.0.0.1") -> list[int]:
+    """Rank r's metrics port (``base + r``, or 0 for off), checked to be free on ``host``."""
     if isinstance(base, bool) or not isinstance(base, int) or not 0 <= base <= 65535:
         raise ConfigError(f"metrics port must be in 0..65535 (0: off), got {base!r}")
     if base == 0:
@@ -257,14 +262,15 @@ def _metrics_ports(base: int, nproc: int) -> list[int]:
             f"metrics ports {base}..{base + nproc - 1} for {nproc} workers exceed 65535"
         )
     ports = [base + rank for rank in range(nproc)]
+    family = _family(host)
     for port in ports:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
-                sock.bind(("127.0.0.1", port))
+                sock.bind((host, port))
             except OSError as exc:
                 raise ConfigError(
-                    f"metrics port {port} on 127.0.0.1 is not free ({exc.strerror or exc}); "
+                    f"metrics port {port} on {host} is not free ({exc.strerror or exc}); "
                     "choose another --metrics-port"
                 ) from None
     return ports

@@ -21,8 +21,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import ipaddress
 import logging
 import signal
+import statistics
 import threading
 import time
 import types
@@ -31,11 +33,14 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NoReturn
 
 from gossip_sgp.config import GossipConfig
-from gossip_sgp.errors import GossipError, TransportClosed, TransportError
+from gossip_sgp.errors import GossipError, TransportClosed, TransportError, WireError
 from gossip_sgp.mailbox import Receipt
 from gossip_sgp.message import Message, MessageKind
+from gossip_sgp.metrics import GossipMetrics, MetricsServer
 
 if TYPE_CHECKING:  # transports imports gossip_sgp: a runtime import here would be circular
+    from prometheus_client import CollectorRegistry
+
     from transports.base import Transport, TransportStats
 
 __all__ = ["GossipNode"]
@@ -90,24 +95,52 @@ def _worth_logging(count: int) -> bool:
     return count in (1, 10, 100, 1000) or count % 10000 == 0
 
 
+def _is_loopback(address: str) -> bool:
+    """Whether a ``tcp://host:port`` endpoint is on the loopback interface."""
+    host = address.removeprefix("tcp://").rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def make_transport(config: GossipConfig) -> Transport:
     """The transport ``config.transport`` names, built from the config."""
-    if config.security != "none":
-        # CurveZMQ is validated in the config but not wired into the transport yet: refuse
-        # rather than run unencrypted while the user believes otherwise.
+    if config.security == "curve" and config.transport != "zmq":
         raise GossipError(
-            f"security = {config.security!r} is not supported by this version of gossip-sgp "
-            "yet; use security = 'none' on a trusted network"
+            f"security = 'curve' is CurveZMQ: it needs transport = 'zmq', not {config.transport!r}"
         )
     if config.transport == "zmq":
-        from transports.zmq import ZmqTransport
+        from gossip_sgp.keys import transport_keys
+        from transports.zmq import CurveKeys, ZmqTransport
 
+        curve = CurveKeys(*transport_keys(config)) if config.security == "curve" else None
+        if curve is None and not _is_loopback(config.bind_address):
+            log.warning(
+                "rank %d: gossip on %s is NOT encrypted or authenticated: anyone who can "
+                "reach this port can read the model and send forged updates. Use "
+                "security = 'curve' (gossip-sgp keys generate) outside a trusted network.",
+                config.rank,
+                config.bind_address,
+            )
         return ZmqTransport(
             config.rank,
             config.addresses,
             fingerprint=None,
             max_message_bytes=config.max_message_bytes,
             bind=config.bind_address,
+            curve=curve,
+        )
+    if config.transport == "torch":
+        from transports.torchdist import TorchDistTransport
+
+        return TorchDistTransport(
+            config.rank,
+            config.world_size,
+            max_message_bytes=config.max_message_bytes,
+            timeout=config.timeout,
         )
     raise GossipError(
         f"transport {config.transport!r} needs an explicit transport object: "
@@ -123,9 +156,20 @@ class GossipNode:
     sockets and joins its thread. Started in the main thread while SIGTERM has its default
     action, it turns SIGTERM into ``SystemExit(143)`` until closed, so ``with`` blocks
     unwind and sockets close; SIGINT raises ``KeyboardInterrupt`` as usual.
+
+    Metrics: with ``config.metrics_port`` set, the node serves Prometheus metrics on
+    ``http://{config.metrics_host}:{port}/metrics`` from start to close. ``registry``
+    collects them into a ``prometheus_client.CollectorRegistry`` of your own (one per node)
+    whether or not they are served; with neither, metrics cost nothing.
     """
 
-    def __init__(self, config: GossipConfig, *, transport: Transport | None = None) -> None:
+    def __init__(
+        self,
+        config: GossipConfig,
+        *,
+        transport: Transport | None = None,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
         self.config = config
         self.rank = config.rank
         self.world_size = config.world_size
@@ -160,6 +204,19 @@ class GossipNode:
         """Push-sum messages whose mass the node lost, per reason: ``handler_error`` (the
         subscriber raised), ``early_overflow`` (more than ``_MAX_EARLY`` arrived before
         anyone subscribed), ``closed`` (still unsent when the node closed)."""
+        self.lost_weight = 0.0
+        """Push-sum weight of the messages in ``dropped`` and ``send_errors``."""
+        self.last_heard: dict[int, float] = {}
+        """Monotonic time of the last message (acknowledgements included) per sender."""
+        self.payload_bytes_sent = 0
+        """Numerator bytes of the push-sum messages handed to the transport, as encoded."""
+        self.payload_raw_bytes_sent = 0
+        """The same before compression (a codec's ``meta["raw_bytes"]``)."""
+        self.metrics: GossipMetrics | None = None
+        """This worker's metrics; None when off (no ``metrics_port``, no ``registry``)."""
+        if registry is not None or config.metrics_port:
+            self.metrics = GossipMetrics(self, registry)
+        self._metrics_server: MetricsServer | None = None
 
     # ----------------------------------------------------------------- lifecycle
     def __enter__(self) -> GossipNode:
@@ -201,13 +258,6 @@ class GossipNode:
             raise GossipError("a GossipNode starts only once; make a new one to start again")
         if self._transport is None:
             self._transport = make_transport(self.config)
-        if self.config.metrics_port:
-            log.warning(
-                "rank %d: metrics_port %d is reserved, but this version of gossip-sgp does not "
-                "serve Prometheus metrics yet",
-                self.rank,
-                self.config.metrics_port,
-            )
         self._thread = threading.Thread(
             target=self._run, name=f"gossip-sgp-rank{self.rank}", daemon=True
         )
@@ -221,8 +271,23 @@ class GossipNode:
             raise TransportError(
                 f"rank {self.rank}: transport failed to start: {self._start_error!r}"
             ) from self._start_error
+        self._serve_metrics()
         self._install_sigterm()
         return self
+
+    def _serve_metrics(self) -> None:
+        port, host = self.config.metrics_port, self.config.metrics_host
+        if not port or self.metrics is None:
+            return
+        try:
+            self._metrics_server = MetricsServer(self.metrics.registry, host, port).start()
+        except OSError as exc:
+            self.close(linger=0.0)
+            raise TransportError(
+                f"rank {self.rank}: cannot serve metrics on {host} port {port}: "
+                f"{exc.strerror or exc}; choose another metrics port"
+            ) from None
+        log.info("rank %d serves metrics on %s", self.rank, self._metrics_server.url)
 
     def close(self, *, linger: float = _ACK_LINGER) -> None:
         """Drain pending sends (bounded), close the transport, join the thread.
@@ -236,6 +301,9 @@ class GossipNode:
         self._restore_sigterm()
         self._hurry = linger == 0.0  # also skip draining the send queues
         self._await_acknowledgements(linger)
+        server, self._metrics_server = self._metrics_server, None
+        if server is not None:
+            server.stop()
         with self._lock:
             self._closed = True
         thread, loop, stopped = self._thread, self._loop, self._stopped
@@ -344,8 +412,10 @@ class GossipNode:
             await asyncio.wait(tasks, timeout=_CANCEL_TIMEOUT)
         for q in self._queues.values():
             while not q.empty():
-                if q.get_nowait().kind == MessageKind.MASS:
+                message = q.get_nowait()
+                if message.kind == MessageKind.MASS:
                     self._count(self.dropped, "closed")
+                    self.lost_weight += message.weight
         if self.dropped["closed"]:
             log.warning(
                 "rank %d closed with %d messages unsent; their mass is lost",
@@ -393,6 +463,7 @@ class GossipNode:
 
     def _dispatch(self, message: Message) -> None:
         """Hand ``message`` to the subscriber (gossip thread, or subscribe()'s caller)."""
+        self.last_heard[message.sender] = time.monotonic()
         if message.kind == MessageKind.ACK:
             self._acknowledged(message)
             return
@@ -401,8 +472,10 @@ class GossipNode:
             handler, fp = self._handler, self._fingerprint
             if handler is None:
                 overflow = len(self._early) == self._early.maxlen
+                lost = self._early[0].weight if overflow else 0.0
                 self._early.append(message)  # when full, the deque drops the oldest
         if overflow:
+            self.lost_weight += lost
             self._drop("early_overflow")
         if handler is None:
             return
@@ -411,7 +484,11 @@ class GossipNode:
             return
         try:
             fresh = handler(message)
+        except WireError as exc:  # e.g. a compressed payload that does not decode
+            self._reject(exc.reason, message)
+            return
         except Exception:
+            self.lost_weight += message.weight
             self._drop("handler_error", exc_info=True)
             return
         if fresh is False:  # a duplicate: our acknowledgement may have been lost
@@ -431,6 +508,12 @@ class GossipNode:
             )
             for sender, seq, round in receipts
         ]
+
+    def rtt_medians(self) -> dict[int, float]:
+        """Median of the recent round-trip times per peer, in seconds (thread-safe)."""
+        with self._lock:
+            recent = {peer: list(times) for peer, times in self.rtt.items() if times}
+        return {peer: statistics.median(times) for peer, times in recent.items()}
 
     def _acknowledged(self, ack: Message) -> None:
         with self._lock:
@@ -486,9 +569,11 @@ class GossipNode:
             except asyncio.CancelledError:
                 if message.kind == MessageKind.MASS:
                     self._count(self.dropped, "closed")
+                    self.lost_weight += message.weight
                 raise
             except Exception as exc:
                 self.send_errors[peer] += 1
+                self.lost_weight += message.weight
                 log.warning(
                     "rank %d failed to send to rank %d: %s",
                     self.rank,
@@ -496,6 +581,10 @@ class GossipNode:
                     exc,
                     exc_info=not isinstance(exc, GossipError),  # a bug: show where
                 )
+            else:
+                if message.kind == MessageKind.MASS:
+                    self.payload_bytes_sent += message.nbytes
+                    self.payload_raw_bytes_sent += message.meta.get("raw_bytes", message.nbytes)
             finally:
                 q.task_done()
 
@@ -510,8 +599,10 @@ class GossipNode:
         """Deliver every valid message for a model with ``fingerprint`` to ``handler``.
 
         ``handler`` runs in the gossip thread and must be quick and thread-safe; it returns
-        False for a duplicate (the node then acknowledges it again). If it raises, the
-        message is counted in ``dropped["handler_error"]`` and delivery goes on. Messages
+        False for a duplicate (the node then acknowledges it again). If it raises
+        ``WireError`` (a payload that does not decode), the message is counted in
+        ``rejected[reason]``; any other exception counts in ``dropped["handler_error"]``.
+        Delivery goes on either way. Messages
         that arrived before anyone subscribed are delivered now, in the calling thread.
 
         ``on_close`` is called once, after the last delivery, when the node stops (closed
@@ -571,6 +662,34 @@ class GossipNode:
         acks = self._acks(receipts)
         with self._lock, contextlib.suppress(GossipError):  # stopped: nobody to tell
             self._running_loop().call_soon_threadsafe(self._enqueue, acks)
+
+    @property
+    def plans_rounds(self) -> bool:
+        """Whether the transport exchanges messages only in rounds planned with
+        :meth:`plan_round` (torch.distributed): it cannot run asynchronous SGP."""
+        if self._transport is None:
+            return self.config.transport == "torch"
+        return hasattr(self._transport, "plan_round")
+
+    def plan_round(self, round: int, receive_from: Sequence[int], send_to: Sequence[int]) -> None:
+        """Tell a round-by-round transport whom ``round`` pairs this rank with (thread-safe).
+
+        Call it before sending the round's messages. Other transports need no plan, and
+        then nothing happens. Raises ``GossipError`` when the node is not running.
+        """
+        if not self.plans_rounds:
+            return
+        plan = self._transport.plan_round  # type: ignore[union-attr]
+        with self._lock:
+            self._running_loop().call_soon_threadsafe(
+                self._plan, plan, round, list(receive_from), list(send_to)
+            )
+
+    def _plan(self, plan: Callable[..., object], *args: object) -> None:
+        try:
+            plan(*args)
+        except Exception as exc:  # the round's sends then fail and are counted
+            log.warning("rank %d cannot plan a round: %s", self.rank, exc)
 
     def outstanding(self, peer: int) -> int:
         """Messages sent to ``peer`` whose mass it has not folded in yet (thread-safe)."""

@@ -7,8 +7,14 @@ event loop; a training worker drives one from :class:`gossip_sgp.SGP`. Both run 
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import time
 
+import torch
+
+from gossip_sgp.compression import Codec, Layout, References, compress_share, parse_codec
+from gossip_sgp.errors import WireError
 from gossip_sgp.mailbox import Mailbox
 from gossip_sgp.message import Message
 from gossip_sgp.pushsum import PushSumState
@@ -28,6 +34,7 @@ class PushSumProtocol:
         *,
         fingerprint: int = 0,
         coalesce: bool = False,
+        compression: str | Codec = "none",
     ) -> None:
         if not 0 <= rank < topology.world_size:
             raise ValueError(f"rank {rank} out of range for world size {topology.world_size}")
@@ -36,7 +43,12 @@ class PushSumProtocol:
         self.state = state
         self.fingerprint = fingerprint
         self.mailbox = Mailbox(coalesce=coalesce)
+        self.codec = compression if isinstance(compression, Codec) else parse_codec(compression)
+        """Codec of outgoing numerator shares (received messages name their own)."""
+        self.layout: Layout = [(x.numel(), x.dtype, x.device) for x in state.numerator]
+        """What received numerators must look like: this node's own numerator layout."""
         self._next_seq: dict[int, int] = {}
+        self._references = References()
 
     def emit(self, round: int, *, gauge: float = 0.0) -> list[Message]:
         """Split this node's mass for ``round`` and return one message per out-peer.
@@ -44,12 +56,28 @@ class PushSumProtocol:
         ``gauge`` is a scalar piggybacked on every message (see ``SGP.consensus``).
         """
         mixing = self.topology.mixing(self.rank, round)
-        shares = self.state.split(mixing.self_weight, mixing.out)
+        self_weight, out = mixing.self_weight, mixing.out
+        if self.codec.step != 1.0:  # a damped consensus step keeps more of the mass
+            out = {peer: p * self.codec.step for peer, p in out.items()}
+            self_weight = 1.0 - sum(out.values())
+        shares = self.state.split(self_weight, out)
         now = time.time()
         messages = []
+        codec, meta = self.codec, {}
+        if codec.name != "none":
+            meta = {"raw_bytes": sum(n * dtype.itemsize for n, dtype, _ in self.layout)}
         for peer, (tensors, weight) in shares.items():
             seq = self._next_seq.get(peer, 0)
             self._next_seq[peer] = seq + 1
+            extra: dict[str, int] = {}
+            residual: tuple[torch.Tensor, ...] | None = None
+            if codec.reference:
+                tensors, residual, extra = self._references.encode(codec, peer, seq, tensors)
+            elif codec.name != "none":
+                tensors, residual = compress_share(codec, tensors)
+            if residual is not None:
+                # Error feedback: keep what the codec drops, so no mass is lost.
+                self.state.fold(residual, 0.0)
             messages.append(
                 Message(
                     sender=self.rank,
@@ -61,9 +89,44 @@ class PushSumProtocol:
                     fingerprint=self.fingerprint,
                     sent_at=now,
                     gauge=gauge,
+                    codec=codec.spec,
+                    meta={**meta, **extra},
                 )
             )
         return messages
+
+    def receive(self, message: Message) -> bool:
+        """Decode a received message and store its mass; False for a duplicate.
+
+        Raises ``WireError`` (nothing is stored) for a payload that does not decode.
+        """
+        return self.mailbox.put(self.decode(message))
+
+    def decode(self, message: Message, *, commit: bool = True) -> Message:
+        """``message`` with its numerator decoded and checked against this node's layout.
+
+        Call it once per received message, then hand the result to the mailbox. A
+        difference-coded message (codec option ``ref``) decodes against the reference of
+        its link, which ``commit`` then advances (``commit=False`` only looks, e.g. to count
+        the mass of messages in flight); one already applied comes back as it is, for the
+        mailbox to reject as a duplicate by its sequence number. Raises ``WireError`` for an
+        unknown codec or a payload that does not fit.
+        """
+        try:
+            codec = _codec(message.codec)
+        except ValueError as exc:
+            raise WireError("bad_codec", str(exc)) from None
+        if codec.reference:
+            if self._references.applied(message):
+                return message
+            tensors = self._references.decode(codec, message, self.layout, commit=commit)
+        else:
+            tensors = codec.decode(message.tensors, self.layout, message.meta)
+        if len(tensors) == len(message.tensors) and all(
+            a is b for a, b in zip(tensors, message.tensors, strict=True)
+        ):
+            return message  # uncompressed, already on this node's device
+        return dataclasses.replace(message, tensors=tensors)
 
     def expected(self, round: int) -> list[tuple[int, int]]:
         """The ``(sender, round)`` pairs that reach this node in ``round``."""
@@ -89,3 +152,9 @@ class PushSumProtocol:
         """
         for peer, seq in next_seq.items():
             self._next_seq[int(peer)] = max(self._next_seq.get(int(peer), 0), int(seq))
+        self._references.out.clear()  # difference coding restarts with key frames
+
+
+@functools.lru_cache(maxsize=64)
+def _codec(spec: str) -> Codec:
+    return parse_codec(spec)

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -43,7 +44,7 @@ import torch
 
 import topologies
 from gossip_sgp.errors import GossipError, GossipTimeout
-from gossip_sgp.message import fingerprint
+from gossip_sgp.message import Message, fingerprint
 from gossip_sgp.node import GossipNode
 from gossip_sgp.protocol import PushSumProtocol
 from gossip_sgp.pushsum import PushSumState
@@ -94,6 +95,10 @@ class SGP:
         staleness: 0 synchronous, ``tau > 0`` overlap, None asynchronous.
         timeout: seconds to wait for a round's messages before ``GossipTimeout``;
             defaults to the node config's ``timeout``.
+        compression: codec of the numerator messages (``none``, ``fp16``, ``bf16``,
+            ``int8[:block]``, ``topk:fraction``, options ``,ref`` and ``,step=F``; see
+            :mod:`gossip_sgp.compression`). What a codec drops stays with the sender (error
+            feedback), so the average is exact.
     """
 
     def __init__(
@@ -106,6 +111,7 @@ class SGP:
         peers_per_round: int = 1,
         staleness: int | None = 0,
         timeout: float | None = None,
+        compression: str = "none",
     ) -> None:
         self.params = list(dict.fromkeys(params))  # drop repeats, keep order
         if not self.params:
@@ -116,6 +122,12 @@ class SGP:
             raise ValueError(f"parameters {missing} are not managed by the optimizer")
         if staleness is not None and staleness < 0:
             raise ValueError(f"staleness must be >= 0 or None, got {staleness}")
+        if staleness is None and node.plans_rounds:
+            raise ValueError(
+                "staleness=None (asynchronous SGP) needs a transport that delivers whatever "
+                "arrives; the torch.distributed transport exchanges planned rounds only: use "
+                "staleness=0 (synchronous) or staleness >= 1 (overlap), or the zmq transport"
+            )
         self.optimizer = optimizer
         self.node = node
         self.staleness = staleness
@@ -134,8 +146,20 @@ class SGP:
             self.state,
             fingerprint=self.fingerprint,
             coalesce=staleness is None,
+            compression=compression,
         )
         self.round = 0
+        self.steps = 0
+        """``step()`` calls so far."""
+        self.step_seconds = 0.0
+        """Seconds spent in ``step()`` so far (optimizer step, gossip, waiting)."""
+        self.loss: float | None = None
+        """The training loss last given to :meth:`report` (exported as a metric)."""
+        self.round_weight = self.state.weight
+        """The push-sum weight at the end of the last round (mid-round, ``weight`` is split)."""
+        self._metrics = node.metrics
+        if self._metrics is not None:
+            self._metrics.watch(self)
         self._folded_through = -1  # every round <= this has been waited for and folded in
         self.skipped_rounds = 0
         """Asynchronous rounds in which this worker kept its mass (no send credit)."""
@@ -151,10 +175,25 @@ class SGP:
         apart (measured: 4 workers, one starting 1.5 s late, 0.84-0.95 accuracy instead of
         0.98)."""
         node.subscribe(
-            self.protocol.mailbox.put,
+            self._receive,
             fingerprint=self.fingerprint,
             on_close=self.protocol.mailbox.close,
         )
+
+    def _receive(self, message: Message) -> bool:
+        """Gossip thread: decode a received message and store its mass (False: duplicate).
+
+        A payload that does not decode raises ``WireError``; the node counts it as rejected.
+        """
+        message = self.protocol.decode(message)
+        metrics = self._metrics
+        if metrics is None:
+            return self.protocol.mailbox.put(message)
+        token = metrics.received(message)  # send time and a sample for the metrics
+        fresh = self.protocol.mailbox.put(message)
+        if not fresh:
+            metrics.rejected(message, token)
+        return fresh
 
     @staticmethod
     def _resolve_topology(topology: str | Topology, peers: int, world_size: int) -> Topology:
@@ -188,9 +227,20 @@ class SGP:
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One SGP iteration: optimizer step, one gossip round, de-biased parameters."""
+        started = time.perf_counter()
         loss = self._apply_update(closure)
         self._round(self.staleness, gauge=0.0)
+        self.steps += 1
+        self.step_seconds += time.perf_counter() - started
         return loss
+
+    def report(self, *, loss: float) -> None:
+        """Record the training loss (a number, e.g. ``loss.item()``) for the metrics.
+
+        Cheap: it only stores the value, which Prometheus reads when it scrapes (a NaN is
+        exported as NaN: a diverging run shows).
+        """
+        self.loss = float(loss)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Same as the wrapped optimizer's ``zero_grad``."""
@@ -208,6 +258,7 @@ class SGP:
                 self._send(k, gauge)
                 self._catch_up(k - staleness)
         self.state.debias(out=self._flats)
+        self.round_weight = self.state.weight
         self.round = k + 1
 
     def _catch_up(self, through: int) -> None:
@@ -221,8 +272,8 @@ class SGP:
         """Asynchronous round: fold what has arrived, then gossip if this worker may.
 
         Every folded message earns a send credit (see ``_absorb``) and every message sent
-        costs one (see ``_send``), so no worker gives away mass faster than it receives mass (each starts
-        with enough credit for one round). Without that, a fast worker would halve its
+        costs one (see ``_send``), so no worker gives away mass faster than it receives mass
+        (each starts with enough credit for one round). Without that, a fast worker would halve its
         weight every step while a slow one hoards the mass: the fast worker's steps would
         count for almost nothing, and its numerator would underflow. A worker without
         credit keeps its mass this round and just trains.
@@ -238,7 +289,9 @@ class SGP:
     def _send(self, k: int, gauge: float) -> None:
         if self.node.closed:  # before splitting: a share for a stopped node would be lost
             raise GossipError(f"the gossip node of rank {self.node.rank} has stopped")
-        self._credit -= len(self.topology.out_peers(self.node.rank, k))
+        out_peers = self.topology.out_peers(self.node.rank, k)
+        self._credit -= len(out_peers)
+        self.node.plan_round(k, self.topology.in_peers(self.node.rank, k), out_peers)
         self.node.send(self.protocol.emit(k, gauge=gauge))
 
     def _absorb(self, max_round: int) -> None:
@@ -247,6 +300,9 @@ class SGP:
         receipts = self.protocol.mailbox.pop_receipts()
         self.node.acknowledge(receipts)
         self._credit += len(receipts)
+        if self._metrics is not None and receipts:  # self._flats: z before this fold
+            coalesced = self.protocol.mailbox.coalesce
+            self._metrics.folded_in(receipts, self.round, self._flats, coalesced=coalesced)
 
     def _wait(self, round: int) -> None:
         expected = self.protocol.expected(round)

@@ -14,11 +14,14 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
 
 import topologies
+from gossip_sgp.compression import parse_codec
+from gossip_sgp.errors import WireError
 from gossip_sgp.protocol import PushSumProtocol
 from gossip_sgp.pushsum import PushSumState
 from transports.base import Transport, iter_messages
@@ -60,6 +63,8 @@ class SimulationConfig:
     """Probability that a message is overtaken by the next one on its link."""
     seed: int = 0
     """Seed for the initial vectors and the fault injector."""
+    compression: str = "none"
+    """Codec of the numerator messages, see :mod:`gossip_sgp.compression`."""
 
     def __post_init__(self) -> None:
         if self.nodes < 1:
@@ -73,6 +78,7 @@ class SimulationConfig:
         if self.mode not in ("sync", "async"):
             raise ValueError(f"mode must be 'sync' or 'async', got {self.mode!r}")
         self.faults()  # validates the probabilities and delays
+        parse_codec(self.compression)  # validates the codec spec
 
     def faults(self) -> FaultSpec | None:
         """The fault injector's settings, or None when the network is perfect."""
@@ -95,8 +101,14 @@ class SimulationResult:
     """``errors[t]``: max relative consensus error after round ``t + 1``."""
     seconds: float = 0.0
     messages: int = 0
+    bytes_sent: int = 0
+    """Numerator payload bytes of all messages, as sent (compressed)."""
+    raw_bytes_sent: int = 0
+    """The same payload uncompressed."""
     dropped: int = 0
     duplicates_rejected: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+    """Messages that did not decode, per reason (difference coding after a lost message)."""
     weight_total: float = 0.0
     """Sum of push-sum weights held by nodes at the end (n minus dropped and in-flight weight)."""
 
@@ -106,9 +118,13 @@ class SimulationResult:
             "topology": self.config.topology,
             "rounds": [{"round": t + 1, "max_rel_error": e} for t, e in enumerate(self.errors)],
             "seconds": self.seconds,
+            "compression": self.config.compression,
             "messages": self.messages,
+            "bytes_sent": self.bytes_sent,
+            "raw_bytes_sent": self.raw_bytes_sent,
             "dropped": self.dropped,
             "duplicates_rejected": self.duplicates_rejected,
+            "rejected": dict(self.rejected),
             "weight_total": self.weight_total,
         }
 
@@ -142,13 +158,19 @@ async def _simulate(cfg: SimulationConfig) -> SimulationResult:
         )
         transports.append(t)
         state = PushSumState([values[rank].clone()])
-        nodes.append(PushSumProtocol(rank, topo, state, coalesce=cfg.mode == "async"))
+        nodes.append(
+            PushSumProtocol(
+                rank, topo, state, coalesce=cfg.mode == "async", compression=cfg.compression
+            )
+        )
     for t in transports:
         await t.start()
-    receivers = [
-        asyncio.create_task(_receive(t, node)) for t, node in zip(transports, nodes, strict=True)
-    ]
     result = SimulationResult(config=cfg)
+    refused: set[_Key] = set()  # messages that arrived but did not decode
+    receivers = [
+        asyncio.create_task(_receive(t, node, result, refused))
+        for t, node in zip(transports, nodes, strict=True)
+    ]
     started = time.perf_counter()
     try:
         for rnd in range(cfg.rounds):
@@ -156,8 +178,10 @@ async def _simulate(cfg: SimulationConfig) -> SimulationResult:
                 for m in node.emit(rnd):
                     await t.send(m.receiver, m)
                     result.messages += 1
+                    result.bytes_sent += m.nbytes
+                    result.raw_bytes_sent += m.meta.get("raw_bytes", m.nbytes)
             if cfg.mode == "sync":
-                await _wait_round(rnd, transports, nodes)
+                await _wait_round(rnd, transports, nodes, refused)
             await _settle(transports)
             for node in nodes:
                 node.absorb(rnd if cfg.mode == "sync" else None)
@@ -176,6 +200,10 @@ async def _simulate(cfg: SimulationConfig) -> SimulationResult:
     return result
 
 
+_Key = tuple[int, int, int]
+"""``(sender, receiver, round)`` of a message."""
+
+
 def _topology_options(cfg: SimulationConfig) -> dict[str, int]:
     if cfg.topology == "exponential":
         return {"peers_per_round": cfg.peers_per_round}
@@ -184,9 +212,15 @@ def _topology_options(cfg: SimulationConfig) -> dict[str, int]:
     return {}
 
 
-async def _receive(transport: Transport, node: PushSumProtocol) -> None:
+async def _receive(
+    transport: Transport, node: PushSumProtocol, result: SimulationResult, refused: set[_Key]
+) -> None:
     async for message in iter_messages(transport):
-        node.mailbox.put(message)
+        try:
+            node.receive(message)  # decoded on receipt, as in SGP
+        except WireError as exc:
+            result.rejected[exc.reason] += 1
+            refused.add((message.sender, message.receiver, message.round))
 
 
 async def _settle(transports: list[Transport]) -> None:
@@ -203,9 +237,11 @@ def _inner(t: Transport) -> InProcTransport:
     return inner
 
 
-async def _wait_round(rnd: int, transports: list[Transport], nodes: list[PushSumProtocol]) -> None:
+async def _wait_round(
+    rnd: int, transports: list[Transport], nodes: list[PushSumProtocol], refused: set[_Key]
+) -> None:
     """Synchronous mode: wait until each node has every message of ``rnd`` that was not lost."""
-    lost = {
+    dropped = {
         (m.sender, m.receiver, m.round)
         for t in transports
         if isinstance(t, FaultyTransport)
@@ -213,6 +249,7 @@ async def _wait_round(rnd: int, transports: list[Transport], nodes: list[PushSum
     }
     while True:
         await _settle(transports)
+        lost = dropped | refused  # refused grows as messages arrive
         if all(
             node.mailbox.has(
                 [(s, r) for s, r in node.expected(rnd) if (s, node.rank, r) not in lost]

@@ -44,8 +44,13 @@ REJECT_REASONS = (
     "bad_dtype",
     "size_mismatch",
     "non_finite",
+    "bad_codec",
+    "no_reference",
 )
-"""Every ``WireError.reason`` that :func:`decode` can raise (the rejected-messages labels)."""
+"""Every ``WireError.reason`` that :func:`decode` and the codec decoders
+(:mod:`gossip_sgp.compression`: ``bad_codec`` for an unknown codec, ``no_reference`` for a
+difference-coded message out of sequence) can raise:
+the rejected-messages labels."""
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,

@@ -201,10 +201,8 @@ def test_launch_prefixes_output_and_sets_env(
     errors = err.getvalue().splitlines()
     for rank in range(3):
         assert f"[rank {rank}] to stderr" in errors
-        assert (
-            f"gossip-sgp launch: rank {rank} metrics port {base + rank} reserved "
-            "(Prometheus metrics are not served by this version yet)" in errors
-        )
+        metrics = f"gossip-sgp launch: rank {rank} metrics http://127.0.0.1:{base + rank}/metrics"
+        assert metrics in errors
 
 
 @pytest.mark.timeout(60)

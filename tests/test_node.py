@@ -28,6 +28,7 @@ import torch
 import gossip_sgp.node as node_module
 from gossip_sgp import GossipConfig, GossipError, GossipNode, Message, PeerSpec, TransportError
 from gossip_sgp.config import ENV_PEERS, ENV_RANK
+from gossip_sgp.errors import ConfigError
 from gossip_sgp.launch import find_free_ports
 from transports import InProcNetwork, InProcTransport
 
@@ -483,20 +484,28 @@ def test_logging_is_quiet_for_a_clean_run(
 
 
 @pytest.mark.timeout(30)
-def test_curve_security_is_refused_until_supported(tmp_path: Path) -> None:
+def test_curve_security_needs_zeromq_and_its_own_key(tmp_path: Path) -> None:
     import zmq
 
     public, secret = zmq.curve_keypair()
+    other, _ = zmq.curve_keypair()
     key_file = tmp_path / "secret.key"
     key_file.write_bytes(secret)
-    peers = [
-        PeerSpec(rank=r, host="127.0.0.1", port=p, public_key=public.decode())
-        for r, p in enumerate(free_ports(2))
-    ]
-    config = GossipConfig(
-        rank=0, peers=tuple(peers), security="curve", secret_key_file=str(key_file)
-    )
-    node = GossipNode(config)
-    with pytest.raises(GossipError, match="security = 'curve' is not supported"):
-        node.start()
+    key_file.chmod(0o600)
+    ports = free_ports(2)
+
+    def config(**kw: object) -> GossipConfig:
+        peers = [
+            PeerSpec(rank=r, host="127.0.0.1", port=p, public_key=k.decode())
+            for r, (p, k) in enumerate(zip(ports, [public, other], strict=True))
+        ]
+        fields: dict[str, object] = dict(security="curve", secret_key_file=str(key_file))
+        return GossipConfig(rank=0, peers=tuple(peers), **{**fields, **kw})  # type: ignore[arg-type]
+
+    with pytest.raises(GossipError, match="needs transport = 'zmq'"):
+        GossipNode(config(transport="torch")).start()
+    assert not gossip_threads()
+    key_file.chmod(0o644)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        GossipNode(config()).start()
     assert not gossip_threads()

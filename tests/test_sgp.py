@@ -10,53 +10,14 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
 
-from gossip_sgp import SGP, GossipConfig, GossipError, GossipNode, GossipTimeout
-from transports import FaultSpec, FaultyTransport, InProcNetwork, Transport
-
-Worker = Callable[[int, GossipNode], Any]
-
-
-def run_workers(
-    n: int,
-    fn: Worker,
-    *,
-    timeout: float = 20.0,
-    join: float = 60.0,
-    faults: FaultSpec | None = None,
-) -> list[Any]:
-    """Run ``fn(rank, node)`` on n threads, each with its own started node; return results."""
-    net = InProcNetwork(n)
-    results: list[Any] = [None] * n
-    errors: list[BaseException] = []
-
-    def worker(rank: int) -> None:
-        config = GossipConfig.local(
-            n, rank, ports=range(40000, 40000 + n), transport="inproc", timeout=timeout
-        )
-        try:
-            transport: Transport = net.transport(rank)
-            if faults is not None:
-                transport = FaultyTransport(transport, faults, seed=rank)
-            with GossipNode(config, transport=transport) as node:
-                results[rank] = fn(rank, node)
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=worker, args=(r,), daemon=True) for r in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(join)
-    assert not any(t.is_alive() for t in threads), "a worker hung"
-    if errors:
-        raise errors[0]
-    return results
+from gossip_sgp import SGP, GossipError, GossipNode, GossipTimeout
+from tests.threads import Worker, run_workers
+from transports import FaultSpec
 
 
 def quadratic_worker(

@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import topologies
 from gossip_sgp.cli import main
-from gossip_sgp.protocol import PushSumProtocol
-from gossip_sgp.pushsum import PushSumState
 from gossip_sgp.simulate import SimulationConfig, simulate
-from transports import FaultSpec, FaultyTransport, InProcNetwork, iter_messages
+from tests.mass import account
+from transports import FaultSpec
 
 
 def test_exponential_graph_averages_exactly_for_powers_of_two() -> None:
@@ -75,54 +71,6 @@ def test_simulate_cli_table_and_errors(capsys: pytest.CaptureFixture[str]) -> No
 # Mass accounting: nodes + received-not-folded + in flight + dropped == initial, every round.
 
 
-async def _run_and_account(n: int, rounds: int, spec: FaultSpec, seed: int, topo: str) -> None:
-    topology = topologies.get(topo, n)
-    gen = torch.Generator().manual_seed(seed)
-    initial = torch.randn(n, 5, generator=gen, dtype=torch.float64)
-    net = InProcNetwork(n)
-    ts = [FaultyTransport(net.transport(r), spec, seed=seed + r) for r in range(n)]
-    nodes = [PushSumProtocol(r, topology, PushSumState([initial[r].clone()])) for r in range(n)]
-    for t in ts:
-        await t.start()
-
-    async def receive(t: FaultyTransport, node: PushSumProtocol) -> None:
-        async for m in iter_messages(t):
-            node.mailbox.put(m)
-
-    tasks = [asyncio.create_task(receive(t, node)) for t, node in zip(ts, nodes, strict=True)]
-    try:
-        for rnd in range(rounds):
-            for t, node in zip(ts, nodes, strict=True):
-                for m in node.emit(rnd):
-                    await t.send(m.receiver, m)
-            await asyncio.sleep(0.002)  # let some delayed messages land, not all
-            for node in nodes:
-                node.absorb(None)
-            while any(t.inner.queued() for t in ts):  # type: ignore[attr-defined]  # noqa: ASYNC110
-                await asyncio.sleep(0)  # delivered but not yet received: let receivers run
-            # From here to the asserts nothing awaits, so nothing moves.
-            held = [node.state.numerator[0] for node in nodes]
-            held_w = [node.state.weight for node in nodes]
-            for node in nodes:
-                for tensors, w in node.mailbox.pending():
-                    held.append(tensors[0])
-                    held_w.append(w)
-            for t in ts:
-                for m in t.in_flight() + t.dropped:
-                    held.append(m.tensors[0])
-                    held_w.append(m.weight)
-            assert math.fsum(held_w) == pytest.approx(n, rel=1e-12)
-            torch.testing.assert_close(
-                torch.stack(held).sum(0), initial.sum(0), rtol=1e-10, atol=1e-10
-            )
-    finally:
-        for t in ts:
-            await t.close()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     n=st.integers(2, 10),
@@ -152,4 +100,4 @@ def test_mass_is_conserved_under_faults(
         jitter=delay / 2,
         max_hold=0.003,
     )
-    asyncio.run(_run_and_account(n, rounds, spec, seed, topo))
+    asyncio.run(account(n, rounds, spec, seed, topology=topo))

@@ -1,8 +1,10 @@
 """Transports: how push-sum messages travel between workers.
 
 One small async interface (:class:`Transport`) and one module per backend: ZeroMQ
-(:class:`ZmqTransport`, for Ethernet, WAN and cloud), in-process (:class:`InProcTransport`,
-for tests and the simulator), and a fault-injecting wrapper (:class:`FaultyTransport`).
+(:class:`ZmqTransport`, for Ethernet, WAN and cloud), torch.distributed
+(``transports.torchdist.TorchDistTransport``, gloo/NCCL inside a cluster), in-process
+(:class:`InProcTransport`, for tests and the simulator), and a fault-injecting wrapper
+(:class:`FaultyTransport`).
 """
 
 from __future__ import annotations

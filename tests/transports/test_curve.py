@@ -207,7 +207,10 @@ async def _capture(curve: bool, pattern: bytes, workdir: Path) -> bytes:
     return pcap.read_bytes()
 
 
-@pytest.mark.skipif(shutil.which("tcpdump") is None, reason="tcpdump is not installed")
+@pytest.mark.skipif(
+    shutil.which("tcpdump") is None,
+    reason="tcpdump is not installed (make test runs scripts/ensure-test-tools to install it)",
+)
 @pytest.mark.skipif(os.geteuid() != 0, reason="capturing on loopback needs root")
 @pytest.mark.asyncio
 async def test_captured_traffic_holds_no_plaintext_payload() -> None:

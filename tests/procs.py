@@ -1,0 +1,186 @@
+"""Subprocesses for the multi-process tests: start them, and make sure they are gone after.
+
+Every command runs in a session of its own. ``Jobs.cleanup`` (the ``jobs`` fixture in
+conftest.py calls it whatever the test's outcome) kills the process group of every
+descendant it can find, then the command's own group: the launchers start each worker in a
+session of its own, and so does torchrun.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import pytest
+
+CLI = (sys.executable, "-m", "gossip_sgp.cli")
+"""The default command prefix: ``gossip-sgp`` from the interpreter running the tests."""
+
+TRAIN = ["-m", "gossip_sgp.examples.train_digits", "--quiet", "--json"]
+"""``gossip-sgp launch`` arguments that train the digits example and print a JSON summary."""
+
+
+def children(pid: int) -> list[int]:
+    """The direct children of the main thread of process ``pid`` (none if it is gone)."""
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(p) for p in text.split()]
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, started by any of its threads."""
+    found: list[int] = []
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return found
+    for task in tasks:
+        try:
+            kids = [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+        for child in kids:
+            found += [child, *descendants(child)]
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def summary(out: str) -> dict[str, object]:
+    """The JSON object rank 0 prints last (behind the launcher's ``[rank 0]`` prefix)."""
+    for line in reversed(out.splitlines()):
+        if line.startswith("[rank 0] {"):
+            result: dict[str, object] = json.loads(line.removeprefix("[rank 0] "))
+            return result
+    raise AssertionError(f"no JSON summary in the output:\n{out[-4000:]}")
+
+
+def read_until(proc: subprocess.Popen[str], prefix: str, *, within: float, what: str) -> None:
+    """Read ``proc``'s output up to a line that starts with ``prefix``.
+
+    Fails with ``what`` if a line comes later than ``within`` seconds; returns at the end of
+    the output too (then the caller's checks on the workers fail).
+    """
+    assert proc.stdout is not None
+    deadline = time.monotonic() + within
+    for line in proc.stdout:
+        if line.startswith(prefix):
+            break
+        assert time.monotonic() < deadline, what
+
+
+def drain(proc: subprocess.Popen[str]) -> Callable[[float], str]:
+    """Read the rest of ``proc``'s output on a thread, so it never blocks on a full pipe.
+
+    The returned function waits up to the seconds given for the output to end, then gives
+    what was read (nothing if it had not ended).
+    """
+    stdout = proc.stdout
+    assert stdout is not None
+    rest: list[str] = []
+    thread = threading.Thread(target=lambda: rest.append(stdout.read()), daemon=True)
+    thread.start()
+
+    def collect(timeout: float) -> str:
+        thread.join(timeout)
+        return "".join(rest)
+
+    return collect
+
+
+def check_trained(result: dict[str, object], workers: int = 4) -> None:
+    """A digits run's summary: every worker at 95% or better, and the workers agree.
+
+    After ``consensus()`` the workers hold the same parameters to 1e-3 relative.
+    """
+    assert result["workers"] == workers
+    accuracies = result["accuracies"]
+    assert isinstance(accuracies, list)
+    assert len(accuracies) == workers
+    assert min(accuracies) >= 0.95
+    assert float(result["consensus_error"]) <= 1e-3  # type: ignore[arg-type]
+
+
+class Jobs:
+    """Starts commands in their own sessions; kills them and all their descendants after.
+
+    ``workers`` holds extra process ids to kill at the end (a test that looks up a
+    launcher's workers adds them, since an ended launcher no longer lists them).
+    """
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[str]] = []
+        self.workers: set[int] = set()
+
+    def start(
+        self,
+        *args: str,
+        prefix: Sequence[str] = CLI,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> subprocess.Popen[str]:
+        """``prefix + args`` (``gossip-sgp ARGS`` by default), unbuffered, output piped."""
+        proc = subprocess.Popen(
+            [*prefix, *args],
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        )
+        self.procs.append(proc)
+        return proc
+
+    def run(
+        self, *args: str, timeout: float, prefix: Sequence[str] = CLI, cwd: Path | None = None
+    ) -> str:
+        """Run a command to its end; its output, or a test failure if it fails or runs over."""
+        proc = self.start(*args, prefix=prefix, cwd=cwd)
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill(proc)
+            out, _ = proc.communicate()
+            name = "gossip-sgp" if tuple(prefix) == CLI else " ".join(prefix)
+            pytest.fail(f"{name} {' '.join(args)} ran over {timeout} s:\n{out[-4000:]}")
+        assert proc.returncode == 0, f"exit {proc.returncode}:\n{out[-4000:]}"
+        return out
+
+    def kill(self, proc: subprocess.Popen[str]) -> None:
+        """SIGKILL the process group of ``proc`` and of each of its descendants."""
+        below = descendants(proc.pid)
+        self.workers.update(below)
+        for pid in [*below, proc.pid]:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+        proc.wait(10)
+
+    def cleanup(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                self.kill(proc)
+            if proc.stdout is not None:
+                proc.stdout.close()
+        for pid in self.workers:
+            if alive(pid):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pid, signal.SIGKILL)

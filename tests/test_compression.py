@@ -1,0 +1,384 @@
+"""Compression codecs: parsing, encode/decode, validation, and exact mass conservation."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import math
+import threading
+import time
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import topologies
+from gossip_sgp import SGP, GossipConfig, GossipNode, Message
+from gossip_sgp.cli import main
+from gossip_sgp.compression import Codec, compress_share, parse_codec
+from gossip_sgp.errors import WireError
+from gossip_sgp.protocol import PushSumProtocol
+from gossip_sgp.pushsum import PushSumState
+from gossip_sgp.simulate import SimulationConfig, simulate
+from gossip_sgp.wire import REJECT_REASONS, decode, encode
+from tests.mass import account
+from tests.threads import run_threads, run_workers
+from transports import FaultSpec, InProcNetwork
+
+CPU = torch.device("cpu")
+SPECS = ["none", "fp16", "bf16", "int8", "int8:16", "topk:0.05", "topk:3", "int8:8,min=50"]
+REF_SPECS = ["int8:16,ref", "bf16,ref=3", "topk:0.05,ref", "topk:0.05,ref,step=0.3"]
+
+
+def layout(*tensors: torch.Tensor) -> list[tuple[int, torch.dtype, torch.device]]:
+    return [(t.numel(), t.dtype, t.device) for t in tensors]
+
+
+# ------------------------------------------------------------------------------ parsing
+@pytest.mark.parametrize(
+    ("spec", "name", "canonical"),
+    [
+        ("none", "none", "none"),
+        ("FP16", "fp16", "fp16"),
+        ("bf16", "bf16", "bf16"),
+        ("int8", "int8", "int8:256"),
+        ("int8:1024", "int8", "int8:1024"),
+        ("topk:0.01", "topk", "topk:0.01"),
+        ("topk:500", "topk", "topk:500"),
+        ("int8:64, min=4096", "int8", "int8:64,min=4096"),
+        ("topk:0.01,ref=50,step=0.25", "topk", "topk:0.01,ref=50,step=0.25"),
+    ],
+)
+def test_parse_codec(spec: str, name: str, canonical: str) -> None:
+    codec = parse_codec(spec)
+    assert (codec.name, codec.spec) == (name, canonical)
+    assert parse_codec(codec.spec) == codec  # the header's spec parses to the same codec
+
+
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        ("", "non-empty"),
+        ("zip", "unknown codec 'zip'"),
+        ("int8:0", "block size"),
+        ("int8:abc", "block size"),
+        ("topk", "topk needs k"),
+        ("topk:1.5", r"fraction must be in \(0, 1\)"),
+        ("topk:0", "topk count"),
+        ("topk:x", "not a number"),
+        ("fp16:3", "takes no parameter"),
+        ("none,min=3", "takes no parameters"),
+        ("int8,max=3", "unknown compression option"),
+        ("int8,min=-1", "min must be an integer"),
+        ("int8,step=0", r"step must be a number in \(0, 1\]"),
+        ("int8,step=x", "step must be a number"),
+        ("int8,ref=0", "ref must be an integer"),
+    ],
+)
+def test_parse_codec_errors(spec: str, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        parse_codec(spec)
+
+
+# ---------------------------------------------------------------------- encode / decode
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("numel", [1, 49, 50, 257, 1000])
+def test_sizes_are_known_in_advance_and_round_trip(spec: str, numel: int) -> None:
+    codec = parse_codec(spec)
+    x = torch.randn(numel, dtype=torch.float32) * 10
+    parts = codec.encode(x)
+    assert [(p.dtype, p.numel()) for p in parts] == codec.part_specs(numel, x.dtype)
+    (y,) = codec.decode(parts, layout(x), {"raw_bytes": 4 * numel})
+    assert y.dtype == x.dtype
+    assert y.shape == x.shape
+    err = (y - x).abs()
+    if not codec.compresses(numel):
+        assert torch.equal(y, x)
+    elif codec.name == "fp16":
+        assert bool((err <= x.abs() * 2**-11).all())
+    elif codec.name == "bf16":
+        assert bool((err <= x.abs() * 2**-8).all())
+    elif codec.name == "int8":
+        for start in range(0, numel, codec.block):
+            block = slice(start, start + codec.block)
+            assert float(err[block].max()) <= float(x[block].abs().max()) / 254 * 1.001
+    else:
+        k = codec.topk_count(numel)
+        kept = y != 0
+        assert int(kept.sum()) == k
+        assert torch.equal(y[kept], x[kept])
+        assert float(x[~kept].abs().max()) <= float(x[kept].abs().min())
+
+
+def test_compressed_sizes() -> None:
+    x = torch.randn(100_000)
+    raw = x.numel() * 4
+
+    def nbytes(spec: str) -> int:
+        return sum(p.numel() * p.element_size() for p in parse_codec(spec).encode(x))
+
+    assert raw / nbytes("fp16") == 2.0
+    assert raw / nbytes("int8") == pytest.approx(4 / (1 + 4 / 256), rel=1e-3)
+    assert raw / nbytes("topk:0.01") == 50.0  # k int32 indices + k float32 values
+
+
+def test_half_codecs_clip_instead_of_overflowing() -> None:
+    x = torch.tensor([1e6, -1e6, 1.0] * 30, dtype=torch.float64)
+    parts, residual = compress_share(parse_codec("fp16"), [x])
+    assert bool(torch.isfinite(parts[0]).all())
+    sent = parse_codec("fp16").decode(parts, layout(x), {"raw_bytes": x.numel() * 8})[0]
+    torch.testing.assert_close(sent + residual[0], x, rtol=0, atol=0)
+
+
+def test_int8_zero_and_tiny_blocks() -> None:
+    x = torch.zeros(300, dtype=torch.float64)
+    x[256:] = 1e-40  # a block too small for a finite 127 / absmax
+    codec = parse_codec("int8")
+    parts, residual = compress_share(codec, [x])
+    assert bool(torch.isfinite(parts[1]).all())
+    assert torch.equal(residual[0], x)  # nothing sent; everything kept by the sender
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_sent_plus_residual_is_the_share(spec: str) -> None:
+    codec = parse_codec(spec)
+    share = (torch.randn(200, dtype=torch.float64), torch.randn(30, dtype=torch.float64))
+    parts, residual = compress_share(codec, share)
+    raw = sum(t.numel() * 8 for t in share)
+    sent = codec.decode(parts, layout(*share), {"raw_bytes": raw})
+    for t, s, r in zip(share, sent, residual, strict=True):
+        torch.testing.assert_close(s + r, t, rtol=1e-15, atol=0)
+
+
+# ------------------------------------------------------------------------------ validation
+def _reject(codec: Codec, parts: list[torch.Tensor], meta: dict[str, int], reason: str) -> None:
+    with pytest.raises(WireError) as exc:
+        codec.decode(parts, [(1000, torch.float32, CPU)], meta)
+    assert exc.value.reason == reason
+    assert reason in REJECT_REASONS
+
+
+def test_decoders_reject_corrupt_payloads() -> None:
+    x = torch.randn(1000)
+    meta = {"raw_bytes": 4000}
+    topk = parse_codec("topk:10")
+    idx, values = topk.encode(x)
+    _reject(topk, [idx, values], {}, "malformed")  # raw_bytes missing
+    _reject(topk, [idx, values], {"raw_bytes": 3996}, "malformed")
+    _reject(topk, [idx], meta, "size_mismatch")
+    _reject(topk, [idx.long(), values], meta, "bad_dtype")
+    _reject(topk, [idx[:-1], values[:-1]], meta, "size_mismatch")
+    _reject(topk, [idx.view(2, 5), values], meta, "size_mismatch")
+    for bad in (idx.flip(0), torch.cat([idx[:1], idx[:-1]]), idx + 1000, idx - idx[0] - 1):
+        _reject(topk, [bad.to(torch.int32), values], meta, "malformed")
+    nan = values.clone()
+    nan[3] = math.nan
+    _reject(topk, [idx, nan], meta, "non_finite")
+
+    int8 = parse_codec("int8:100")
+    q, scales = int8.encode(x)
+    _reject(int8, [q, scales[:-1]], meta, "size_mismatch")  # block count
+    _reject(int8, [q[:-1], scales], meta, "size_mismatch")
+    _reject(int8, [q.view(torch.uint8), scales], meta, "bad_dtype")
+    _reject(int8, [q, scales.double()], meta, "bad_dtype")
+    for value in (math.inf, -1.0, math.nan):
+        bad = scales.clone()
+        bad[7] = value
+        _reject(int8, [q, bad], meta, "non_finite")
+
+    fp16 = parse_codec("fp16")
+    _reject(fp16, [x], meta, "bad_dtype")
+    _reject(fp16, [x.half(), x.half()], meta, "size_mismatch")
+
+
+def test_protocol_rejects_unknown_codec() -> None:
+    state = PushSumState([torch.zeros(10)])
+    node = PushSumProtocol(0, topologies.get("ring", 2), state)
+    message = Message(sender=1, receiver=0, round=0, seq=0, weight=0.5, tensors=(), codec="zip")
+    with pytest.raises(WireError) as exc:
+        node.decode(message)
+    assert exc.value.reason == "bad_codec"
+
+
+@pytest.mark.parametrize("spec", ["fp16", "bf16", "int8:64", "topk:0.02"])
+def test_compressed_messages_cross_the_wire(spec: str) -> None:
+    topo = topologies.get("exponential", 2)
+    sender = PushSumProtocol(0, topo, PushSumState([torch.randn(5000)]), compression=spec)
+    receiver = PushSumProtocol(1, topo, PushSumState([torch.zeros(5000)]))
+    (message,) = sender.emit(0)
+    assert message.codec == parse_codec(spec).spec
+    assert message.meta["raw_bytes"] == 20000
+    assert message.nbytes < 20000
+    frames = [bytes(f) for f in encode(message)]
+    received = decode(frames, rank=1, world_size=2, fingerprint=0, max_bytes=1 << 20)
+    assert (received.codec, received.meta) == (message.codec, message.meta)
+    direct = receiver.decode(message).tensors[0]
+    torch.testing.assert_close(receiver.decode(received).tensors[0], direct, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- mass conservation
+@pytest.mark.timeout(120)
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n=st.integers(2, 7),
+    rounds=st.integers(1, 8),
+    codec=st.sampled_from([*SPECS[1:], *REF_SPECS, "fp16,step=0.5"]),
+    dim=st.integers(1, 300),
+    drop=st.sampled_from([0.0, 0.2]),
+    duplicate=st.sampled_from([0.0, 0.3]),
+    delay=st.sampled_from([0.0, 0.003]),
+    seed=st.integers(0, 1000),
+)
+def test_mass_is_conserved_under_every_codec(
+    n: int,
+    rounds: int,
+    codec: str,
+    dim: int,
+    drop: float,
+    duplicate: float,
+    delay: float,
+    seed: int,
+) -> None:
+    # Float64 numerators: the sums below differ from the initial sum only by the rounding
+    # of the additions (share + residual, folds), far below the 1e-12 tolerance. Difference
+    # coding needs in-order, lossless links: no loss and no jitter for it.
+    reference = parse_codec(codec).reference
+    spec = FaultSpec(
+        drop=0.0 if reference else drop,
+        duplicate=duplicate,
+        delay=delay,
+        jitter=0.0 if reference else delay / 2,
+    )
+    asyncio.run(account(n, rounds, spec, seed, dim=dim, codec=codec, tol=1e-12))
+
+
+@pytest.mark.parametrize("spec", SPECS[1:] + REF_SPECS)
+def test_simulated_average_is_exact_under_compression(spec: str) -> None:
+    result = simulate(SimulationConfig(nodes=8, rounds=20, dim=400, compression=spec))
+    assert result.weight_total == pytest.approx(8.0, abs=1e-12)
+    assert result.bytes_sent < result.raw_bytes_sent
+    assert not result.rejected
+
+
+@pytest.mark.parametrize("spec", ["int8", "bf16"])
+def test_difference_coding_removes_the_consensus_floor(spec: str) -> None:
+    plain = simulate(SimulationConfig(nodes=16, rounds=30, dim=1000, compression=spec))
+    diff = simulate(SimulationConfig(nodes=16, rounds=30, dim=1000, compression=spec + ",ref"))
+    assert plain.errors[-1] > 1e-4  # error feedback alone leaves a floor
+    assert diff.errors[-1] < 1e-8  # against shared references: on to the exact average
+    assert diff.bytes_sent == plain.bytes_sent
+
+
+def test_difference_coding_rejects_messages_out_of_sequence() -> None:
+    topo = topologies.get("exponential", 2)
+    sender = PushSumProtocol(0, topo, PushSumState([torch.randn(500)]), compression="int8,ref=3")
+    receiver = PushSumProtocol(1, topo, PushSumState([torch.zeros(500)]))
+    messages = [sender.emit(r)[0] for r in range(4)]
+    assert [(m.meta["ref"], m.meta["key"]) for m in messages] == [(0, 1), (0, 0), (0, 0), (3, 1)]
+    with pytest.raises(WireError) as exc:
+        receiver.receive(messages[1])  # its key frame never arrived
+    assert exc.value.reason == "no_reference"
+    assert receiver.receive(messages[0])
+    assert not receiver.receive(messages[0])  # a duplicate: returned for the mailbox to drop
+    assert receiver.mailbox.rejected["duplicate"] == 1
+    with pytest.raises(WireError) as exc:
+        receiver.receive(messages[2])  # message 1 was lost
+    assert exc.value.reason == "no_reference"
+    assert receiver.receive(messages[3])  # the next key frame restarts the link
+    forged = dataclasses.replace(messages[1], meta={**messages[1].meta, "ref": 5})
+    fresh = PushSumProtocol(1, topo, PushSumState([torch.zeros(500)]))
+    with pytest.raises(WireError) as exc:
+        fresh.decode(forged)
+    assert exc.value.reason == "malformed"
+
+
+# ----------------------------------------------------------------------- nodes and CLI
+@pytest.mark.timeout(30)
+def test_node_rejects_and_counts_undecodable_messages() -> None:
+    net = InProcNetwork(2)
+    done = threading.Event()
+    seen: dict[str, Any] = {}
+
+    def worker(rank: int) -> None:
+        config = GossipConfig.local(2, rank, ports=range(41000, 41002), transport="inproc")
+        with GossipNode(config, transport=net.transport(rank)) as node:
+            x = torch.nn.Parameter(torch.zeros(1000))
+            sgp = SGP([x], torch.optim.SGD([x], lr=0.1), node, compression="int8")
+            if rank == 1:
+                q, scales = parse_codec("int8").encode(torch.randn(1000))
+                common: dict[str, Any] = dict(
+                    sender=1, receiver=0, round=0, weight=0.5, fingerprint=sgp.fingerprint
+                )
+                meta = {"raw_bytes": 4000}
+                node.send(
+                    [
+                        Message(seq=0, tensors=(q, scales[:1]), codec="int8", meta=meta, **common),
+                        Message(seq=1, tensors=(q, scales), codec="int9", meta=meta, **common),
+                        Message(seq=2, tensors=(q, scales), codec="int8", meta={}, **common),
+                    ]
+                )
+                done.wait(20)
+                return
+            deadline = time.monotonic() + 20
+            while sum(node.rejected.values()) < 3 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            seen["rejected"] = dict(node.rejected)
+            seen["dropped"] = dict(node.dropped)
+            seen["pending"] = sgp.protocol.mailbox.pending()
+            done.set()
+
+    run_threads(2, worker, join=25)
+    assert seen["rejected"] == {"size_mismatch": 1, "bad_codec": 1, "malformed": 1}
+    assert seen["dropped"] == {}
+    assert seen["pending"] == []  # nothing of them reached the mailbox
+
+
+def test_simulate_cli_compression(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["simulate", "--nodes", "4", "--rounds", "3", "--dim", "1000"]
+    assert main([*args, "--compression", "int8", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["compression"] == "int8"
+    assert out["raw_bytes_sent"] / out["bytes_sent"] == pytest.approx(8 / (1 + 4 / 256), rel=1e-3)
+    assert main([*args, "--compression", "topk:0.01"]) == 0
+    assert "66.67x smaller" in capsys.readouterr().out
+    assert main([*args, "--compression", "int4"]) == 2
+    assert "unknown codec 'int4'" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("spec", "atol"), [("int8", 0.05), ("int8:16,ref", 1e-6)])
+def test_sgp_workers_reach_the_joint_optimum_compressed(spec: str, atol: float) -> None:
+    # Worker i minimises 0.5 * ||x - i||^2; the joint optimum is the mean of the ranks.
+    n = 4
+
+    def worker(rank: int, node: GossipNode) -> tuple[torch.Tensor, float, dict[str, int]]:
+        x = torch.nn.Parameter(torch.zeros(200, dtype=torch.float64))
+        opt = torch.optim.SGD([x], lr=0.1)
+        sgp = SGP([x], opt, node, compression=spec)
+        for _ in range(150):
+            opt.zero_grad()
+            (0.5 * (x - float(rank)).pow(2).sum()).backward()
+            sgp.step()
+        sgp.consensus(max_rounds=32, tol=1e-12)
+        return x.detach().clone(), sgp.weight, dict(node.rejected)
+
+    results = run_workers(n, worker, join=50)
+    target = torch.full((200,), (n - 1) / 2, dtype=torch.float64)
+    for x, _, rejected in results:
+        torch.testing.assert_close(x, target, atol=atol, rtol=0)
+        assert rejected == {}
+    assert math.fsum(w for _, w, _ in results) == pytest.approx(n, abs=1e-12)
+
+
+def test_demo_and_training_script_refuse_a_bad_codec(capsys: pytest.CaptureFixture[str]) -> None:
+    from gossip_sgp.examples.train_digits import parse_args
+
+    assert main(["demo", "--compression", "topk:2.5"]) == 2
+    assert "--compression: topk fraction must be in (0, 1)" in capsys.readouterr().err
+    assert parse_args(["--compression", "int8:64,ref"]).compression == "int8:64,ref"
+    with pytest.raises(SystemExit):
+        parse_args(["--compression", "zip"])
+    assert "unknown codec 'zip'" in capsys.readouterr().err
