@@ -158,8 +158,11 @@ def save_atomically(state: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
-    if path.exists():
-        os.replace(path, _previous(path))
+    if path.exists():  # a hard link, so that rankR.pt exists at every moment, also if a
+        link = path.with_name(path.name + ".prev.tmp")  # signal lands between two renames
+        link.unlink(missing_ok=True)
+        os.link(path, link)
+        os.replace(link, _previous(path))
     os.replace(tmp, path)
 
 

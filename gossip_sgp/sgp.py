@@ -163,10 +163,11 @@ class SGP:
         self._folded_through = -1  # every round <= this has been waited for and folded in
         self.skipped_rounds = 0
         """Asynchronous rounds in which this worker kept its mass (no send credit)."""
-        self._credit = _INITIAL_CREDIT * max(
+        self._initial_credit = _INITIAL_CREDIT * max(
             (len(self.topology.out_peers(node.rank, r)) for r in range(self.topology.period)),
             default=0,
         )
+        self._credit = self._initial_credit
         self._start_rounds = _broadcast_rounds(self.topology, 0) if node.world_size > 1 else 0
         """The first rounds are synchronous in every mode: a dissemination barrier (on the
         exponential graph exactly Hensgen et al.'s), after which every worker has heard,
@@ -341,9 +342,15 @@ class SGP:
         mailbox = self.protocol.mailbox
         mailbox.set_coalesce(False)  # gossip-only rounds fold round by round, in every mode
         try:
-            return self._consensus(max_rounds, tol)
+            disagreement = self._consensus(max_rounds, tol)
         finally:
             mailbox.set_coalesce(self.staleness is None)
+        # The consensus rounds waited for every message they sent, and links deliver in
+        # order, so (short of lost messages or a cut-short consensus) no credit is in flight
+        # now: everyone starts again with an even share. Without this, the credit could sit
+        # unevenly, and a worker with none would skip its first asynchronous rounds.
+        self._credit = self._initial_credit
+        return disagreement
 
     def _consensus(self, max_rounds: int, tol: float) -> float:
         self._settle()
