@@ -192,13 +192,12 @@ def _batch(tool: str, namespace: str | None, lines: Sequence[str]) -> None:
 
 
 def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
         return False
-    except PermissionError:
-        return True
-    return True
+    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
 
 
 def _namespace_pids(namespace: str) -> list[int]:
@@ -579,31 +578,11 @@ def check() -> int:
 
 def _ping_pong(wan: WanEmulator) -> float:
     """Median TCP round trip (seconds) between host 0 and host 1 over one connection."""
-    server = (
-        "import socket,sys\n"
-        "s=socket.create_server((sys.argv[1],7000)); print('up',flush=True)\n"
-        "c,_=s.accept()\n"
-        "while (b:=c.recv(1)): c.sendall(b)\n"
-    )
-    client = (
-        "import socket,sys,time,statistics\n"
-        "c=socket.create_connection((sys.argv[1],7000),timeout=20)\n"
-        "c.setsockopt(socket.IPPROTO_TCP,socket.TCP_NODELAY,1); t=[]\n"
-        "for _ in range(5):\n"
-        " s=time.perf_counter(); c.sendall(b'x'); c.recv(1); t.append(time.perf_counter()-s)\n"
-        "print(statistics.median(t))\n"
-    )
-    srv = wan.popen(1, [sys.executable, "-c", server, wan.address(1)], stdout=subprocess.PIPE)
-    assert srv.stdout is not None
-    srv.stdout.readline()
-    out = subprocess.run(
-        wan.command(0, [sys.executable, "-c", client, wan.address(1)]),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    return float(out.stdout)
+    from benchmarks.wan_probe import run_client, start_server
+
+    start_server(wan, 1)
+    rtts: list[float] = run_client(wan, 0, "pingpong", 1, "--count", "5")["rtts"]
+    return sorted(rtts)[len(rtts) // 2]
 
 
 def cleanup(prefix: str = PREFIX, dry_run: bool = False) -> int:

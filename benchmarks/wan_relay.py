@@ -30,6 +30,7 @@ import signal
 import socket
 import struct
 import sys
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any, cast
@@ -58,6 +59,19 @@ class Link:
         if self.jitter == 0:
             return self.delay
         return max(0.0, self.delay + self.rng.uniform(-self.jitter, self.jitter))
+
+
+def at(
+    loop: asyncio.AbstractEventLoop, when: float, callback: Callable[..., None], *args: Any
+) -> asyncio.TimerHandle:
+    """``callback(*args)`` at ``when`` on ``time.monotonic()``'s clock.
+
+    Not ``loop.call_at``: uvloop's ``loop.time()`` is libuv's millisecond clock, cached
+    when the loop last woke up, so a chunk stamped with it could leave up to a few
+    milliseconds early. Timers may still fire early by libuv's rounding; ``Pipe.flush``
+    then waits on.
+    """
+    return loop.call_later(max(0.0, when - time.monotonic()), callback, *args)
 
 
 class _Mark:
@@ -107,7 +121,7 @@ class Pipe:
 
     def stamp(self) -> float:
         """When something arriving now is due; never before anything queued earlier."""
-        self.last = max(self.last, self.loop.time() + self.link.sample())
+        self.last = max(self.last, time.monotonic() + self.link.sample())
         return self.last
 
     def push(self, item: Item) -> None:
@@ -132,7 +146,7 @@ class Pipe:
         target = self.target
         if target is None or self.done:
             return
-        now = self.loop.time()
+        now = time.monotonic()
         ready: list[bytes] = []
         while self.queue and self.queue[0][0] <= now:
             _, item = self.queue.popleft()
@@ -151,7 +165,7 @@ class Pipe:
         if ready:
             target.writelines(ready)
         if self.queue:
-            self.timer = self.loop.call_at(self.queue[0][0], self.flush)
+            self.timer = at(self.loop, self.queue[0][0], self.flush)
         self._check()
 
     def set_target_paused(self, paused: bool) -> None:
@@ -231,7 +245,8 @@ class Flow:
         self.closed = False
         # The connection request travels the link like a chunk: the server sees it one
         # one-way delay after the client sent it, and no data can overtake it.
-        self.loop.call_at(self.up.stamp(), self._connect, server)
+        due = self.up.stamp()
+        at(self.loop, due, self._connect, server, due)
 
     def outgoing(self, side: Side) -> Pipe:
         return self.up if side is self.client_side else self.down
@@ -239,7 +254,10 @@ class Flow:
     def incoming(self, side: Side) -> Pipe:
         return self.down if side is self.client_side else self.up
 
-    def _connect(self, server: tuple[str, int]) -> None:
+    def _connect(self, server: tuple[str, int], due: float) -> None:
+        if time.monotonic() < due:  # the timer fired early (see ``at``)
+            at(self.loop, due, self._connect, server, due)
+            return
         task = self.loop.create_task(self._open(server))
         self.relay.tasks.add(task)
         task.add_done_callback(self.relay.tasks.discard)

@@ -1,0 +1,289 @@
+"""The WAN emulator (benchmarks/wan.py): link parsing, and real namespaces, relay and shaping.
+
+The emulator tests need root, ``ip``, ``tc`` and ``nft`` (``scripts/ensure-test-tools``
+installs nftables where it can); without them they skip and say what is missing. They check
+function, not speed: a ping-pong pays at least twice the one-way delay, a rate limit makes a
+transfer take at least most of its theoretical time, gloo works across the emulated links,
+and nothing the emulator made outlives it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks.wan import (
+    LinkSpec,
+    WanEmulator,
+    list_namespaces,
+    missing_requirements,
+    parse_link,
+)
+from benchmarks.wan_probe import run_client, start_server
+
+MISSING = missing_requirements()
+needs_root = pytest.mark.skipif(
+    bool(MISSING), reason="WAN emulator unavailable: " + "; ".join(MISSING)
+)
+PREFIX = "gsgpwantest"
+"""Namespace prefix of the emulators these tests start (the CLI's use the default)."""
+
+
+# ---------------------------------------------------------------------------- parsing
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("1gbit,50ms", LinkSpec(delay_ms=50, rate_mbit=1000)),
+        ("100mbit,100ms,jitter=5ms", LinkSpec(delay_ms=100, jitter_ms=5, rate_mbit=100)),
+        ("50ms", LinkSpec(delay_ms=50)),
+        ("10mbit", LinkSpec(rate_mbit=10)),
+        (" 0.5s , 1.5Mbit ", LinkSpec(delay_ms=500, rate_mbit=1.5)),
+        ("delay=250us,rate=64kbit", LinkSpec(delay_ms=0.25, rate_mbit=0.064)),
+    ],
+)
+def test_parse_link(text: str, expected: LinkSpec) -> None:
+    assert parse_link(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "empty"),
+        ("fast", "bad delay"),
+        ("50", "bad delay"),
+        ("10mbps", "bad delay"),
+        ("50ms,20ms", "delay given twice"),
+        ("1gbit,2gbit", "rate given twice"),
+        ("loss=1%", "unknown link field"),
+        ("10ms,jitter=20ms", "must not exceed"),
+        ("-5ms", "bad delay"),
+        ("0bit", "rate_mbit must be between"),
+    ],
+)
+def test_parse_link_rejects(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_link(text)
+
+
+def test_link_spec_validates_and_prints() -> None:
+    with pytest.raises(ValueError, match="finite"):
+        LinkSpec(delay_ms=float("nan"))
+    with pytest.raises(ValueError, match="number"):
+        LinkSpec(rate_mbit=True)
+    spec = LinkSpec(delay_ms=100, jitter_ms=5, rate_mbit=100)
+    assert parse_link(str(spec)) == spec
+
+
+def test_emulator_arguments() -> None:
+    with pytest.raises(ValueError, match="hosts"):
+        WanEmulator(0)
+    with pytest.raises(ValueError, match=r"not in 0\.\.1"):
+        WanEmulator(2, links={2: LinkSpec()})
+    with pytest.raises(ValueError, match="cannot delay"):
+        WanEmulator(2, "10ms", relay=False)
+    wan = WanEmulator(3, "1gbit,50ms", {2: "10mbit,10ms"})
+    assert wan.delay_ms(0, 1) == 50
+    assert wan.delay_ms(2, 0) == wan.delay_ms(0, 2) == 30
+    assert wan.delay_ms(1, 1) == 0
+    assert wan.link(2) == LinkSpec(delay_ms=10, rate_mbit=10)
+    assert wan.address(1) == "10.1.1.2"
+    assert wan.command(1, ["true"])[-2:] == [wan.namespace(1), "true"]
+    with pytest.raises(ValueError, match="host must be"):
+        wan.address(3)
+
+
+# ---------------------------------------------------------------------------- emulator
+
+
+def _leftovers(name: str) -> list[str]:
+    return [n for n in list_namespaces(PREFIX) if n.startswith(name)]
+
+
+@needs_root
+@pytest.mark.timeout(60)
+def test_delay_and_overrides() -> None:
+    with WanEmulator(3, "50ms", {2: "10ms"}, prefix=PREFIX) as wan:
+        start_server(wan, 1)
+        start_server(wan, 2)
+        far = run_client(wan, 0, "pingpong", 1, "--count", "5")
+        near = run_client(wan, 0, "pingpong", 2, "--count", "5")
+        # The loopback of each host is up, and its own address is not delayed.
+        local = run_client(wan, 2, "pingpong", 2, "--count", "5")
+    assert min(far["rtts"]) >= 0.1, far
+    assert max(far["rtts"]) < 1.0, far
+    assert far["first"] >= 0.1, far  # the connection request pays the delay too
+    assert min(near["rtts"]) >= 0.06, near
+    assert max(near["rtts"]) < 0.6, near
+    assert max(local["rtts"]) < 0.05, local
+
+
+@needs_root
+@pytest.mark.timeout(60)
+def test_rate_limit() -> None:
+    nbytes = 3_000_000
+    with WanEmulator(2, "20mbit", prefix=PREFIX) as wan:
+        start_server(wan, 1)
+        result = run_client(wan, 0, "send", 1, "--bytes", str(nbytes))
+    theoretical = nbytes * 8 / 20e6  # 1.2 s
+    assert result["seconds"] >= 0.8 * theoretical, result
+
+
+@needs_root
+@pytest.mark.timeout(60)
+def test_jitter_keeps_byte_order() -> None:
+    with WanEmulator(2, "20ms,jitter=15ms", prefix=PREFIX, seed=1) as wan:
+        start_server(wan, 1)
+        # many chunks, each with its own delay draw: any overtaking changes the hash
+        run_client(wan, 0, "send", 1, "--bytes", "4000000", "--verify")
+        pings = run_client(wan, 0, "pingpong", 1, "--count", "10")
+    assert min(pings["rtts"]) >= 0.01, pings  # two draws of at least 5 ms
+    assert len(set(pings["rtts"])) > 1, pings
+
+
+GLOO = textwrap.dedent(
+    """
+    import json, sys, time
+    from datetime import timedelta
+    import torch, torch.distributed as dist
+    rank, master = int(sys.argv[1]), sys.argv[2]
+    dist.init_process_group("gloo", init_method=f"tcp://{master}:29500", rank=rank,
+                            world_size=2, timeout=timedelta(seconds=40))
+    times = []
+    for _ in range(3):
+        t = torch.full((1000,), float(rank + 1))
+        start = time.perf_counter()
+        dist.all_reduce(t)
+        times.append(time.perf_counter() - start)
+    print(json.dumps({"sum": t.tolist()[:3], "times": times}), flush=True)
+    dist.destroy_process_group()
+    """
+)
+
+
+@needs_root
+@pytest.mark.timeout(90)
+def test_gloo_all_reduce_crosses_the_links() -> None:
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "eth0"}
+    with WanEmulator(2, "25ms", prefix=PREFIX) as wan:
+        procs = [
+            wan.popen(
+                rank,
+                [sys.executable, "-c", GLOO, str(rank), wan.address(0)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for rank in range(2)
+        ]
+        outputs = [proc.communicate(timeout=80) for proc in procs]
+    for proc, (out, err) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, err[-3000:]
+        result = json.loads(out.strip().splitlines()[-1])
+        assert result["sum"] == [3.0, 3.0, 3.0]
+        # each all_reduce waits for the other rank's data: at least one one-way delay
+        assert min(result["times"]) >= 0.02, result
+
+
+def _namespace_pids(names: list[str]) -> list[int]:
+    return [
+        int(pid)
+        for name in names
+        for pid in subprocess.run(
+            ["ip", "netns", "pids", name], capture_output=True, text=True, check=True
+        ).stdout.split()
+    ]
+
+
+def _gone(pids: list[int], timeout: float = 5.0) -> bool:
+    """Whether all ``pids`` have exited (and been reaped) within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while any(Path(f"/proc/{p}").exists() for p in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _fail_inside(wan: WanEmulator, seen: dict[str, Any]) -> None:
+    with wan:
+        seen["started"] = [wan.popen(0, ["sleep", "600"]).pid]
+        # started without popen and left running: the namespace's own cleanup kills it
+        seen["untracked"] = subprocess.Popen(wan.command(1, ["sleep", "600"]))
+        seen["names"] = _leftovers(wan.router_namespace[:-2])
+        seen["relay"] = _namespace_pids([wan.router_namespace])
+        raise RuntimeError("body failed")
+
+
+@needs_root
+@pytest.mark.timeout(60)
+def test_everything_removed_when_the_body_raises() -> None:
+    wan = WanEmulator(2, "10mbit,5ms", prefix=PREFIX)
+    seen: dict[str, Any] = {}
+    try:
+        with pytest.raises(RuntimeError, match="body failed"):
+            _fail_inside(wan, seen)
+        assert len(seen["names"]) == 3
+        assert len(seen["relay"]) == 1
+        assert _leftovers(wan.router_namespace[:-2]) == []
+        assert _gone(seen["started"] + seen["relay"])
+        assert seen["untracked"].wait(5) == -signal.SIGTERM  # killed by the emulator
+    finally:
+        if "untracked" in seen:
+            seen["untracked"].kill()
+            seen["untracked"].wait()
+
+
+@needs_root
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_cli_removes_everything_on_signal(sig: signal.Signals) -> None:
+    cli = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.wan",
+            "run",
+            "--hosts",
+            "2",
+            "--link",
+            "10ms",
+            "--",
+            "sh",
+            "-c",
+            "echo {rank} ready; exec sleep 600",
+        ],
+        cwd=Path(__file__).parent.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # Ctrl-C would reach the whole group; here only the CLI
+    )
+    try:
+        assert cli.stdout is not None
+        ready = {cli.stdout.readline().strip() for _ in range(2)}
+        assert ready == {"0 ready", "1 ready"}, cli.stderr.read() if cli.stderr else ""
+        names = [n for n in list_namespaces() if n.startswith(f"gsgpwan-{cli.pid}-")]
+        assert len(names) == 3
+        sleepers = _namespace_pids(names)
+        assert len(sleepers) == 3  # two sleeps and the relay
+        cli.send_signal(sig)
+        code = cli.wait(30)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+        cli.communicate()  # reaps it and closes the pipes
+    assert code == 128 + sig
+    assert [n for n in list_namespaces() if n.startswith(f"gsgpwan-{cli.pid}-")] == []
+    assert _gone(sleepers)
