@@ -252,8 +252,10 @@ class WanEmulator:
     ``min(r_i, r_j)``. Only TCP is delayed; UDP and ICMP are routed (and rate limited)
     without delay.
 
-    ``relay=False`` leaves the relay out: plain routing and rate limits (the delay must be
-    0); for measuring the relay's overhead. ``seed`` fixes the jitter's random draws.
+    TCP between two hosts with no delay and no jitter is routed directly, without the relay
+    (which costs CPU). ``relay=True`` sends every TCP connection through the relay, delayed
+    or not, and ``relay=False`` none (then the delay must be 0): for measuring the relay's
+    overhead. ``seed`` fixes the jitter's random draws.
     ``prefix`` starts every namespace name (then ``-<pid>-<random>``).
 
     Leaving the ``with`` block, also by an exception, or ``close()`` kills every process
@@ -269,7 +271,7 @@ class WanEmulator:
         link: LinkSpec | str = LinkSpec(),
         links: Mapping[int, LinkSpec | str] | None = None,
         *,
-        relay: bool = True,
+        relay: bool | None = None,
         seed: int | None = None,
         prefix: str = PREFIX,
     ) -> None:
@@ -284,9 +286,11 @@ class WanEmulator:
             if isinstance(host, bool) or not isinstance(host, int) or not 0 <= host < hosts:
                 raise ValueError(f"links: host {host!r} is not in 0..{hosts - 1}")
             self._links[host] = _as_link(spec)
-        if not relay and any(s.delay_ms or s.jitter_ms for s in self._links):
+        if relay is False and any(s.delay_ms or s.jitter_ms for s in self._links):
             raise ValueError("relay=False cannot delay: the delay comes from the relay")
-        self._use_relay = relay
+        if relay not in (None, True, False):
+            raise ValueError(f"relay must be None, True or False, got {relay!r}")
+        self._relay_mode = relay
         self._seed = seed
         self._name = f"{prefix}-{os.getpid()}-{secrets.token_hex(3)}"
         self._created: list[str] = []
@@ -416,14 +420,21 @@ class WanEmulator:
                 _batch("tc", self.namespace(i), _shaping("eth0", rate))
                 router_tc += _shaping(f"h{i}", rate)
         _batch("tc", router, router_tc)
-        if self._use_relay:
+        delayed = [i for i, s in enumerate(self._links) if s.delay_ms or s.jitter_ms]
+        if self._relay_mode is True:
+            delayed = list(range(self._hosts))
+        if delayed:
             port = self._start_relay()
             hosts = ", ".join(self.address(i) for i in range(self._hosts))
+            slow = ", ".join(self.address(i) for i in delayed)
+            # Every TCP connection between two hosts of which one (at least) has a delay.
             rules = (
                 "table ip gossip_sgp_wan {\n"
                 "  chain prerouting {\n"
                 "    type nat hook prerouting priority dstnat; policy accept;\n"
-                f"    ip saddr {{ {hosts} }} ip daddr {{ {hosts} }} ip protocol tcp"
+                f"    ip saddr {{ {hosts} }} ip daddr {{ {slow} }} ip protocol tcp"
+                f" redirect to :{port}\n"
+                f"    ip saddr {{ {slow} }} ip daddr {{ {hosts} }} ip protocol tcp"
                 f" redirect to :{port}\n"
                 "  }\n"
                 "}\n"

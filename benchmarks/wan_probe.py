@@ -8,14 +8,15 @@ and ``python -m benchmarks.wan check`` run it inside the hosts' namespaces).
 ``serve`` prints ``listening`` once it accepts connections, then serves each in a thread:
 the client's first byte picks the mode, ``p`` (echo one-byte messages), ``s`` (read to
 the end of the stream, then answer the byte count as 8 bytes) or ``h`` (the same, then also
-the SHA-256 of the bytes). ``pingpong`` and ``send``
+the SHA-256 of the bytes); in these two it first answers ``!``. ``pingpong`` and ``send``
 print one JSON object, times in seconds:
 
 * pingpong: ``connect`` (until ``connect()`` returned), ``first`` (from before
   ``connect()`` until the first echo came back: connection set-up included) and ``rtts``
   (``--count`` more one-byte round trips on the same connection);
-* send: ``seconds`` from the first byte sent until the server's count came back (the
-  transfer plus one round trip) and ``bytes``; with ``--verify`` it sends random bytes
+* send: ``seconds`` from the first byte sent (after a first exchange, so connection
+  set-up is not counted) until the server's count came back (the transfer plus one round
+  trip) and ``bytes``; with ``--verify`` it sends random bytes
   and fails unless the server's SHA-256 of what it received matches (order included).
 
 Standard library only: this file runs as a script. ``start_server`` and ``run_client``
@@ -62,6 +63,7 @@ def _handle(conn: socket.socket) -> None:
             while byte := conn.recv(1):
                 conn.sendall(byte)
         elif mode in (b"s", b"h"):
+            conn.sendall(b"!")  # the client starts its clock on this
             buffer = bytearray(CHUNK)
             digest = hashlib.sha256()
             total = 0
@@ -106,6 +108,7 @@ def send(host: str, port: int, nbytes: int, timeout: float, verify: bool) -> dic
     payload = memoryview(os.urandom(nbytes) if verify else bytes(min(nbytes, CHUNK)))
     with _connect(host, port, timeout) as conn:
         conn.sendall(b"h" if verify else b"s")
+        _recv_exact(conn, 1)  # connection set-up done: time the transfer alone
         start = time.perf_counter()
         sent = 0
         while sent < nbytes:

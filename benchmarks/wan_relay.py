@@ -124,6 +124,10 @@ class Pipe:
         self.last = max(self.last, time.monotonic() + self.link.sample())
         return self.last
 
+    def hold(self, until: float) -> None:
+        """Nothing queued from now on is due before ``until``."""
+        self.last = max(self.last, until)
+
     def push(self, item: Item) -> None:
         if self.ended:
             return  # the target is gone: discard
@@ -243,10 +247,17 @@ class Flow:
         self.up.source = client
         self.down.attach(client)
         self.closed = False
-        # The connection request travels the link like a chunk: the server sees it one
-        # one-way delay after the client sent it, and no data can overtake it.
-        due = self.up.stamp()
-        at(self.loop, due, self._connect, server, due)
+        # TCP's three-way handshake, one draw of the link's delay per trip. The client's
+        # kernel completed it with us at once, so its connect() returned at once; what it
+        # sends before its connect() would have returned leaves then, so that the first
+        # request and the first answer arrive when they would over the real link.
+        now = time.monotonic()
+        syn = now + forward.sample()  # the server gets the request: we connect to it
+        self.synack = syn + backward.sample()  # the client would learn of a refusal
+        ack = self.synack + forward.sample()  # the server's accept() would return
+        self.up.hold(ack)
+        self.down.hold(ack + backward.sample())
+        at(self.loop, syn, self._connect, server, syn)
 
     def outgoing(self, side: Side) -> Pipe:
         return self.up if side is self.client_side else self.down
@@ -266,14 +277,18 @@ class Flow:
         try:
             transport, _ = await self.loop.create_connection(lambda: self.server_side, *server)
         except OSError:
-            # Refused or unreachable: the client learns it one one-way delay later.
-            self.down.push(RESET)
-            self.up.drop()
+            # Refused or unreachable: the client learns it with the SYN-ACK's timing.
+            at(self.loop, self.synack, self._refuse)
             return
         self.server = transport
         self.down.source = transport
         self.up.attach(transport)
         self._maybe_close()
+
+    def _refuse(self) -> None:
+        self.up.drop()
+        self.down.drop()
+        reset(self.client)
 
     def lost(self, side: Side, exc: Exception | None) -> None:
         self.incoming(side).drop()  # nobody left to hand that direction to

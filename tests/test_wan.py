@@ -110,6 +110,19 @@ def _leftovers(name: str) -> list[str]:
     return [n for n in list_namespaces(PREFIX) if n.startswith(name)]
 
 
+REFUSED = textwrap.dedent(
+    """
+    import socket, sys, time
+    start = time.perf_counter()
+    try:
+        with socket.create_connection((sys.argv[1], 9), timeout=10) as conn:
+            conn.recv(1)
+    except OSError as exc:
+        print(type(exc).__name__, time.perf_counter() - start)
+    """
+)
+
+
 @needs_root
 @pytest.mark.timeout(60)
 def test_delay_and_overrides() -> None:
@@ -120,9 +133,20 @@ def test_delay_and_overrides() -> None:
         near = run_client(wan, 0, "pingpong", 2, "--count", "5")
         # The loopback of each host is up, and its own address is not delayed.
         local = run_client(wan, 2, "pingpong", 2, "--count", "5")
+        refused = subprocess.run(
+            wan.command(0, [sys.executable, "-c", REFUSED, wan.address(1)]),
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout.split()
     assert min(far["rtts"]) >= 0.1, far
     assert max(far["rtts"]) < 1.0, far
-    assert far["first"] >= 0.1, far  # the connection request pays the delay too
+    # handshake (2 x 50 ms) before the first request (50 ms) and its answer (50 ms)
+    assert far["first"] >= 0.2, far
+    # a port nobody listens on: reset after the SYN's and the SYN-ACK's delay
+    assert refused[0] == "ConnectionResetError", refused
+    assert 0.1 <= float(refused[1]) < 1.0, refused
     assert min(near["rtts"]) >= 0.06, near
     assert max(near["rtts"]) < 0.6, near
     assert max(local["rtts"]) < 0.05, local
