@@ -6,8 +6,9 @@
 Three measurements between two emulated hosts, with ``benchmarks/wan_probe.py``:
 
 * delay: one-byte TCP ping-pongs over one connection (``--pings`` of them) for several
-  one-way delays; the round trip should be twice the delay. Also the first exchange on a
-  fresh connection (connect, request, answer), which over a real link takes two round trips.
+  one-way delays; the round trip should be twice the delay. Also the first exchange on each
+  of 5 fresh connections (connect, request, answer), which over a real link takes two round
+  trips (the TCP handshake, then the request).
 * overhead: ``--size-mib`` MiB transfers with no delay and no rate limit, through the relay
   (``relay=True``; without a delay the emulator would route them directly) against plain
   routing between the same namespaces (``relay=False``), the two taking turns
@@ -47,12 +48,12 @@ def measure_delay(pings: int) -> dict[str, Any]:
     for text in DELAYS:
         with WanEmulator(2, text, seed=0) as wan:
             start_server(wan, 1)
-            result = run_client(wan, 0, "pingpong", 1, "--count", str(pings))
+            result = run_client(wan, 0, "pingpong", 1, "--count", str(pings), "--connections", "5")
         rtt = 2 * parse_link(text).delay_ms / 1000
         out[text] = {
             "configured_rtt_s": rtt,
             "rtt_s": summary(result["rtts"]),
-            "first_exchange_s": result["first"],
+            "first_exchange_s": summary(result["firsts"]),
             "configured_first_exchange_s": 2 * rtt,
         }
     return out
@@ -116,12 +117,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"delay: TCP round trip, ms, min / median / max of {args.pings}")
+    print(
+        f"delay, ms: round trip (min / median / max of {args.pings}) and first exchange on a"
+        " new connection (of 5)"
+    )
     for text, r in result["delay"].items():
         print(
-            f"  {text:18s} configured {r['configured_rtt_s'] * 1e3:6.1f}  measured "
-            f"{_row(r['rtt_s'], 1e3)}   first exchange {r['first_exchange_s'] * 1e3:6.1f}"
-            f" (configured {r['configured_first_exchange_s'] * 1e3:.1f})"
+            f"  {text:17s} round trip     configured {r['configured_rtt_s'] * 1e3:6.1f}"
+            f"  measured {_row(r['rtt_s'], 1e3)}"
+        )
+        print(
+            f"  {'':17s} first exchange configured {r['configured_first_exchange_s'] * 1e3:6.1f}"
+            f"  measured {_row(r['first_exchange_s'], 1e3)}"
         )
     o = result["overhead"]
     print(f"overhead: {o['size_mib']} MiB transfers, no delay, no rate limit; MB/s")

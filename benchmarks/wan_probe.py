@@ -13,7 +13,9 @@ print one JSON object, times in seconds:
 
 * pingpong: ``connect`` (until ``connect()`` returned), ``first`` (from before
   ``connect()`` until the first echo came back: connection set-up included) and ``rtts``
-  (``--count`` more one-byte round trips on the same connection);
+  (``--count`` more one-byte round trips on the same connection); with
+  ``--connections N``, ``firsts`` has that of N connections one after the other (``rtts``
+  and ``connect`` are the last one's);
 * send: ``seconds`` from the first byte sent (after a first exchange, so connection
   set-up is not counted) until the server's count came back (the transfer plus one round
   trip) and ``bytes``; with ``--verify`` it sends random bytes
@@ -88,20 +90,28 @@ def _connect(host: str, port: int, timeout: float) -> socket.socket:
     return conn
 
 
-def pingpong(host: str, port: int, count: int, timeout: float) -> dict[str, object]:
-    start = time.perf_counter()
-    with _connect(host, port, timeout) as conn:
-        connected = time.perf_counter() - start
-        conn.sendall(b"px")
-        _recv_exact(conn, 1)
-        first = time.perf_counter() - start
-        rtts = []
-        for _ in range(count):
-            t = time.perf_counter()
-            conn.sendall(b"x")
+def pingpong(
+    host: str, port: int, count: int, timeout: float, connections: int = 1
+) -> dict[str, object]:
+    if connections < 1:
+        raise ValueError("connections must be >= 1")
+    firsts: list[float] = []
+    rtts: list[float] = []
+    connected = 0.0
+    for _ in range(connections):
+        start = time.perf_counter()
+        with _connect(host, port, timeout) as conn:
+            connected = time.perf_counter() - start
+            conn.sendall(b"px")
             _recv_exact(conn, 1)
-            rtts.append(time.perf_counter() - t)
-    return {"connect": connected, "first": first, "rtts": rtts}
+            firsts.append(time.perf_counter() - start)
+            rtts = []
+            for _ in range(count):
+                t = time.perf_counter()
+                conn.sendall(b"x")
+                _recv_exact(conn, 1)
+                rtts.append(time.perf_counter() - t)
+    return {"connect": connected, "first": firsts[0], "firsts": firsts, "rtts": rtts}
 
 
 def send(host: str, port: int, nbytes: int, timeout: float, verify: bool) -> dict[str, object]:
@@ -168,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         if name != "serve":
             p.add_argument("--timeout", type=float, default=60.0, help="socket timeout, s")
     sub.choices["pingpong"].add_argument("--count", type=int, default=10)
+    sub.choices["pingpong"].add_argument("--connections", type=int, default=1)
     sub.choices["send"].add_argument("--bytes", type=int, required=True)
     sub.choices["send"].add_argument("--verify", action="store_true", help="check the bytes")
     args = parser.parse_args(argv)
@@ -175,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         serve(args.host, args.port)
         return 0
     if args.mode == "pingpong":
-        result = pingpong(args.host, args.port, args.count, args.timeout)
+        result = pingpong(args.host, args.port, args.count, args.timeout, args.connections)
     else:
         result = send(args.host, args.port, args.bytes, args.timeout, args.verify)
     print(json.dumps(result))
