@@ -636,33 +636,54 @@ def _substitute(argv: Sequence[str], values: Mapping[str, str]) -> list[str]:
     return out
 
 
+def job_environment(wan: WanEmulator, rank: int, port: int) -> dict[str, str]:
+    """What ``run`` adds to host ``rank``'s environment (see its ``--help``)."""
+    n = wan.hosts
+    return {
+        "WAN_RANK": str(rank),
+        "WAN_HOSTS": str(n),
+        "WAN_ADDRESS": wan.address(rank),
+        "WAN_ADDRESSES": ",".join(wan.address(i) for i in range(n)),
+        # torch.distributed / torchrun conventions
+        "RANK": str(rank),
+        "WORLD_SIZE": str(n),
+        "LOCAL_RANK": "0",
+        "LOCAL_WORLD_SIZE": "1",
+        "MASTER_ADDR": wan.address(0),
+        "MASTER_PORT": str(port),
+        # gossip-sgp's peer list, one port above MASTER_PORT on every host
+        "GOSSIP_SGP_RANK": str(rank),
+        "GOSSIP_SGP_PEERS": ",".join(f"{wan.address(i)}:{port + 1}" for i in range(n)),
+    }
+
+
 def run(
-    hosts: int, link: LinkSpec, links: Mapping[int, LinkSpec], argv: Sequence[str], seed: int | None
+    hosts: int,
+    link: LinkSpec,
+    links: Mapping[int, LinkSpec],
+    argv: Sequence[str],
+    seed: int | None,
+    port: int,
 ) -> int:
     """Run ``argv`` once per host, each in its namespace; the first failure's exit code."""
     with WanEmulator(hosts, link, links, seed=seed) as wan:
-        addresses = ",".join(wan.address(i) for i in range(hosts))
         print(
-            f"wan: {hosts} hosts {addresses} ({wan.router_namespace[:-2]}-*), link {link}"
+            f"wan: {hosts} hosts {wan.address(0)}..{wan.address(hosts - 1)} "
+            f"({wan.router_namespace[:-2]}-*), link {link}"
             + "".join(f"; host {h}: {s}" for h, s in sorted(links.items())),
             file=sys.stderr,
             flush=True,
         )
+        base = {k: v for k, v in os.environ.items() if not k.startswith("GOSSIP_SGP_")}
         procs = []
         for i in range(hosts):
-            values = {
-                "rank": str(i),
-                "hosts": str(hosts),
-                "address": wan.address(i),
-                "addresses": addresses,
-            }
-            env = dict(os.environ)
-            env.update({f"WAN_{k.upper()}": v for k, v in values.items()})
+            env = job_environment(wan, i, port)
+            values = {k.removeprefix("WAN_").lower(): v for k, v in env.items() if "WAN_" in k}
             procs.append(
                 wan.popen(
                     i,
                     _substitute(argv, values),
-                    env=env,
+                    env={**base, **env},
                     stdin=None if i == 0 else subprocess.DEVNULL,
                 )
             )
@@ -712,14 +733,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         description=(
             "Run CMD once per emulated host, each in its own network namespace, and wait\n"
             "for all of them. In every argument {rank}, {hosts}, {address} (this host's\n"
-            "IPv4 address) and {addresses} (all of them, comma-separated) are replaced;\n"
-            "the environment has them as WAN_RANK, WAN_HOSTS, WAN_ADDRESS, WAN_ADDRESSES.\n"
+            "IPv4 address) and {addresses} (all of them, comma-separated) are replaced.\n"
+            "The environment has them as WAN_RANK, WAN_HOSTS, WAN_ADDRESS, WAN_ADDRESSES,\n"
+            "and is set up for torch.distributed (RANK, WORLD_SIZE, LOCAL_RANK=0,\n"
+            "MASTER_ADDR=host 0, MASTER_PORT=--port) and for gossip-sgp workers\n"
+            "(GOSSIP_SGP_RANK, GOSSIP_SGP_PEERS on --port + 1; other GOSSIP_SGP_*\n"
+            "variables are not passed on), so `gossip-sgp launch` scripts run unchanged.\n"
             "Rank 0 gets the standard input. When one command fails, the others are\n"
             "stopped. Everything is removed at the end, also on Ctrl-C or SIGTERM."
         ),
         epilog=(
-            "example:\n  python -m benchmarks.wan run --hosts 2 --link 100mbit,50ms -- "
-            "sh -c 'echo rank {rank} is {address}'"
+            "examples:\n"
+            "  python -m benchmarks.wan run --hosts 2 --link 100mbit,50ms -- "
+            "sh -c 'echo rank {rank} is {address}'\n"
+            "  python -m benchmarks.wan run --hosts 4 --link 100mbit,25ms -- "
+            "python examples/train_digits.py --epochs 5"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -739,6 +767,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="another link for one host, e.g. 3=10mbit,200ms (repeatable)",
     )
     runp.add_argument("--seed", type=int, help="seed of the jitter's random draws")
+    runp.add_argument(
+        "--port",
+        type=int,
+        default=29500,
+        help="MASTER_PORT; gossip-sgp peers listen on PORT + 1 (default 29500)",
+    )
     runp.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ...")
     runp.set_defaults(
         handler=lambda a: run(
@@ -747,6 +781,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             dict(a.host_link),
             a.cmd[1:] if a.cmd[:1] == ["--"] else a.cmd,
             a.seed,
+            a.port,
         )
     )
     cleanp = sub.add_parser(
@@ -761,6 +796,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("run: give the command after --")
         if not 1 <= args.hosts <= MAX_HOSTS:
             parser.error(f"run: --hosts must be from 1 to {MAX_HOSTS}")
+        if not 1 <= args.port <= 65534:
+            parser.error("run: --port must be from 1 to 65534")
         for host, _ in args.host_link:
             if host >= args.hosts:
                 parser.error(f"run: --host-link {host}: there are only {args.hosts} hosts")

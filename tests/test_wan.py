@@ -287,7 +287,7 @@ def test_cli_removes_everything_on_signal(sig: signal.Signals) -> None:
             "--",
             "sh",
             "-c",
-            "echo {rank} ready; exec sleep 600",
+            "echo {rank} ready $MASTER_ADDR $GOSSIP_SGP_PEERS; exec sleep 600",
         ],
         cwd=Path(__file__).parent.parent,
         stdout=subprocess.PIPE,
@@ -298,7 +298,8 @@ def test_cli_removes_everything_on_signal(sig: signal.Signals) -> None:
     try:
         assert cli.stdout is not None
         ready = {cli.stdout.readline().strip() for _ in range(2)}
-        assert ready == {"0 ready", "1 ready"}, cli.stderr.read() if cli.stderr else ""
+        peers = "10.1.0.2:29501,10.1.1.2:29501"
+        assert ready == {f"0 ready 10.1.0.2 {peers}", f"1 ready 10.1.0.2 {peers}"}, ready
         names = [n for n in list_namespaces() if n.startswith(f"gsgpwan-{cli.pid}-")]
         assert len(names) == 3
         sleepers = _namespace_pids(names)
