@@ -20,10 +20,10 @@ namespace ``<prefix>-r`` (address ``10.X.Y.2``, its router ``10.X.Y.1``). The ro
 forwards IPv4 between the links. HTB qdiscs shape each host's uplink (its end of the veth)
 and downlink (the router's end). This kernel family has no ``netem``, so the delay comes from
 user space: an nftables ``redirect`` rule in the router sends every TCP connection from one
-host to another to a relay process (``benchmarks/wan_relay.py``) in the router, which opens
-the connection to the real destination after one one-way delay and hands on the bytes of
-each direction one one-way delay (plus jitter) after they arrived. See
-``docs/wan-emulator.md`` for the semantics, accuracy and limits.
+host to another (of which one has a delay) to a relay process (``benchmarks/wan_relay.py``)
+in the router, which opens the connection to the real destination after one one-way delay
+and hands on the bytes of each direction one one-way delay (plus jitter) after they
+arrived. See ``docs/wan-emulator.md`` for the semantics, accuracy and limits.
 """
 
 from __future__ import annotations
@@ -44,13 +44,13 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import IO, Any
 
-__all__ = ["LinkSpec", "WanEmulator", "WanError", "parse_link"]
+__all__ = ["LinkSpec", "WanEmulator", "WanError", "job_environment", "parse_link"]
 
 PREFIX = "gsgpwan"
 """Start of every namespace name the emulator creates (then ``-<pid>-<random>``)."""
@@ -239,10 +239,10 @@ def _delete_namespaces(namespaces: Sequence[str]) -> None:
 
 
 def list_namespaces(prefix: str = PREFIX) -> list[str]:
-    """Names of the network namespaces whose name starts with ``prefix-``."""
+    """Names of the network namespaces whose name starts with ``prefix-`` (all for "")."""
     out = _run(["ip", "netns", "list"])
     names = [line.split()[0] for line in out.splitlines() if line.strip()]
-    return [n for n in names if n.startswith(prefix + "-")]
+    return [n for n in names if not prefix or n.startswith(prefix + "-")]
 
 
 # ---------------------------------------------------------------------------- emulator
@@ -499,6 +499,14 @@ class WanEmulator:
                 return
             self._closed = True
         try:
+            with _signals_deferred():
+                self._stop()
+        finally:
+            self._restore_signals()
+            atexit.unregister(self.close)
+
+    def _stop(self) -> None:
+        try:
             for proc in self._procs:
                 if proc.poll() is None:
                     proc.terminate()
@@ -525,8 +533,6 @@ class WanEmulator:
         finally:
             if self._relay_log is not None:
                 self._relay_log.close()
-            self._restore_signals()
-            atexit.unregister(self.close)
 
     def _catch_signals(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -545,6 +551,29 @@ class WanEmulator:
 
 def _exit_on_signal(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT, SIGTERM and SIGHUP back (in the main thread), deliver them after.
+
+    A second Ctrl-C must not cut the clean-up short and leave namespaces behind.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    saved = {
+        sig: signal.signal(sig, lambda signum, frame: caught.append(signum))
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    }
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+        for signum in dict.fromkeys(caught):
+            signal.raise_signal(signum)
 
 
 def _shaping(device: str, rate_mbit: float) -> list[str]:
@@ -608,10 +637,15 @@ def _ping_pong(wan: WanEmulator) -> float:
 
 
 def cleanup(prefix: str = PREFIX, dry_run: bool = False) -> int:
-    """Delete namespaces left by emulators whose process is gone (e.g. after SIGKILL)."""
-    stale: list[str] = []
-    for name in list_namespaces(prefix):
-        match = re.match(rf"{re.escape(prefix)}[a-z0-9]*-(\d+)-", name)
+    """Delete namespaces left by emulators whose process is gone (e.g. after SIGKILL).
+
+    Matches the names ``WanEmulator`` gives (``<prefix>[a-z0-9]*-<pid>-<6 hex>-r`` or
+    ``-h<i>``, so also those of the tests and of ``check``) whose ``<pid>`` is dead.
+    """
+    pattern = re.compile(rf"{re.escape(prefix)}[a-z0-9]*-(\d+)-[0-9a-f]{{6}}-(r|h\d+)")
+    stale = []
+    for name in list_namespaces(""):
+        match = pattern.fullmatch(name)
         if match and not _alive(int(match.group(1))):
             stale.append(name)
     for name in stale:
@@ -637,7 +671,11 @@ def _substitute(argv: Sequence[str], values: Mapping[str, str]) -> list[str]:
 
 
 def job_environment(wan: WanEmulator, rank: int, port: int) -> dict[str, str]:
-    """What ``run`` adds to host ``rank``'s environment (see its ``--help``)."""
+    """What ``run`` adds to host ``rank``'s environment (see its ``--help``).
+
+    ``GLOO_SOCKET_IFNAME=eth0`` matters to any gloo job in the emulator: without it gloo
+    advertises the address the host name resolves to, which is loopback.
+    """
     n = wan.hosts
     return {
         "WAN_RANK": str(rank),
@@ -651,6 +689,8 @@ def job_environment(wan: WanEmulator, rank: int, port: int) -> dict[str, str]:
         "LOCAL_WORLD_SIZE": "1",
         "MASTER_ADDR": wan.address(0),
         "MASTER_PORT": str(port),
+        # gloo would pick the address the host name resolves to (loopback, here)
+        "GLOO_SOCKET_IFNAME": "eth0",
         # gossip-sgp's peer list, one port above MASTER_PORT on every host
         "GOSSIP_SGP_RANK": str(rank),
         "GOSSIP_SGP_PEERS": ",".join(f"{wan.address(i)}:{port + 1}" for i in range(n)),
@@ -736,9 +776,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             "IPv4 address) and {addresses} (all of them, comma-separated) are replaced.\n"
             "The environment has them as WAN_RANK, WAN_HOSTS, WAN_ADDRESS, WAN_ADDRESSES,\n"
             "and is set up for torch.distributed (RANK, WORLD_SIZE, LOCAL_RANK=0,\n"
-            "MASTER_ADDR=host 0, MASTER_PORT=--port) and for gossip-sgp workers\n"
-            "(GOSSIP_SGP_RANK, GOSSIP_SGP_PEERS on --port + 1; other GOSSIP_SGP_*\n"
-            "variables are not passed on), so `gossip-sgp launch` scripts run unchanged.\n"
+            "MASTER_ADDR=host 0, MASTER_PORT=--port, GLOO_SOCKET_IFNAME=eth0) and for\n"
+            "gossip-sgp workers (GOSSIP_SGP_RANK, GOSSIP_SGP_PEERS on --port + 1; other\n"
+            "GOSSIP_SGP_* variables are not passed on): `gossip-sgp launch` scripts run\n"
+            "unchanged.\n"
             "Rank 0 gets the standard input. When one command fails, the others are\n"
             "stopped. Everything is removed at the end, also on Ctrl-C or SIGTERM."
         ),

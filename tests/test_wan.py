@@ -24,6 +24,7 @@ import pytest
 from benchmarks.wan import (
     LinkSpec,
     WanEmulator,
+    job_environment,
     list_namespaces,
     missing_requirements,
     parse_link,
@@ -178,12 +179,12 @@ def test_jitter_keeps_byte_order() -> None:
 
 GLOO = textwrap.dedent(
     """
-    import json, sys, time
+    import json, time
     from datetime import timedelta
     import torch, torch.distributed as dist
-    rank, master = int(sys.argv[1]), sys.argv[2]
-    dist.init_process_group("gloo", init_method=f"tcp://{master}:29500", rank=rank,
-                            world_size=2, timeout=timedelta(seconds=40))
+    # RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, GLOO_SOCKET_IFNAME: job_environment's
+    dist.init_process_group("gloo", timeout=timedelta(seconds=40))
+    rank = dist.get_rank()
     times = []
     for _ in range(3):
         t = torch.full((1000,), float(rank + 1))
@@ -199,13 +200,12 @@ GLOO = textwrap.dedent(
 @needs_root
 @pytest.mark.timeout(90)
 def test_gloo_all_reduce_crosses_the_links() -> None:
-    env = {**os.environ, "GLOO_SOCKET_IFNAME": "eth0"}
     with WanEmulator(2, "25ms", prefix=PREFIX) as wan:
         procs = [
             wan.popen(
                 rank,
-                [sys.executable, "-c", GLOO, str(rank), wan.address(0)],
-                env=env,
+                [sys.executable, "-c", GLOO],
+                env={**os.environ, **job_environment(wan, rank, port=29500)},
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
