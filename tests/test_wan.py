@@ -177,12 +177,16 @@ def test_jitter_keeps_byte_order() -> None:
     assert len(set(pings["rtts"])) > 1, pings
 
 
-GLOO = textwrap.dedent(
+WORKER = textwrap.dedent(
     """
-    import json, time
+    import asyncio, json, os, time
     from datetime import timedelta
     import torch, torch.distributed as dist
-    # RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, GLOO_SOCKET_IFNAME: job_environment's
+    from gossip_sgp.message import Message
+    from transports.zmq import ZmqTransport
+
+    # RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, GLOO_SOCKET_IFNAME, GOSSIP_SGP_PEERS:
+    # job_environment's
     dist.init_process_group("gloo", timeout=timedelta(seconds=40))
     rank = dist.get_rank()
     times = []
@@ -191,7 +195,31 @@ GLOO = textwrap.dedent(
         start = time.perf_counter()
         dist.all_reduce(t)
         times.append(time.perf_counter() - start)
-    print(json.dumps({"sum": t.tolist()[:3], "times": times}), flush=True)
+
+    async def gossip():  # rank 0 sends, rank 1 answers: one round trip per message
+        peers = ["tcp://" + a for a in os.environ["GOSSIP_SGP_PEERS"].split(",")]
+        transport = ZmqTransport(rank, peers, fingerprint=7)
+        await transport.start()
+        rtts = []
+        try:
+            for seq in range(3):
+                start = time.perf_counter()
+                message = Message(sender=rank, receiver=1 - rank, round=seq, seq=seq,
+                                  weight=1.0, tensors=(t,), fingerprint=7)
+                if rank == 0:
+                    await transport.send(1, message)
+                    await asyncio.wait_for(transport.recv(), 30)
+                else:
+                    await asyncio.wait_for(transport.recv(), 30)
+                    await transport.send(0, message)
+                rtts.append(time.perf_counter() - start)
+            await asyncio.sleep(0.5)  # let the last answer leave before closing
+        finally:
+            await transport.close()
+        return rtts
+
+    zmq_rtts = asyncio.run(gossip())
+    print(json.dumps({"sum": t.tolist()[:3], "times": times, "zmq": zmq_rtts}), flush=True)
     dist.destroy_process_group()
     """
 )
@@ -199,16 +227,17 @@ GLOO = textwrap.dedent(
 
 @needs_root
 @pytest.mark.timeout(90)
-def test_gloo_all_reduce_crosses_the_links() -> None:
+def test_gloo_and_zeromq_cross_the_links() -> None:
     with WanEmulator(2, "25ms", prefix=PREFIX) as wan:
         procs = [
             wan.popen(
                 rank,
-                [sys.executable, "-c", GLOO],
+                [sys.executable, "-c", WORKER],
                 env={**os.environ, **job_environment(wan, rank, port=29500)},
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
+                cwd=Path(__file__).parent.parent,
             )
             for rank in range(2)
         ]
@@ -219,6 +248,8 @@ def test_gloo_all_reduce_crosses_the_links() -> None:
         assert result["sum"] == [3.0, 3.0, 3.0]
         # each all_reduce waits for the other rank's data: at least one one-way delay
         assert min(result["times"]) >= 0.02, result
+    # rank 0 timed a message to rank 1 and its answer: a round trip, 2 x 25 ms
+    assert min(json.loads(outputs[0][0].strip().splitlines()[-1])["zmq"]) >= 0.045, outputs[0]
 
 
 def _namespace_pids(names: list[str]) -> list[int]:
