@@ -40,9 +40,10 @@ SO_ORIGINAL_DST = 80
 """``linux/netfilter_ipv4.h``: the destination a connection had before NAT."""
 
 MIN_LIMIT = 1 << 20
-MAX_LIMIT = 256 << 20
-ASSUMED_RATE = 10e9 / 8
-"""Bytes per second assumed for a link without a rate limit, to size its buffer."""
+MAX_LIMIT = 64 << 20
+ASSUMED_RATE = 2.5e9 / 8
+"""Bytes per second assumed for a link without a rate limit, to size its buffer: about
+what the relay itself carries (it is the bottleneck of such a link)."""
 
 
 class Link:
