@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +25,7 @@ import pytest
 from benchmarks.wan import (
     LinkSpec,
     WanEmulator,
+    WanError,
     job_environment,
     list_namespaces,
     missing_requirements,
@@ -103,6 +105,17 @@ def test_emulator_arguments() -> None:
     assert wan.command(1, ["true"])[-2:] == [wan.namespace(1), "true"]
     with pytest.raises(ValueError, match="host must be"):
         wan.address(3)
+
+
+def test_missing_requirements_say_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(shutil, "which", lambda tool: None if tool == "nft" else "/bin/" + tool)
+    assert missing_requirements() == [
+        "needs root (network namespaces, tc, nftables)",
+        "nft not found (Debian/Ubuntu: apt-get install nftables)",
+    ]
+    with pytest.raises(WanError, match="cannot emulate: needs root"):
+        WanEmulator(2).start()
 
 
 # ---------------------------------------------------------------------------- emulator
