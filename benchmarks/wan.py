@@ -48,7 +48,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import IO, Any
+from typing import IO, Any, ClassVar
 
 __all__ = ["LinkSpec", "WanEmulator", "WanError", "job_environment", "parse_link"]
 
@@ -307,7 +307,7 @@ class WanEmulator:
         self._procs: list[subprocess.Popen[Any]] = []
         self._relay: subprocess.Popen[str] | None = None
         self._relay_log: IO[str] | None = None
-        self._saved_handlers: dict[int, Any] = {}
+        self._holds_signals = False
         self._started = False
         self._closed = False
         self._lock = threading.Lock()
@@ -535,18 +535,42 @@ class WanEmulator:
                 self._relay_log.close()
 
     def _catch_signals(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for sig in (signal.SIGTERM, signal.SIGHUP):
-            if signal.getsignal(sig) in (signal.SIG_DFL, None):
-                self._saved_handlers[sig] = signal.signal(sig, _exit_on_signal)
+        if threading.current_thread() is threading.main_thread():
+            _SignalExit.acquire()
+            self._holds_signals = True
 
     def _restore_signals(self) -> None:
-        if threading.current_thread() is threading.main_thread():
-            for sig, handler in self._saved_handlers.items():
+        if self._holds_signals:
+            self._holds_signals = False
+            _SignalExit.release()
+
+
+class _SignalExit:
+    """SIGTERM and SIGHUP raise ``SystemExit`` while any emulator runs (main thread only).
+
+    Counted, so that of two emulators open at once the first to close does not take the
+    handler away from the other; only signals without a handler of their own are taken.
+    """
+
+    users = 0
+    saved: ClassVar[dict[int, Any]] = {}
+
+    @classmethod
+    def acquire(cls) -> None:
+        if cls.users == 0:
+            for sig in (signal.SIGTERM, signal.SIGHUP):
+                if signal.getsignal(sig) in (signal.SIG_DFL, None):
+                    cls.saved[sig] = signal.signal(sig, _exit_on_signal)
+        cls.users += 1
+
+    @classmethod
+    def release(cls) -> None:
+        cls.users -= 1
+        if cls.users == 0 and threading.current_thread() is threading.main_thread():
+            for sig, handler in cls.saved.items():
                 if signal.getsignal(sig) is _exit_on_signal:
                     signal.signal(sig, handler)
-        self._saved_handlers.clear()
+            cls.saved.clear()
 
 
 def _exit_on_signal(signum: int, frame: FrameType | None) -> None:

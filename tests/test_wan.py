@@ -121,6 +121,13 @@ def test_missing_requirements_say_what_to_install(monkeypatch: pytest.MonkeyPatc
 # ---------------------------------------------------------------------------- emulator
 
 
+def _relay_errors(wan: WanEmulator) -> str:
+    """The relay's log without the one expected note (no real-time priority in a container)."""
+    return "".join(
+        line for line in wan.relay_log().splitlines(True) if "no real-time priority" not in line
+    )
+
+
 def _leftovers(name: str) -> list[str]:
     return [n for n in list_namespaces(PREFIX) if n.startswith(name)]
 
@@ -155,6 +162,7 @@ def test_delay_and_overrides() -> None:
             timeout=30,
             check=True,
         ).stdout.split()
+        assert _relay_errors(wan) == ""
     assert min(far["rtts"]) >= 0.1, far
     assert max(far["rtts"]) < 1.0, far
     # handshake (2 x 50 ms) before the first request (50 ms) and its answer (50 ms)
@@ -174,6 +182,7 @@ def test_rate_limit() -> None:
     with WanEmulator(2, "20mbit", prefix=PREFIX) as wan:
         start_server(wan, 1)
         result = run_client(wan, 0, "send", 1, "--bytes", str(nbytes))
+        assert _relay_errors(wan) == ""
     theoretical = nbytes * 8 / 20e6  # 1.2 s
     assert result["seconds"] >= 0.8 * theoretical, result
 
@@ -186,6 +195,7 @@ def test_jitter_keeps_byte_order() -> None:
         # many chunks, each with its own delay draw: any overtaking changes the hash
         run_client(wan, 0, "send", 1, "--bytes", "4000000", "--verify")
         pings = run_client(wan, 0, "pingpong", 1, "--count", "10")
+        assert _relay_errors(wan) == ""
     assert min(pings["rtts"]) >= 0.01, pings  # two draws of at least 5 ms
     assert len(set(pings["rtts"])) > 1, pings
 
@@ -255,6 +265,7 @@ def test_gloo_and_zeromq_cross_the_links() -> None:
             for rank in range(2)
         ]
         outputs = [proc.communicate(timeout=80) for proc in procs]
+        assert _relay_errors(wan) == ""
     for proc, (out, err) in zip(procs, outputs, strict=True):
         assert proc.returncode == 0, err[-3000:]
         result = json.loads(out.strip().splitlines()[-1])
@@ -283,6 +294,22 @@ def _gone(pids: list[int], timeout: float = 5.0) -> bool:
             return False
         time.sleep(0.05)
     return True
+
+
+@needs_root
+@pytest.mark.timeout(60)
+def test_sigterm_raises_while_any_emulator_runs() -> None:
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    first = WanEmulator(1, prefix=PREFIX).start()
+    try:
+        with WanEmulator(1, prefix=PREFIX):
+            first.close()  # the other one still runs: SIGTERM must still clean up
+            with pytest.raises(SystemExit) as exited:
+                signal.raise_signal(signal.SIGTERM)
+            assert exited.value.code == 128 + signal.SIGTERM
+    finally:
+        first.close()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
 def _fail_inside(wan: WanEmulator, seen: dict[str, Any]) -> None:
