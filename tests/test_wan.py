@@ -9,8 +9,10 @@ and nothing the emulator made outlives it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -18,10 +20,11 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
+from benchmarks import wan_relay
 from benchmarks.wan import (
     LinkSpec,
     WanEmulator,
@@ -116,6 +119,85 @@ def test_missing_requirements_say_what_to_install(monkeypatch: pytest.MonkeyPatc
     ]
     with pytest.raises(WanError, match="cannot emulate: needs root"):
         WanEmulator(2).start()
+
+
+# ---------------------------------------------------------------------------- relay pipes
+
+
+class _Recorder:
+    """Stands in for an asyncio transport: records what the relay does with it."""
+
+    def __init__(self) -> None:
+        self.written: list[tuple[float, bytes]] = []
+        self.eof = False
+        self.paused = False
+
+    def writelines(self, chunks: list[bytes]) -> None:
+        self.written += [(time.monotonic(), c) for c in chunks]
+
+    def write_eof(self) -> None:
+        self.eof = True
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def is_closing(self) -> bool:
+        return False
+
+    def set_write_buffer_limits(self, high: int, low: int) -> None:
+        pass
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+
+@pytest.mark.timeout(30)
+def test_pipe_keeps_order_under_jitter_and_delays_every_chunk() -> None:
+    async def main() -> tuple[_Recorder, list[float]]:
+        done = asyncio.Event()
+        link = wan_relay.Link(0.02, 0.019, None, random.Random(0))
+        pipe = wan_relay.Pipe(asyncio.get_running_loop(), link, done.set)
+        target = _Recorder()
+        pipe.attach(cast(asyncio.Transport, target))
+        sent = []
+        for i in range(100):
+            sent.append(time.monotonic())
+            pipe.push(b"%d," % i)
+            await asyncio.sleep(0.001)
+        pipe.push(wan_relay.EOF)
+        await asyncio.wait_for(done.wait(), 10)
+        return target, sent
+
+    target, sent = asyncio.run(main())
+    assert b"".join(c for _, c in target.written) == b"".join(b"%d," % i for i in range(100))
+    assert target.eof
+    # every chunk waited at least the smallest draw (1 ms), and they did vary
+    waits = [t - s for (t, _), s in zip(target.written, sent, strict=True)]
+    assert min(waits) >= 0.001
+    assert max(waits) - min(waits) > 0.005
+
+
+@pytest.mark.timeout(30)
+def test_pipe_stops_reading_beyond_its_limit() -> None:
+    async def main() -> None:
+        link = wan_relay.Link(0.0, 0.0, None, random.Random(0))
+        pipe = wan_relay.Pipe(asyncio.get_running_loop(), link, lambda: None)
+        source, target = _Recorder(), _Recorder()
+        pipe.source = cast(asyncio.Transport, source)
+        chunk = bytes(256 << 10)
+        for _ in range(link.limit // len(chunk) + 1):  # no target yet: all of it queues
+            pipe.push(chunk)
+        assert source.paused
+        pipe.attach(cast(asyncio.Transport, target))  # hands it all on at once
+        assert not source.paused
+        assert sum(len(c) for _, c in target.written) == (link.limit // len(chunk) + 1) * len(chunk)
+        pipe.set_target_paused(True)  # the receiving socket is full
+        assert source.paused
+
+    asyncio.run(main())
 
 
 # ---------------------------------------------------------------------------- emulator
