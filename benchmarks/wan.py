@@ -349,7 +349,7 @@ class WanEmulator:
         """``argv`` wrapped to run inside host i's namespace."""
         if isinstance(argv, str) or not argv:
             raise ValueError(f"argv must be a non-empty list of strings, got {argv!r}")
-        return ["ip", "netns", "exec", self.namespace(i), *map(str, argv)]
+        return self._in(self.namespace(i)) + [str(arg) for arg in argv]
 
     def popen(self, i: int, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
         """``subprocess.Popen`` of ``argv`` in host i's namespace; stopped on close."""
@@ -453,7 +453,8 @@ class WanEmulator:
 
     @staticmethod
     def _in(namespace: str) -> list[str]:
-        return ["ip", "netns", "exec", namespace]
+        # ip's full path: a caller's env= without /usr/sbin in PATH must not lose it
+        return [shutil.which("ip") or "ip", "netns", "exec", namespace]
 
     def _start_relay(self) -> int:
         config = {

@@ -105,7 +105,7 @@ def test_emulator_arguments() -> None:
     assert wan.delay_ms(1, 1) == 0
     assert wan.link(2) == LinkSpec(delay_ms=10, rate_mbit=10)
     assert wan.address(1) == "10.1.1.2"
-    assert wan.command(1, ["true"])[-2:] == [wan.namespace(1), "true"]
+    assert wan.command(1, ["true"])[1:] == ["netns", "exec", wan.namespace(1), "true"]
     with pytest.raises(ValueError, match="host must be"):
         wan.address(3)
 
