@@ -34,8 +34,9 @@ typecheck: $(VENV)/.installed
 	$(VENV)/bin/mypy
 
 # The full suite: lint, types, then every test (multi-process training included).
-# scripts/ensure-test-tools installs prometheus and tcpdump for two integration tests
-# where it can (root with apt-get); it never fails the build.
+# scripts/ensure-test-tools installs prometheus, tcpdump, nftables and iproute2 for the
+# integration tests (Prometheus, CurveZMQ capture, WAN emulator) where it can (root with
+# apt-get); it never fails the build.
 test: lint typecheck
 	-sh scripts/ensure-test-tools
 	$(PY) -m pytest $(PYTEST_ARGS)
