@@ -1,0 +1,1 @@
+"""Benchmark scripts and the WAN emulator (``benchmarks.wan``) of gossip-sgp."""
