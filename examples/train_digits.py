@@ -486,6 +486,22 @@ def allreduce_bytes(model: nn.Module, world_size: int, steps: int) -> float:
     return 2.0 * (world_size - 1) / world_size * size * steps
 
 
+_STORE_CHUNK = 4 * 2**20
+"""TCPStore values are limited (8 MiB in torch 2.13's libuv store): larger ones go in parts."""
+
+
+def _store_set_bytes(store: Any, key: str, data: bytes) -> None:
+    parts = [data[i : i + _STORE_CHUNK] for i in range(0, len(data), _STORE_CHUNK)] or [b""]
+    for i, part in enumerate(parts):
+        store.set(f"{key}/{i}", part)
+    store.set(key, str(len(parts)))
+
+
+def _store_get_bytes(store: Any, key: str) -> bytes:
+    count = int(store.get(key))
+    return b"".join(store.get(f"{key}/{i}") for i in range(count))
+
+
 def report(
     args: argparse.Namespace,
     rank: int,
@@ -499,7 +515,7 @@ def report(
     params = flat_params(model).double().numpy()
     if store is not None:
         store.set(f"result/{rank}", json.dumps(result))
-        store.set(f"params/{rank}", params.tobytes())
+        _store_set_bytes(store, f"params/{rank}", params.tobytes())
     if rank != 0:
         if store is not None:
             store.wait(["done"])  # rank 0 hosts the store: it must outlive every reader
@@ -509,7 +525,7 @@ def report(
     for r in range(1, world_size):
         assert store is not None
         results.append(json.loads(store.get(f"result/{r}")))
-        all_params.append(np.frombuffer(store.get(f"params/{r}"), dtype=np.float64))
+        all_params.append(np.frombuffer(_store_get_bytes(store, f"params/{r}"), dtype=np.float64))
     if store is not None:
         store.set("done", "1")
         deadline = time.monotonic() + 60

@@ -391,7 +391,9 @@ class _Hosts:
             return subprocess.Popen(
                 argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
             )
-        return self.wan.popen(rank, argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+        return self.wan.popen(
+            rank, argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
 
 def _interface_of(wan: Any, rank: int) -> str:
