@@ -323,6 +323,7 @@ def run_bench(plan: Plan, *, log: Callable[[str], None] = print) -> list[dict[st
         * len(plan.algorithms)
     )
     started = time.monotonic()
+    write_results(plan, rows)  # the files always hold the runs so far
     for network in plan.networks:
         for workers in plan.workers:
             algorithms = [
