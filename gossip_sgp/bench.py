@@ -626,48 +626,80 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "accuracy": _stats([r["accuracy"] for r in ok]),
         }
         out.append(entry)
-    by_key = {(e["network"], e["workers"], e["straggler"], e["algorithm"]): e for e in out}
     for e in out:
-        group = (e["network"], e["workers"], e["straggler"])
-        allreduce = by_key.get((*group, "allreduce"))
-        local = by_key.get((*group, "local"))
-        it = e["iteration_s"]["median"]
-        e["speedup_vs_allreduce"] = (
-            allreduce["iteration_s"]["median"] / it if allreduce is not None else math.nan
-        )
-        e["throughput_vs_allreduce"] = (
-            e["samples_per_s"]["median"] / allreduce["samples_per_s"]["median"]
-            if allreduce is not None
-            else math.nan
-        )
-        e["time_vs_local"] = it / local["iteration_s"]["median"] if local is not None else math.nan
-        e["accuracy_minus_allreduce"] = (
-            e["accuracy"]["median"] - allreduce["accuracy"]["median"]
-            if allreduce is not None
-            else math.nan
-        )
+        net, n, slow = e["network"], e["workers"], e["straggler"]
+        mine = groups[(net, n, slow, e["algorithm"])]
+        allreduce = groups.get((net, n, slow, "allreduce"), [])
+        local = groups.get((net, n, slow, "local"), [])
+        # Ratios within each repeat (runs of one repeat ran back to back), then statistics.
+        e["speedup_vs_allreduce"] = _paired(allreduce, mine, "iteration_s_median", _ratio)
+        e["throughput_vs_allreduce"] = _paired(mine, allreduce, "samples_per_s", _ratio)
+        e["time_vs_local"] = _paired(mine, local, "iteration_s_median", _ratio)
+        e["accuracy_minus_allreduce"] = _paired(mine, allreduce, "accuracy", _difference)
     return out
 
 
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else math.nan
+
+
+def _difference(a: float, b: float) -> float:
+    return a - b
+
+
+def _paired(
+    a_runs: list[dict[str, Any]],
+    b_runs: list[dict[str, Any]],
+    field: str,
+    combine: Callable[[float, float], float],
+) -> dict[str, float]:
+    """Statistics of ``combine(a, b)`` of ``field`` over the repeats both completed."""
+    b_by_repeat = {r["repeat"]: r for r in b_runs if r["status"] == "ok"}
+    values = [
+        combine(r[field], b_by_repeat[r["repeat"]][field])
+        for r in a_runs
+        if r["status"] == "ok" and r["repeat"] in b_by_repeat
+    ]
+    return _stats(values)
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """The summary as a Markdown table (also what ``bench`` prints at the end)."""
+    """The summary as a Markdown table (also what ``bench`` prints at the end).
+
+    Each cell is the median over repeats and [min, max]; ratios are taken within a repeat."""
     lines = [
-        "| network | workers | straggler | algorithm | s/iteration median [min, max] | "
-        "x faster than AllReduce | x compute-only | samples/s | x AllReduce samples/s | "
-        "accuracy | vs AllReduce |",
+        "| network | workers | straggler | algorithm | s/iteration | x faster than AllReduce "
+        "| x compute-only time | samples/s | x AllReduce samples/s | accuracy "
+        "| points vs AllReduce |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for e in summarize(rows):
-        it = e["iteration_s"]
+        points = {k: 100 * v for k, v in e["accuracy_minus_allreduce"].items()}
+        cells = [
+            _cell(e["iteration_s"], ".3f"),
+            _cell(e["speedup_vs_allreduce"], ".2f"),
+            _cell(e["time_vs_local"], ".2f"),
+            _cell(e["samples_per_s"], ".0f"),
+            _cell(e["throughput_vs_allreduce"], ".2f"),
+            _cell(e["accuracy"], ".4f"),
+            _cell(points, "+.1f"),
+        ]
+        failed = "" if e["ok"] == e["runs"] else f" ({e['runs'] - e['ok']} failed)"
         lines.append(
-            f"| {e['network']} | {e['workers']} | x{e['straggler']:g} | {e['algorithm']} | "
-            f"{it['median']:.3f} [{it['min']:.3f}, {it['max']:.3f}] | "
-            f"{e['speedup_vs_allreduce']:.2f} | {e['time_vs_local']:.2f} | "
-            f"{e['samples_per_s']['median']:.0f} | {e['throughput_vs_allreduce']:.2f} | "
-            f"{e['accuracy']['median']:.4f} | {100 * e['accuracy_minus_allreduce']:+.1f} pt |"
-            + ("" if e["ok"] == e["runs"] else f" ({e['runs'] - e['ok']} failed)")
+            f"| {e['network']} | {e['workers']} | x{e['straggler']:g} | {e['algorithm']}"
+            f"{failed} | " + " | ".join(cells) + " |"
         )
     return "\n".join(lines)
+
+
+def _cell(stats: dict[str, float], fmt: str) -> str:
+    if not math.isfinite(stats["median"]):
+        return "-"
+    if stats["min"] == stats["max"]:
+        return format(stats["median"], fmt)
+    return (
+        f"{format(stats['median'], fmt)} [{format(stats['min'], fmt)}, {format(stats['max'], fmt)}]"
+    )
 
 
 def plot(rows: list[dict[str, Any]], out: Path) -> list[Path]:
