@@ -734,7 +734,7 @@ def plot(rows: list[dict[str, Any]], out: Path) -> list[Path]:
                 hi.append(e["iteration_s"]["max"] - e["iteration_s"]["median"])
             ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=algorithm)
         ax.set_xticks(range(len(networks)), networks)
-        ax.set_ylabel("seconds per iteration (median; bars: min-max over repeats)")
+        ax.set_ylabel("s / iteration (median, min-max)")
         title = f"{workers} workers" + (f", one x{straggler:g} straggler" if straggler > 1 else "")
         ax.set_title(title)
         ax.legend(fontsize="small")
@@ -747,16 +747,25 @@ def plot(rows: list[dict[str, Any]], out: Path) -> list[Path]:
         {(r["network"], r["workers"], r["straggler"]) for r in rows}
     ):
         fig, ax = plt.subplots(figsize=(6, 4))
+        colors = {a: f"C{i}" for i, a in enumerate(dict.fromkeys(r["algorithm"] for r in rows))}
+        labelled: set[str] = set()
         for r in rows:
             if (r["network"], r["workers"], r["straggler"]) != (network, workers, straggler):
                 continue
             points = r.get("evaluations") or []
             if r["status"] != "ok" or not points:
                 continue
-            label = r["algorithm"] + (f" #{r['repeat']}" if r["repeat"] else "")
-            ax.plot([p[0] for p in points], [p[2] for p in points], marker=".", label=label)
+            algorithm = r["algorithm"]
+            ax.plot(
+                [p[0] for p in points],
+                [p[2] for p in points],
+                marker=".",
+                color=colors[algorithm],
+                label=None if algorithm in labelled else algorithm,
+            )
+            labelled.add(algorithm)
         ax.set_xlabel("wall time (s)")
-        ax.set_ylabel("test accuracy (rank 0's model)")
+        ax.set_ylabel("test accuracy (rank 0's model; one line per run)")
         title = f"{network}, {workers} workers"
         ax.set_title(title + (f", one x{straggler:g} straggler" if straggler > 1 else ""))
         ax.legend(fontsize="small")
