@@ -283,13 +283,26 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         problem = emulator_problem()
         if problem is not None:
             raise SystemExit(f"gossip-sgp bench: {problem}")
+    # Ctrl-C, SIGTERM and SIGHUP all unwind through the clean-up (workers stopped, emulated
+    # network removed), also where the shell started us with SIGINT ignored (``cmd &``).
+    previous = {sig: signal.signal(sig, _interrupt) for sig in _STOP_SIGNALS}
     try:
         rows = run_bench(plan, log=print)
     except KeyboardInterrupt:  # the workers and the emulator are already cleaned up
         print(f"gossip-sgp bench: interrupted; the runs so far are in {plan.out}", file=sys.stderr)
         return 130
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     failed = [r for r in rows if r["status"] != "ok"]
     return 1 if failed else 0
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def emulator_problem() -> str | None:

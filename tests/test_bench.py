@@ -101,7 +101,8 @@ def test_quick_bench_on_loopback_writes_csv_and_json(jobs: Jobs, tmp_path: Path)
 
 
 @pytest.mark.timeout(120)
-def test_ctrl_c_stops_the_workers(jobs: Jobs, tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_stops_the_workers(jobs: Jobs, tmp_path: Path, signum: int) -> None:
     proc = jobs.start(
         "bench",
         "--quick",
@@ -124,7 +125,7 @@ def test_ctrl_c_stops_the_workers(jobs: Jobs, tmp_path: Path) -> None:
     jobs.workers.update(workers)
     output = drain(proc)
     time.sleep(3)  # into training
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     code = proc.wait(30)
     log = output(10)[-3000:]
     assert code == 130, log
