@@ -10,6 +10,11 @@ the SGP-specific lines are marked ``# SGP``.
     gossip-sgp launch --nproc 4 --transport torch examples/train_digits.py  # over gloo
     torchrun --standalone --nproc-per-node 4 examples/train_digits.py --transport torch
     gossip-sgp launch --nproc 4 examples/train_digits.py --compression int8  # 8-bit gossip
+    gossip-sgp launch --nproc 4 examples/train_digits.py --algorithm adpsgd --model mlp
+
+Baselines for ``gossip-sgp bench``: ``allreduce`` (gradients all-reduced in ~25 MB buckets,
+as DistributedDataParallel does), ``dpsgd`` and ``adpsgd`` (see ``gossip_sgp.baselines``) and
+``local`` (no communication at all while training: the compute-only reference time).
 
 Every worker trains on its own shard of the training set; rank 0 gathers the results through
 torch's TCPStore (MASTER_ADDR/MASTER_PORT, set by the launcher; under torchrun, torchrun's
@@ -38,7 +43,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
-from gossip_sgp import SGP, GossipConfig, GossipNode
+from gossip_sgp import SGP, GossipConfig, GossipNode, baselines
 from gossip_sgp.compression import parse_codec
 
 
@@ -74,13 +79,64 @@ class SmallCNN(nn.Module):
         return out
 
 
+class WideMLP(nn.Module):
+    """The 8x8 image flattened, two hidden layers of ``width`` units: ``width**2 + 76*width + 10``
+    parameters (5.5M at the default 2304). Big enough that communication matters, and
+    cheap to compute on one CPU thread."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(64, width),
+            nn.ReLU(),
+            nn.Linear(width, width),
+            nn.ReLU(),
+            nn.Linear(width, 10),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.layers(x)
+        return out
+
+
+GOSSIP_ALGORITHMS = ("sgp", *baselines.ALGORITHMS)
+"""The algorithms that gossip through a GossipNode (the others use gloo or nothing)."""
+
+ALLREDUCE_BUCKET_BYTES = 25 * 2**20
+"""Gradient bucket size of the AllReduce baseline: DistributedDataParallel's default."""
+
+
+def build_model(args: argparse.Namespace) -> nn.Module:
+    return SmallCNN() if args.model == "cnn" else WideMLP(args.width)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--algorithm",
-        choices=("sgp", "allreduce"),
+        choices=(*GOSSIP_ALGORITHMS, "allreduce", "local"),
         default="sgp",
-        help="sgp: push-sum gossip; allreduce: synchronous data parallel (gloo)",
+        help="sgp: push-sum gossip; allreduce: synchronous data parallel (gloo, bucketed); "
+        "dpsgd: synchronous pairwise averaging; adpsgd: asynchronous pairwise averaging; "
+        "local: no communication while training (compute-only reference)",
+    )
+    p.add_argument(
+        "--model",
+        choices=("cnn", "mlp"),
+        default="cnn",
+        help="cnn: small CNN (43k parameters); mlp: wide MLP (see --width)",
+    )
+    p.add_argument(
+        "--width", type=int, default=2304, help="--model mlp: hidden units per layer (5.5M params)"
+    )
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="every N epochs rank 0 tests its own model (no communication) and records "
+        "(seconds since start, accuracy) in the summary's 'evaluations'; 0: off",
     )
     p.add_argument(
         "--staleness",
@@ -141,10 +197,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     transport = args.transport or os.environ.get("GOSSIP_SGP_TRANSPORT", "").strip()
     if transport == "torch" and args.staleness is None and args.algorithm == "sgp":
         p.error("--staleness none (asynchronous) needs the zmq transport; torch runs 0 or N")
+    if transport == "torch" and args.algorithm == "adpsgd":
+        p.error("--algorithm adpsgd is asynchronous: it needs the zmq transport")
     args.straggler = parse_straggler(p, args.straggler)
     if args.resume and not args.checkpoint:
         p.error("--resume needs --checkpoint DIR")
-    for name in ("epochs", "batch_size", "threads"):
+    if args.eval_every < 0:
+        p.error("--eval-every must be >= 0")
+    for name in ("epochs", "batch_size", "threads", "width"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     return args
@@ -240,7 +300,8 @@ def open_store(rank: int, world_size: int) -> Any:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.algorithm == "sgp":
+    gossip = args.algorithm in GOSSIP_ALGORITHMS
+    if gossip:
         config = GossipConfig.from_env()  # SGP
         if args.transport is not None:
             config = dataclasses.replace(config, transport=args.transport)
@@ -253,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     y_all = y_train
     x_train, y_train = x_train[rank::world_size], y_train[rank::world_size]  # this worker's shard
     torch.manual_seed(args.seed)  # the same initial model on every worker
-    model = SmallCNN()
+    model = build_model(args)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=1e-4
     )
@@ -264,7 +325,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=args.lr, total_steps=total_steps, pct_start=0.15
     )
-    if (args.algorithm == "allreduce" or config.transport == "torch") and world_size > 1:
+    if (args.algorithm == "allreduce" or (gossip and config.transport == "torch")) and (
+        world_size > 1
+    ):
         # AllReduce, and SGP's torch.distributed transport, run on a gloo process group.
         dist.init_process_group(
             "gloo",
@@ -273,8 +336,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             world_size=world_size,
         )
     node = None
-    if args.algorithm == "sgp":
+    if gossip:
         node = GossipNode(config).start()  # SGP: gossip thread + ZeroMQ sockets
+    if args.algorithm == "sgp" and node is not None:
         sgp = SGP(
             model.parameters(),
             optimizer,
@@ -283,6 +347,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             staleness=args.staleness,
             compression=args.compression,  # SGP: what the codec drops stays here
         )
+    elif node is not None:  # the decentralized baselines run on the same node
+        make = baselines.dpsgd if args.algorithm == "dpsgd" else baselines.adpsgd
+        sgp = make(model.parameters(), optimizer, node)
     try:
         order_gen = torch.Generator().manual_seed(args.seed * 1000 + rank)
         started, steps, first_epoch = time.perf_counter(), 0, 0
@@ -291,7 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if checkpoint is not None and args.resume:
             saved = load_common_checkpoint(checkpoint, rank, world_size, store)
         if saved is not None:
-            if args.algorithm == "sgp":
+            if gossip:
                 sgp.load_state_dict(saved["sgp"])  # SGP: x, w, round, sequence numbers
             else:
                 model.load_state_dict(saved["model"])
@@ -301,6 +368,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             first_epoch = int(saved["epoch"])
             if rank == 0 and not args.quiet:
                 print(f"resumed from the checkpoints of epoch {first_epoch}", flush=True)
+        step_times: list[float] = []
+        evaluations: list[tuple[float, int, float]] = []
         for epoch in range(first_epoch, args.epochs):
             order = torch.randperm(len(y_train), generator=order_gen)
             epoch_loss = 0.0
@@ -312,23 +381,28 @@ def main(argv: Sequence[str] | None = None) -> int:
                 loss.backward()  # type: ignore[no-untyped-call]
                 if args.straggler is not None and args.straggler[0] == rank:
                     time.sleep((args.straggler[1] - 1) * (time.perf_counter() - computing))
-                if args.algorithm == "sgp":
+                if gossip:
                     sgp.step()  # SGP: local step + one push-sum round
                 else:
-                    allreduce_gradients(model, world_size)
+                    if args.algorithm == "allreduce":
+                        allreduce_gradients(model, world_size)
                     optimizer.step()
+                step_times.append(time.perf_counter() - computing)
                 schedule.step()
                 epoch_loss += loss.item()
-                if args.algorithm == "sgp":
+                if gossip:
                     sgp.report(loss=loss.item())  # SGP: exported as gossip_sgp_loss
                 steps += 1
+            if rank == 0 and args.eval_every and (epoch + 1) % args.eval_every == 0:
+                seconds = time.perf_counter() - started
+                evaluations.append((seconds, epoch + 1, accuracy(model, x_test, y_test)))
             if checkpoint is not None:
                 state = {
                     "epoch": epoch + 1,
                     "schedule": schedule.state_dict(),
                     "order_gen": order_gen.get_state(),
                 }
-                if args.algorithm == "sgp":
+                if gossip:
                     state["sgp"] = sgp.state_dict()  # SGP: call it on every worker together
                 else:
                     state["model"] = model.state_dict()
@@ -344,8 +418,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                     flush=True,
                 )
         train_seconds = time.perf_counter() - started
-        result: dict[str, Any] = {"steps": steps, "train_seconds": train_seconds}
-        if args.algorithm == "sgp":
+        result: dict[str, Any] = {
+            "steps": steps,
+            "train_seconds": train_seconds,
+            "step_seconds": step_times,
+            "evaluations": evaluations,
+        }
+        if args.algorithm == "allreduce":
+            result["bytes_sent"] = allreduce_bytes(model, world_size, steps)
+        if gossip:
             result["weight"] = sgp.weight
             result["skipped_rounds"] = sgp.skipped_rounds
             assert node is not None
@@ -369,17 +450,56 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def allreduce_gradients(model: nn.Module, world_size: int) -> None:
-    """The baseline: average the gradients of all workers with one bucketed all-reduce."""
+    """The baseline: average the gradients of all workers, bucketed as DDP does.
+
+    Gradients are packed, last layer first, into buckets of about 25 MB; every bucket's
+    all-reduce is started asynchronously, then all are waited for. (DDP also overlaps
+    them with the backward pass; here they start after it.)"""
     if world_size == 1:
         return
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= world_size
-    offset = 0
+    grads = [p.grad for p in reversed(list(model.parameters())) if p.grad is not None]
+    buckets: list[list[torch.Tensor]] = []
+    filled = ALLREDUCE_BUCKET_BYTES
     for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
+        size = g.numel() * g.element_size()
+        if filled + size > ALLREDUCE_BUCKET_BYTES and filled > 0:
+            buckets.append([])
+            filled = 0
+        buckets[-1].append(g)
+        filled += size
+    flats = [torch.cat([g.reshape(-1) for g in bucket]) for bucket in buckets]
+    works = [dist.all_reduce(flat, async_op=True) for flat in flats]
+    for work, flat, bucket in zip(works, flats, buckets, strict=True):
+        assert work is not None
+        work.wait()
+        flat /= world_size
+        offset = 0
+        for g in bucket:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
+def allreduce_bytes(model: nn.Module, world_size: int, steps: int) -> float:
+    """Bytes a worker sends for ``steps`` ring all-reduces of the gradients: 2 (n-1)/n of
+    them per step (an estimate: gloo does not count its bytes)."""
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    return 2.0 * (world_size - 1) / world_size * size * steps
+
+
+_STORE_CHUNK = 4 * 2**20
+"""TCPStore values are limited (8 MiB in torch 2.13's libuv store): larger ones go in parts."""
+
+
+def _store_set_bytes(store: Any, key: str, data: bytes) -> None:
+    parts = [data[i : i + _STORE_CHUNK] for i in range(0, len(data), _STORE_CHUNK)] or [b""]
+    for i, part in enumerate(parts):
+        store.set(f"{key}/{i}", part)
+    store.set(key, str(len(parts)))
+
+
+def _store_get_bytes(store: Any, key: str) -> bytes:
+    count = int(store.get(key))
+    return b"".join(store.get(f"{key}/{i}") for i in range(count))
 
 
 def report(
@@ -388,14 +508,14 @@ def report(
     world_size: int,
     store: Any,
     model: nn.Module,
-    result: dict[str, float],
+    result: dict[str, Any],
     seconds: float,
 ) -> None:
     """Gather every worker's accuracy and parameters at rank 0 and print the summary."""
     params = flat_params(model).double().numpy()
     if store is not None:
         store.set(f"result/{rank}", json.dumps(result))
-        store.set(f"params/{rank}", params.tobytes())
+        _store_set_bytes(store, f"params/{rank}", params.tobytes())
     if rank != 0:
         if store is not None:
             store.wait(["done"])  # rank 0 hosts the store: it must outlive every reader
@@ -405,7 +525,7 @@ def report(
     for r in range(1, world_size):
         assert store is not None
         results.append(json.loads(store.get(f"result/{r}")))
-        all_params.append(np.frombuffer(store.get(f"params/{r}"), dtype=np.float64))
+        all_params.append(np.frombuffer(_store_get_bytes(store, f"params/{r}"), dtype=np.float64))
     if store is not None:
         store.set("done", "1")
         deadline = time.monotonic() + 60
@@ -415,12 +535,29 @@ def report(
     mean = stacked.mean(axis=0)
     consensus_error = float(np.linalg.norm(stacked - mean, axis=1).max() / np.linalg.norm(mean))
     accuracies = [r["accuracy"] for r in results]
+    evaluations = [r.pop("evaluations") for r in results]
+    step_seconds = sorted(t for r in results for t in r.pop("step_seconds"))
     summary = {
         "algorithm": args.algorithm,
         "staleness": args.staleness if args.algorithm == "sgp" else None,
         "compression": args.compression if args.algorithm == "sgp" else None,
         "workers": world_size,
         "epochs": args.epochs,
+        "model": args.model,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "batch_size": args.batch_size,
+        "straggler": list(args.straggler) if args.straggler else None,
+        # every step of every worker: compute, communication and waiting
+        "iteration_seconds": {
+            "median": float(np.median(step_seconds)) if step_seconds else math.nan,
+            "min": step_seconds[0] if step_seconds else math.nan,
+            "max": step_seconds[-1] if step_seconds else math.nan,
+        },
+        # each worker's own rate, summed: what a slow worker does not hold back
+        "samples_per_second": sum(
+            r["steps"] * args.batch_size / r["train_seconds"] for r in results
+        ),
+        "evaluations": evaluations[0],  # rank 0's (the others do not test)
         "accuracy": sum(accuracies) / len(accuracies),
         "accuracies": accuracies,
         "consensus_error": consensus_error,

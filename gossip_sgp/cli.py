@@ -6,6 +6,7 @@ gossip-sgp launch --nproc 4 examples/train_digits.py --epochs 5
 gossip-sgp run --config peers.toml --rank 0 examples/train_digits.py
 gossip-sgp top --targets 127.0.0.1:9100,127.0.0.1:9101
 gossip-sgp prometheus-config --config peers.toml
+gossip-sgp bench --quick --out /tmp/bench
 """
 
 from __future__ import annotations
@@ -300,7 +301,7 @@ def _run_run(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (also used to render the CLI docs)."""
-    from gossip_sgp import __version__, demo, keys, top
+    from gossip_sgp import __version__, bench, demo, keys, top
 
     parser = argparse.ArgumentParser(
         prog="gossip-sgp",
@@ -314,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     top.add_parsers(sub)
     keys.add_parser(sub)
+    bench.add_parser(sub)
     return parser
 
 

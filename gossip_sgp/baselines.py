@@ -1,0 +1,165 @@
+"""Decentralized baselines that SGP is compared with: D-PSGD and AD-PSGD.
+
+Both run on the same push-sum machinery as :class:`~gossip_sgp.SGP` (same node, transport,
+wire format and mass accounting), so a benchmark compares algorithms, not implementations.
+
+* **D-PSGD** (Lian et al., NeurIPS 2017): every step, synchronous pairwise averaging with a
+  neighbour. :func:`dpsgd` is SGP in synchronous mode on the ``bipartite`` topology: each round
+  pairs every even rank with exactly one odd rank, each sends the other half of its
+  ``(x, w)`` and keeps half, so both end with ``(x_a + x_b) / 2`` and weights that stay exactly
+  1 (``0.5 + 0.5``). That is symmetric pairwise averaging, i.e. D-PSGD.
+* **AD-PSGD** (Lian et al., ICML 2018): asynchronous pairwise averaging on a bipartite graph.
+  Even ranks are *active*: whenever no exchange of theirs is pending, they send half of their
+  mass to the round's odd partner (a request) and go on training. Odd ranks are *passive*:
+  at their next step boundary they answer every request with a share of their own mass taken
+  *before* folding the request in, so one exchange leaves both at the pairwise average, as the
+  atomic averaging of the paper does. The active rank folds the answer when it arrives and only
+  then sends its next request. Unlike the paper's implementation, the passive side answers at a
+  step boundary rather than from its communication thread, because parameters never change
+  under a running forward/backward here; a slow passive worker therefore delays its answers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections.abc import Iterable
+
+import torch
+
+from gossip_sgp.errors import GossipError
+from gossip_sgp.message import Message
+from gossip_sgp.node import GossipNode
+from gossip_sgp.sgp import SGP
+
+__all__ = ["ADPSGD", "ALGORITHMS", "adpsgd", "dpsgd"]
+
+ALGORITHMS = ("dpsgd", "adpsgd")
+"""The decentralized baselines of this module, by name."""
+
+_KIND = "adpsgd"
+"""Message meta key that marks AD-PSGD exchanges: a request or an answer."""
+_REQUEST = 1
+_ANSWER = 2
+
+
+def dpsgd(
+    params: Iterable[torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    node: GossipNode,
+    *,
+    timeout: float | None = None,
+) -> SGP:
+    """D-PSGD: synchronous symmetric pairwise averaging on the bipartite exponential graph."""
+    return SGP(params, optimizer, node, topology="bipartite", staleness=0, timeout=timeout)
+
+
+def adpsgd(
+    params: Iterable[torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    node: GossipNode,
+    *,
+    timeout: float | None = None,
+) -> ADPSGD:
+    """AD-PSGD: asynchronous pairwise averaging, active even ranks and passive odd ranks."""
+    return ADPSGD(params, optimizer, node, timeout=timeout)
+
+
+class ADPSGD(SGP):
+    """AD-PSGD over push-sum messages (see the module docstring).
+
+    The first rounds are the synchronous start-up barrier of :class:`SGP`, and
+    :meth:`~SGP.consensus` works as there. The world size must be even (or 1).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor],
+        optimizer: torch.optim.Optimizer,
+        node: GossipNode,
+        *,
+        timeout: float | None = None,
+    ) -> None:
+        self._lock = threading.Lock()
+        self._requests: list[int] = []  # senders of requests received, not yet answered
+        self._answers = 0  # answers received, not yet folded
+        super().__init__(
+            params, optimizer, node, topology="bipartite", staleness=None, timeout=timeout
+        )
+        self.active = node.rank % 2 == 0
+        """Even ranks start exchanges; odd ranks answer them."""
+        self.pending = False
+        """Active rank: a request is out and its answer has not been folded in yet."""
+        self.exchanges = 0
+        """Exchanges completed: answers folded in (active) or requests answered (passive)."""
+
+    def _receive(self, message: Message) -> bool:
+        fresh = super()._receive(message)  # the mass is in the mailbox before it is noted
+        kind = message.meta.get(_KIND)
+        if fresh and kind is not None:
+            with self._lock:
+                if kind == _REQUEST:
+                    self._requests.append(message.sender)
+                elif kind == _ANSWER:
+                    self._answers += 1
+        return fresh
+
+    def _async_round(self, k: int) -> None:
+        with self._lock:  # noted before taking: their mass is surely in what we take
+            requests, self._requests = self._requests, []
+            answers, self._answers = self._answers, 0
+        share = self.protocol.mailbox.take(k)
+        receipts = self.protocol.mailbox.pop_receipts()
+        self.node.acknowledge(receipts)
+        if requests:  # answer with our own mass as it was before the requests came in
+            self._answer(k, requests)
+        if share is not None:
+            self.state.fold(*share)
+        self._folded_through = k
+        if self.active:
+            if answers:
+                self.exchanges += answers
+                self.pending = False
+            if not self.pending:
+                self._request(k)
+        else:
+            self.exchanges += len(requests)
+
+    def _check_running(self) -> None:
+        if self.node.closed:  # before splitting: a share for a stopped node would be lost
+            raise GossipError(f"the gossip node of rank {self.node.rank} has stopped")
+
+    def _request(self, k: int) -> None:
+        self._check_running()
+        messages = self.protocol.emit(k)  # half to the round's partner: the bipartite mixing
+        self.node.send([dataclasses.replace(m, meta={**m.meta, _KIND: _REQUEST}) for m in messages])
+        self.pending = bool(messages)
+
+    def _answer(self, k: int, senders: list[int]) -> None:
+        """Give each requester ``1 / (m + 1)`` of this rank's mass, keep the same share."""
+        self._check_running()
+        fraction = 1.0 / (len(senders) + 1)
+        out: dict[int, float] = {}
+        for s in senders:  # an active rank has one request out at a time; be safe anyway
+            out[s] = out.get(s, 0.0) + fraction
+        shares = self.state.split(1.0 - sum(out.values()), out)
+        next_seq = self.protocol.sequence_numbers()
+        now = time.time()
+        messages = [
+            Message(
+                sender=self.node.rank,
+                receiver=peer,
+                round=k,
+                seq=next_seq.get(peer, 0),
+                weight=weight,
+                tensors=tensors,
+                fingerprint=self.fingerprint,
+                sent_at=now,
+                meta={_KIND: _ANSWER},
+            )
+            for peer, (tensors, weight) in shares.items()
+        ]
+        # The protocol numbers this rank's other messages: keep one sequence per link.
+        self.protocol.restore_sequence_numbers({m.receiver: m.seq + 1 for m in messages})
+        self.node.send(messages)
