@@ -121,6 +121,12 @@ class Mailbox:
             self._cond.notify_all()
             return True
 
+    def mark_arrived(self, sender: int, round: int) -> None:
+        """Count ``(sender, round)`` as arrived without mass (the sender kept it)."""
+        with self._cond:
+            self._arrived.add((sender, round))
+            self._cond.notify_all()
+
     def has(self, expected: Collection[tuple[int, int]]) -> bool:
         """Whether every ``(sender, round)`` in ``expected`` has arrived."""
         with self._cond:

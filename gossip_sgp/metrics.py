@@ -366,16 +366,21 @@ class _Collector(Collector):
         )
         up = _gauge(
             "gossip_sgp_peer_up",
-            f"1 if this worker heard from the peer in the last {self.metrics.peer_up_window:g} s",
+            f"1 if this worker heard from the peer in the last {self.metrics.peer_up_window:g} s "
+            "and does not suspect it down (failure detector)",
             ["peer"],
         )
         now = time.monotonic()
         heard = dict(node.last_heard)
+        suspected = node.down_peers()
         count = 0
         peers = self.metrics.peers()
         for peer in peers:
             outstanding.add_metric([rank, str(peer)], node.outstanding(peer))
-            alive = now - heard.get(peer, -math.inf) <= self.metrics.peer_up_window
+            alive = (
+                peer not in suspected
+                and now - heard.get(peer, -math.inf) <= self.metrics.peer_up_window
+            )
             count += alive
             up.add_metric([rank, str(peer)], float(alive))
         ups = _gauge("gossip_sgp_peers_up", "Peers heard from recently (see gossip_sgp_peer_up)")

@@ -23,17 +23,19 @@ import concurrent.futures
 import contextlib
 import ipaddress
 import logging
+import math
 import signal
 import statistics
 import threading
 import time
 import types
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING, NoReturn
 
 from gossip_sgp.config import GossipConfig
 from gossip_sgp.errors import GossipError, TransportClosed, TransportError, WireError
+from gossip_sgp.liveness import FailureDetector
 from gossip_sgp.mailbox import Receipt
 from gossip_sgp.message import Message, MessageKind
 from gossip_sgp.metrics import GossipMetrics, MetricsServer
@@ -50,6 +52,15 @@ log = logging.getLogger(__name__)
 Handler = Callable[[Message], object]
 
 _MAX_UNACKED = 1024
+_HEARTBEAT_S = 0.5
+"""A neighbour that has been sent nothing for this long gets a heartbeat."""
+_SUSPECT_FLOOR_S = 10 * _HEARTBEAT_S
+"""The shortest silence after which a peer heard before is suspected down (see
+:class:`~gossip_sgp.liveness.FailureDetector`: above it the timeout adapts to the gaps
+observed); ten missed heartbeats, so a worker whose gossip thread stalls for a few seconds
+on an overloaded machine is not taken for dead."""
+_SUSPECT_INITIAL_S = 3 * _SUSPECT_FLOOR_S
+"""The timeout while too few gaps have been observed to adapt it."""
 """Unacknowledged messages remembered per peer; older ones are forgotten (peer is gone)."""
 
 _MAX_EARLY = 4096
@@ -192,8 +203,14 @@ class GossipNode:
         self._early: deque[Message] = deque(maxlen=_MAX_EARLY)
         self._sigterm_installed = False
         self._hurry = False
-        # peer -> seq -> monotonic send time of MASS messages not yet acknowledged
-        self._unacked: dict[int, dict[int, float]] = {}
+        # peer -> seq -> (monotonic send time, weight) of MASS messages not yet acknowledged
+        self._unacked: dict[int, dict[int, tuple[float, float]]] = {}
+        self._detector = FailureDetector(floor=_SUSPECT_FLOOR_S, initial=_SUSPECT_INITIAL_S)
+        self._neighbours: frozenset[int] = frozenset(range(self.world_size)) - {self.rank}
+        self._last_sent: dict[int, float] = {}
+        self._peer_down_handlers: list[Callable[[int, int], object]] = []
+        self.peers_lost: Counter[int] = Counter()
+        """How often each peer was suspected down (a peer heard again is re-admitted)."""
         self.rtt: dict[int, deque[float]] = {}
         """Recent send-to-fold-in round-trip times per peer, in seconds."""
         self.send_errors: Counter[int] = Counter()
@@ -385,6 +402,8 @@ class GossipNode:
                 ) from None
             raise
         self._tasks.add(asyncio.create_task(self._receive(transport)))
+        if not self.plans_rounds:  # round-by-round transports carry no heartbeats
+            self._tasks.add(asyncio.create_task(self._watch_peers()))
         self._ready.set()
         try:
             await self._stopped.wait()
@@ -463,10 +482,17 @@ class GossipNode:
 
     def _dispatch(self, message: Message) -> None:
         """Hand ``message`` to the subscriber (gossip thread, or subscribe()'s caller)."""
-        self.last_heard[message.sender] = time.monotonic()
+        now = time.monotonic()
+        self.last_heard[message.sender] = now
+        with self._lock:
+            back = self._detector.heard(message.sender, now)
+        if back:
+            log.warning("rank %d: rank %d is alive again; re-admitted", self.rank, message.sender)
         if message.kind == MessageKind.ACK:
             self._acknowledged(message)
             return
+        if message.kind == MessageKind.HEARTBEAT and not message.meta.get("skip"):
+            return  # liveness only
         overflow = False
         with self._lock:
             handler, fp = self._handler, self._fingerprint
@@ -491,7 +517,8 @@ class GossipNode:
             self.lost_weight += message.weight
             self._drop("handler_error", exc_info=True)
             return
-        if fresh is False:  # a duplicate: our acknowledgement may have been lost
+        if fresh is False and message.kind == MessageKind.MASS:
+            # a duplicate: our acknowledgement may have been lost
             self.acknowledge([(message.sender, message.seq, message.round)])
 
     def _acks(self, receipts: Sequence[Receipt]) -> list[Message]:
@@ -520,7 +547,7 @@ class GossipNode:
             sent = self._unacked.get(ack.sender, {}).pop(ack.seq, None)
             if sent is not None:
                 rtts = self.rtt.setdefault(ack.sender, deque(maxlen=64))
-                rtts.append(time.monotonic() - sent)
+                rtts.append(time.monotonic() - sent[0])
 
     def _count(self, counter: Counter[str], reason: str) -> int:
         """Add one to ``counter[reason]`` (thread-safe); returns the new count."""
@@ -559,6 +586,58 @@ class GossipNode:
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
             q.put_nowait(m)
+            self._last_sent[m.receiver] = time.monotonic()
+
+    async def _watch_peers(self) -> None:
+        """Heartbeats to quiet neighbours; suspect peers that went silent (gossip thread)."""
+        while True:
+            await asyncio.sleep(_HEARTBEAT_S)
+            now = time.monotonic()
+            with self._lock:
+                down = self._detector.check(now)
+                suspected = set(self._detector.down)
+                lost = {peer: self._unacked.pop(peer, {}) for peer in down}
+            beats = [
+                self._heartbeat(peer, 0)
+                for peer in self._neighbours
+                if peer not in suspected
+                and now - self._last_sent.get(peer, -math.inf) >= _HEARTBEAT_S
+                and not (peer in self._queues and self._queues[peer].qsize())
+            ]
+            if beats:
+                self._enqueue(beats)
+            for peer in down:
+                weight = math.fsum(w for _, w in lost[peer].values())
+                self.lost_weight += weight
+                self.peers_lost[peer] += 1
+                log.warning(
+                    "rank %d: rank %d is silent for %.1f s (timeout %.1f s): suspected down; "
+                    "%d unacknowledged messages (weight %.4g) to it count as lost",
+                    self.rank,
+                    peer,
+                    now - self.last_heard.get(peer, now),
+                    self._detector.timeout(peer),
+                    len(lost[peer]),
+                    weight,
+                )
+                for handler in list(self._peer_down_handlers):
+                    try:
+                        handler(peer, len(lost[peer]))
+                    except Exception:
+                        log.exception("rank %d: a peer-down handler failed", self.rank)
+
+    def _heartbeat(self, peer: int, round: int, *, skip: bool = False) -> Message:
+        return Message(
+            sender=self.rank,
+            receiver=peer,
+            round=round,
+            seq=0,
+            weight=0.0,
+            tensors=(),
+            fingerprint=self._fingerprint or 0,
+            kind=MessageKind.HEARTBEAT,
+            meta={"skip": 1} if skip else {},
+        )
 
     async def _sender(self, peer: int, q: asyncio.Queue[Message]) -> None:
         transport = self.transport
@@ -632,8 +711,10 @@ class GossipNode:
         with self._lock:
             loop = self._running_loop()
             for m in messages:
+                if m.kind != MessageKind.MASS:
+                    continue
                 unacked = self._unacked.setdefault(m.receiver, {})
-                unacked[m.seq] = now
+                unacked[m.seq] = (now, m.weight)
                 if len(unacked) > _MAX_UNACKED:  # a dead peer: forget the oldest
                     del unacked[next(iter(unacked))]
             # Under the lock: close() cannot slip in between, so these messages are queued
@@ -662,6 +743,35 @@ class GossipNode:
         acks = self._acks(receipts)
         with self._lock, contextlib.suppress(GossipError):  # stopped: nobody to tell
             self._running_loop().call_soon_threadsafe(self._enqueue, acks)
+
+    # ------------------------------------------------------------------- liveness
+    def is_down(self, peer: int) -> bool:
+        """Whether ``peer`` is suspected down now (thread-safe)."""
+        with self._lock:
+            return peer in self._detector.down
+
+    def down_peers(self) -> set[int]:
+        """The peers suspected down now (thread-safe)."""
+        with self._lock:
+            return set(self._detector.down)
+
+    def peer_timeout(self, peer: int) -> float:
+        """Seconds of silence after which ``peer`` is suspected (adapts; thread-safe)."""
+        with self._lock:
+            return self._detector.timeout(peer)
+
+    def set_neighbours(self, peers: Collection[int]) -> None:
+        """The peers to keep heartbeats flowing to (default: every other rank)."""
+        self._neighbours = frozenset(peers) - {self.rank}
+
+    def on_peer_down(self, handler: Callable[[int, int], object]) -> None:
+        """Call ``handler(peer, lost_messages)`` in the gossip thread when a peer is suspected:
+        ``lost_messages`` of this node's messages to it were never acknowledged."""
+        self._peer_down_handlers.append(handler)
+
+    def send_skip(self, peers: Sequence[int], round: int) -> None:
+        """Tell ``peers`` that this node sends them no mass in ``round`` (thread-safe)."""
+        self.send([self._heartbeat(peer, round, skip=True) for peer in peers])
 
     @property
     def plans_rounds(self) -> bool:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -44,7 +45,7 @@ import torch
 
 import topologies
 from gossip_sgp.errors import GossipError, GossipTimeout
-from gossip_sgp.message import Message, fingerprint
+from gossip_sgp.message import Message, MessageKind, fingerprint
 from gossip_sgp.node import GossipNode
 from gossip_sgp.protocol import PushSumProtocol
 from gossip_sgp.pushsum import PushSumState
@@ -58,6 +59,9 @@ _INITIAL_CREDIT = 1
 Measured on 4 CPU workers: more credit lets more gossip flow while messages are on the way,
 but puts more of the mass in flight, where the workers' gradient steps cannot act on it
 (``x += w * delta`` scales with the weight a worker holds), and accuracy dropped."""
+
+_WAIT_SLICE = 0.25
+"""Seconds between two looks at which peers are suspected down while waiting."""
 
 _GAUGE_MAX = 1e300
 """Stands in for "unknown yet" (infinity) in a message's gauge, which must be finite."""
@@ -175,6 +179,21 @@ class SGP:
         its peers are still starting, and an asynchronous run averages models that drifted
         apart (measured: 4 workers, one starting 1.5 s late, 0.84-0.95 accuracy instead of
         0.98)."""
+        self.kept_rounds = 0
+        """Rounds in which this worker kept its mass because an out-peer was suspected down."""
+        self._refund = 0  # send credit given back for messages lost to a dead peer
+        self._refund_lock = threading.Lock()
+        node.set_neighbours(
+            {
+                peer
+                for r in range(self.topology.period)
+                for peer in (
+                    *self.topology.out_peers(node.rank, r),
+                    *self.topology.in_peers(node.rank, r),
+                )
+            }
+        )
+        node.on_peer_down(self._peer_down)
         node.subscribe(
             self._receive,
             fingerprint=self.fingerprint,
@@ -186,6 +205,9 @@ class SGP:
 
         A payload that does not decode raises ``WireError``; the node counts it as rejected.
         """
+        if message.kind == MessageKind.HEARTBEAT:  # "no mass for you in this round"
+            self.protocol.mailbox.mark_arrived(message.sender, message.round)
+            return True
         message = self.protocol.decode(message)
         metrics = self._metrics
         if metrics is None:
@@ -195,6 +217,12 @@ class SGP:
         if not fresh:
             metrics.rejected(message, token)
         return fresh
+
+    def _peer_down(self, peer: int, lost_messages: int) -> None:
+        """Gossip thread: messages to a dead peer will never be folded; their send credit
+        comes back, so the other workers' gossip does not dry up (asynchronous mode)."""
+        with self._refund_lock:
+            self._refund += lost_messages
 
     @staticmethod
     def _resolve_topology(topology: str | Topology, peers: int, world_size: int) -> Topology:
@@ -291,6 +319,12 @@ class SGP:
         if self.node.closed:  # before splitting: a share for a stopped node would be lost
             raise GossipError(f"the gossip node of rank {self.node.rank} has stopped")
         out_peers = self.topology.out_peers(self.node.rank, k)
+        if any(self.node.is_down(peer) for peer in out_peers):
+            # A suspected peer: keep this round's mass (a share sent to a dead worker would
+            # be lost) and tell the out-peers, in case one is alive after all and waiting.
+            self.node.send_skip(out_peers, k)
+            self.kept_rounds += 1
+            return
         self._credit -= len(out_peers)
         self.node.plan_round(k, self.topology.in_peers(self.node.rank, k), out_peers)
         self.node.send(self.protocol.emit(k, gauge=gauge))
@@ -300,14 +334,23 @@ class SGP:
         self.protocol.absorb(max_round)
         receipts = self.protocol.mailbox.pop_receipts()
         self.node.acknowledge(receipts)
-        self._credit += len(receipts)
+        with self._refund_lock:
+            refund, self._refund = self._refund, 0
+        self._credit += len(receipts) + refund
         if self._metrics is not None and receipts:  # self._flats: z before this fold
             coalesced = self.protocol.mailbox.coalesce
             self._metrics.folded_in(receipts, self.round, self._flats, coalesced=coalesced)
 
     def _wait(self, round: int) -> None:
         expected = self.protocol.expected(round)
-        if not self.protocol.mailbox.wait(expected, self.timeout):
+        mailbox = self.protocol.mailbox
+        deadline = time.monotonic() + self.timeout
+        while True:  # in slices, to stop waiting for a sender suspected down meanwhile
+            live = [(s, r) for s, r in expected if not self.node.is_down(s)]
+            left = deadline - time.monotonic()
+            if mailbox.wait(live, max(0.0, min(_WAIT_SLICE, left))) or mailbox.closed or left <= 0:
+                break
+        if not mailbox.has([(s, r) for s, r in expected if not self.node.is_down(s)]):
             missing = sorted(s for s, r in expected if not self.protocol.mailbox.has([(s, r)]))
             if self.protocol.mailbox.closed:
                 raise GossipError(
@@ -358,7 +401,10 @@ class SGP:
         mailbox.take_gauge(self.round - 1)  # training messages carry no gauge
         done, disagreement, local = 0, math.inf, math.inf
         while done < max_rounds:
-            block = min(_broadcast_rounds(self.topology, self.round), max_rounds - done)
+            # A block lets every live worker hear from every other; paths through workers
+            # suspected down are cut (their rounds keep the mass local), so blocks get longer.
+            down = frozenset(self.node.down_peers())
+            block = min(_broadcast_rounds(self.topology, self.round, down), max_rounds - done)
             known = local
             for _ in range(block):
                 before = [f.clone() for f in self._flats]
@@ -436,21 +482,26 @@ def _relative_change(before: list[torch.Tensor], after: list[torch.Tensor]) -> f
     return num / den if den > 0 else num
 
 
-def _broadcast_rounds(topology: Topology, start: int) -> int:
-    """Rounds from ``start`` until every node has (indirectly) heard from every other."""
-    return _broadcast_rounds_cached(topology, start % topology.period)
+def _broadcast_rounds(topology: Topology, start: int, down: frozenset[int] = frozenset()) -> int:
+    """Rounds from ``start`` until every live node has (indirectly) heard from every other
+    live node, with the nodes in ``down`` (and every edge to or from them) taken out."""
+    return _broadcast_rounds_cached(topology, start % topology.period, down)
 
 
 @functools.lru_cache(maxsize=64)
-def _broadcast_rounds_cached(topology: Topology, start: int) -> int:
+def _broadcast_rounds_cached(topology: Topology, start: int, down: frozenset[int]) -> int:
     n = topology.world_size
+    live = [i for i in range(n) if i not in down]
     reach = torch.eye(n, dtype=torch.bool)
     for t in range(start, start + 4 * n + 64):
         new = reach.clone()
-        for i in range(n):
+        for i in live:
             for j in topology.in_peers(i, t):
+                if j in down or any(p in down for p in topology.out_peers(j, t)):
+                    continue  # j keeps its mass in round t (see SGP._send)
                 new[i] |= reach[j]
         reach = new
-        if bool(reach.all()):
+        if bool(reach[live][:, live].all()):
             return t - start + 1
-    raise GossipError(f"topology {topology.name} does not connect all {n} nodes")
+    missing = f" without the ranks {sorted(down)} suspected down" if down else ""
+    raise GossipError(f"topology {topology.name} does not connect all its nodes{missing}")

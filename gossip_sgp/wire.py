@@ -116,10 +116,10 @@ def encode(message: Message) -> list[bytes | memoryview]:
 
 
 def _check_weight(kind: int, weight: float, n_tensors: int) -> None:
-    """MASS carries a finite weight > 0; ACK carries weight 0 and no tensors."""
-    if kind == MessageKind.ACK:
+    """MASS carries a finite weight > 0; ACK and HEARTBEAT carry weight 0 and no tensors."""
+    if kind in (MessageKind.ACK, MessageKind.HEARTBEAT):
         if weight != 0.0 or n_tensors:
-            raise WireError("bad_weight", "an acknowledgement carries weight 0 and no tensors")
+            raise WireError("bad_weight", f"a {MessageKind(kind).name} has weight 0, no tensors")
     elif not math.isfinite(weight) or weight <= 0.0:
         raise WireError("bad_weight", f"weight {weight!r} is not a finite float > 0")
 

@@ -94,6 +94,18 @@ def test_wait_wakes_on_arrival_and_times_out() -> None:
         timer.cancel()
 
 
+def test_a_skip_notice_counts_as_arrived_without_mass() -> None:
+    box = Mailbox()
+    timer = threading.Timer(0.05, box.mark_arrived, args=(3, 4))
+    timer.start()
+    try:
+        assert box.wait([(3, 4)], timeout=10.0)
+    finally:
+        timer.cancel()
+    assert box.take(4) is None  # nothing to fold
+    assert box.pop_receipts() == []  # and nothing to acknowledge
+
+
 def test_coalescing_keeps_one_buffer_and_all_mass() -> None:
     box = Mailbox(coalesce=True)
     for seq in range(100):

@@ -1,0 +1,100 @@
+"""Failure detection: which peers are alive, with timeouts that adapt to the network.
+
+Every gossip node hears from its neighbours regularly: push-sum messages, acknowledgements,
+and heartbeats the node sends when it has sent a neighbour nothing for a while. The detector
+keeps, per peer, the recent gaps between two things heard and suspects a peer when its
+silence exceeds ``median + k * MAD`` of those gaps (median absolute deviation: robust to the
+odd long gap), but never less than ``floor`` seconds. So the timeout follows the network:
+a LAN peer heard every few milliseconds is suspected after a fraction of a second of silence
+beyond its heartbeat rhythm, a WAN peer with jittery delivery gets a longer timeout, and no
+constant needs tuning to the network. Before ``min_samples`` gaps are known, ``initial``
+seconds apply.
+
+A suspected peer that is heard again is re-admitted at once.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import deque
+
+__all__ = ["FailureDetector"]
+
+
+class FailureDetector:
+    """Per-peer adaptive timeouts (not thread-safe: use it from one thread).
+
+    Args:
+        floor: the shortest timeout, in seconds (a few heartbeat intervals).
+        initial: the timeout before ``min_samples`` gaps have been observed.
+        k: how many median absolute deviations above the median gap a silence may last.
+        history: gaps kept per peer.
+        min_samples: gaps needed before the adaptive timeout applies.
+    """
+
+    def __init__(
+        self,
+        *,
+        floor: float,
+        initial: float,
+        k: float = 8.0,
+        history: int = 64,
+        min_samples: int = 8,
+    ) -> None:
+        if not 0 < floor <= initial:
+            raise ValueError(f"need 0 < floor <= initial, got floor={floor}, initial={initial}")
+        if k <= 0 or history < 2 or not 2 <= min_samples <= history:
+            raise ValueError("need k > 0 and 2 <= min_samples <= history")
+        self.floor, self.initial, self.k = floor, initial, k
+        self.min_samples = min_samples
+        self._history = history
+        self._last: dict[int, float] = {}
+        self._gaps: dict[int, deque[float]] = {}
+        self.down: set[int] = set()
+        """Peers suspected now."""
+
+    def watch(self, peer: int, now: float) -> None:
+        """Start watching ``peer`` as if it had just been heard (no-op if watched already)."""
+        self._last.setdefault(peer, now)
+
+    def heard(self, peer: int, now: float) -> bool:
+        """Record that ``peer`` was heard at ``now``; True if it was down and is back."""
+        last = self._last.get(peer)
+        if last is not None and now > last:
+            gaps = self._gaps.get(peer)
+            if gaps is None:
+                gaps = self._gaps[peer] = deque(maxlen=self._history)
+            gaps.append(now - last)
+        self._last[peer] = max(now, last or now)
+        if peer in self.down:
+            self.down.discard(peer)
+            # The silence was an outage, not a gap of the normal rhythm.
+            gaps = self._gaps.get(peer)
+            if gaps:
+                gaps.pop()
+            return True
+        return False
+
+    def timeout(self, peer: int) -> float:
+        """Seconds of silence after which ``peer`` is suspected."""
+        gaps = self._gaps.get(peer)
+        if gaps is None or len(gaps) < self.min_samples:
+            return self.initial
+        median = statistics.median(gaps)
+        mad = statistics.median(abs(g - median) for g in gaps)
+        return max(self.floor, median + self.k * mad)
+
+    def silence(self, peer: int, now: float) -> float:
+        """Seconds since ``peer`` was last heard (0 if not watched)."""
+        last = self._last.get(peer)
+        return 0.0 if last is None else max(0.0, now - last)
+
+    def check(self, now: float) -> list[int]:
+        """Peers that have just become suspected (silent longer than their timeout)."""
+        newly = [
+            peer
+            for peer, last in self._last.items()
+            if peer not in self.down and now - last > self.timeout(peer)
+        ]
+        self.down.update(newly)
+        return sorted(newly)
