@@ -53,10 +53,6 @@ class FailureDetector:
         self.down: set[int] = set()
         """Peers suspected now."""
 
-    def watch(self, peer: int, now: float) -> None:
-        """Start watching ``peer`` as if it had just been heard (no-op if watched already)."""
-        self._last.setdefault(peer, now)
-
     def heard(self, peer: int, now: float) -> bool:
         """Record that ``peer`` was heard at ``now``; True if it was down and is back."""
         last = self._last.get(peer)
@@ -83,11 +79,6 @@ class FailureDetector:
         median = statistics.median(gaps)
         mad = statistics.median(abs(g - median) for g in gaps)
         return max(self.floor, median + self.k * mad)
-
-    def silence(self, peer: int, now: float) -> float:
-        """Seconds since ``peer`` was last heard (0 if not watched)."""
-        last = self._last.get(peer)
-        return 0.0 if last is None else max(0.0, now - last)
 
     def check(self, now: float) -> list[int]:
         """Peers that have just become suspected (silent longer than their timeout)."""

@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 Handler = Callable[[Message], object]
 
 _MAX_UNACKED = 1024
+"""Unacknowledged messages remembered per peer; older ones are forgotten (peer is gone)."""
+
 _HEARTBEAT_S = 0.5
 """A neighbour that has been sent nothing for this long gets a heartbeat."""
 _SUSPECT_FLOOR_S = 10 * _HEARTBEAT_S
@@ -61,7 +63,6 @@ observed); ten missed heartbeats, so a worker whose gossip thread stalls for a f
 on an overloaded machine is not taken for dead."""
 _SUSPECT_INITIAL_S = 3 * _SUSPECT_FLOOR_S
 """The timeout while too few gaps have been observed to adapt it."""
-"""Unacknowledged messages remembered per peer; older ones are forgotten (peer is gone)."""
 
 _MAX_EARLY = 4096
 """Messages kept for a subscriber that has not subscribed yet; beyond that the oldest go."""
@@ -222,7 +223,9 @@ class GossipNode:
         subscriber raised), ``early_overflow`` (more than ``_MAX_EARLY`` arrived before
         anyone subscribed), ``closed`` (still unsent when the node closed)."""
         self.lost_weight = 0.0
-        """Push-sum weight of the messages in ``dropped`` and ``send_errors``."""
+        """Push-sum weight of the messages in ``dropped`` and ``send_errors``, and of those a
+        peer had not acknowledged when it was suspected down (if it was alive after all and
+        folds them later, this overcounts)."""
         self.last_heard: dict[int, float] = {}
         """Monotonic time of the last message (acknowledgements included) per sender."""
         self.payload_bytes_sent = 0
@@ -484,22 +487,24 @@ class GossipNode:
         """Hand ``message`` to the subscriber (gossip thread, or subscribe()'s caller)."""
         now = time.monotonic()
         self.last_heard[message.sender] = now
-        with self._lock:
+        for_subscriber = message.kind == MessageKind.MASS or (
+            message.kind == MessageKind.HEARTBEAT and message.meta.get("skip")  # see SGP._send
+        )
+        overflow, lost, handler, fp = False, 0.0, None, None
+        with self._lock:  # one lock per message on this hot path
             back = self._detector.heard(message.sender, now)
+            if message.kind == MessageKind.ACK:
+                self._acknowledged(message, now)
+            elif for_subscriber:
+                handler, fp = self._handler, self._fingerprint
+                if handler is None:
+                    overflow = len(self._early) == self._early.maxlen
+                    lost = self._early[0].weight if overflow else 0.0
+                    self._early.append(message)  # when full, the deque drops the oldest
         if back:
             log.warning("rank %d: rank %d is alive again; re-admitted", self.rank, message.sender)
-        if message.kind == MessageKind.ACK:
-            self._acknowledged(message)
-            return
-        if message.kind == MessageKind.HEARTBEAT and not message.meta.get("skip"):
-            return  # liveness only
-        overflow = False
-        with self._lock:
-            handler, fp = self._handler, self._fingerprint
-            if handler is None:
-                overflow = len(self._early) == self._early.maxlen
-                lost = self._early[0].weight if overflow else 0.0
-                self._early.append(message)  # when full, the deque drops the oldest
+        if not for_subscriber:
+            return  # an acknowledgement, or a heartbeat: liveness only
         if overflow:
             self.lost_weight += lost
             self._drop("early_overflow")
@@ -542,12 +547,12 @@ class GossipNode:
             recent = {peer: list(times) for peer, times in self.rtt.items() if times}
         return {peer: statistics.median(times) for peer, times in recent.items()}
 
-    def _acknowledged(self, ack: Message) -> None:
-        with self._lock:
-            sent = self._unacked.get(ack.sender, {}).pop(ack.seq, None)
-            if sent is not None:
-                rtts = self.rtt.setdefault(ack.sender, deque(maxlen=64))
-                rtts.append(time.monotonic() - sent[0])
+    def _acknowledged(self, ack: Message, now: float) -> None:
+        """Book an acknowledgement (call with ``_lock`` held)."""
+        sent = self._unacked.get(ack.sender, {}).pop(ack.seq, None)
+        if sent is not None:
+            rtts = self.rtt.setdefault(ack.sender, deque(maxlen=64))
+            rtts.append(now - sent[0])
 
     def _count(self, counter: Counter[str], reason: str) -> int:
         """Add one to ``counter[reason]`` (thread-safe); returns the new count."""
@@ -595,13 +600,13 @@ class GossipNode:
             now = time.monotonic()
             with self._lock:
                 down = self._detector.check(now)
-                suspected = set(self._detector.down)
                 lost = {peer: self._unacked.pop(peer, {}) for peer in down}
+            # Suspected peers too: one suspected by mistake hears from us and does not
+            # suspect us in turn (the queue check keeps a dead peer's backlog at one).
             beats = [
                 self._heartbeat(peer, 0)
                 for peer in self._neighbours
-                if peer not in suspected
-                and now - self._last_sent.get(peer, -math.inf) >= _HEARTBEAT_S
+                if now - self._last_sent.get(peer, -math.inf) >= _HEARTBEAT_S
                 and not (peer in self._queues and self._queues[peer].qsize())
             ]
             if beats:
@@ -759,6 +764,11 @@ class GossipNode:
         """Seconds of silence after which ``peer`` is suspected (adapts; thread-safe)."""
         with self._lock:
             return self._detector.timeout(peer)
+
+    @property
+    def neighbours(self) -> frozenset[int]:
+        """The peers heartbeats flow to: every other rank, or those SGP's topology pairs."""
+        return self._neighbours
 
     def set_neighbours(self, peers: Collection[int]) -> None:
         """The peers to keep heartbeats flowing to (default: every other rank)."""

@@ -319,7 +319,8 @@ class SGP:
         if self.node.closed:  # before splitting: a share for a stopped node would be lost
             raise GossipError(f"the gossip node of rank {self.node.rank} has stopped")
         out_peers = self.topology.out_peers(self.node.rank, k)
-        if any(self.node.is_down(peer) for peer in out_peers):
+        down = self.node.down_peers()
+        if any(peer in down for peer in out_peers):
             # A suspected peer: keep this round's mass (a share sent to a dead worker would
             # be lost) and tell the out-peers, in case one is alive after all and waiting.
             self.node.send_skip(out_peers, k)
@@ -346,12 +347,14 @@ class SGP:
         mailbox = self.protocol.mailbox
         deadline = time.monotonic() + self.timeout
         while True:  # in slices, to stop waiting for a sender suspected down meanwhile
-            live = [(s, r) for s, r in expected if not self.node.is_down(s)]
+            down = self.node.down_peers()
+            live = [(s, r) for s, r in expected if s not in down]
             left = deadline - time.monotonic()
-            if mailbox.wait(live, max(0.0, min(_WAIT_SLICE, left))) or mailbox.closed or left <= 0:
+            arrived = mailbox.wait(live, max(0.0, min(_WAIT_SLICE, left)))
+            if arrived or mailbox.closed or left <= 0:
                 break
-        if not mailbox.has([(s, r) for s, r in expected if not self.node.is_down(s)]):
-            missing = sorted(s for s, r in expected if not self.protocol.mailbox.has([(s, r)]))
+        if not arrived:
+            missing = sorted(s for s, r in live if not mailbox.has([(s, r)]))
             if self.protocol.mailbox.closed:
                 raise GossipError(
                     f"the gossip node of rank {self.node.rank} stopped while waiting for the "
