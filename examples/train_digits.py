@@ -40,6 +40,7 @@ from torch.nn import functional as F
 
 from gossip_sgp import SGP, GossipConfig, GossipNode
 from gossip_sgp.compression import parse_codec
+from gossip_sgp.liveness import lost_weight
 
 
 def load_digits_split(
@@ -348,10 +349,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.algorithm == "sgp":
             result["weight"] = sgp.weight
             result["skipped_rounds"] = sgp.skipped_rounds
+            result["kept_rounds"] = sgp.kept_rounds  # rounds kept: an out-peer was down
             assert node is not None
             # Bytes handed to the wire while training: headers, payloads and acknowledgements.
             result["bytes_sent"] = sum(node.stats.bytes_sent.values())
             sgp.consensus()  # SGP: gossip until the workers agree
+            result["suspicions"] = sum(node.peers_lost.values())
+            result["mass"] = sgp.mass_report()  # weight held, lost, and moved per peer
         seconds = time.perf_counter() - started
         result["accuracy"] = accuracy(model, x_test, y_test)
         result["params_sha256"] = hashlib.sha256(flat_params(model).numpy().tobytes()).hexdigest()
@@ -382,6 +386,23 @@ def allreduce_gradients(model: nn.Module, world_size: int) -> None:
         offset += g.numel()
 
 
+def gather_results(store: Any, result: dict[str, Any], world_size: int) -> dict[int, Any]:
+    """Rank 0: every worker's result, by rank, leaving out workers that died.
+
+    A rank counts as dead once a worker that has finished suspects it (SGP's failure
+    detection), or when its result is not there within the store's 300 s."""
+    gathered, deadline = {0: result}, time.monotonic() + 300
+    while len(gathered) < world_size and time.monotonic() < deadline:
+        for r in range(1, world_size):
+            if r not in gathered and store.check([f"result/{r}"]):
+                gathered[r] = json.loads(store.get(f"result/{r}"))
+        suspected = {p for g in gathered.values() for p in g.get("mass", {}).get("suspected", [])}
+        if set(range(world_size)) <= set(gathered) | suspected:
+            break
+        time.sleep(0.05)
+    return gathered
+
+
 def report(
     args: argparse.Namespace,
     rank: int,
@@ -401,15 +422,16 @@ def report(
             store.wait(["done"])  # rank 0 hosts the store: it must outlive every reader
             store.add("left", 1)
         return
-    results, all_params = [result], [params]
-    for r in range(1, world_size):
-        assert store is not None
-        results.append(json.loads(store.get(f"result/{r}")))
-        all_params.append(np.frombuffer(store.get(f"params/{r}"), dtype=np.float64))
+    gathered = gather_results(store, result, world_size)
+    dead = [r for r in range(world_size) if r not in gathered]
+    results = [gathered[r] for r in sorted(gathered)]
+    all_params = [params] + [
+        np.frombuffer(store.get(f"params/{r}"), dtype=np.float64) for r in sorted(gathered) if r
+    ]
     if store is not None:
         store.set("done", "1")
         deadline = time.monotonic() + 60
-        while store.add("left", 0) < world_size - 1 and time.monotonic() < deadline:
+        while store.add("left", 0) < len(results) - 1 and time.monotonic() < deadline:
             time.sleep(0.01)
     stacked = np.stack(all_params)
     mean = stacked.mean(axis=0)
@@ -428,7 +450,14 @@ def report(
         "seconds": seconds,
         "bytes_sent_per_worker": sum(r.get("bytes_sent", 0) for r in results) / len(results),
         "per_worker": results,
+        "dead_ranks": dead,
     }
+    if args.algorithm == "sgp":  # SGP: where the push-sum weight went
+        reports = {r: gathered[r]["mass"] for r in gathered}
+        summary["weight_sum"] = math.fsum(m["weight"] for m in reports.values())
+        summary["lost_weight"] = lost_weight(reports, dead)
+        if dead:
+            print(f"ranks {dead} died; they took weight {summary['lost_weight']:.4f} with them")
     print("test accuracy per worker: " + " ".join(f"{a:.4f}" for a in accuracies))
     print(
         f"mean accuracy {summary['accuracy']:.4f}, consensus error {consensus_error:.2e}, "

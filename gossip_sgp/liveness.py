@@ -11,14 +11,39 @@ constant needs tuning to the network. Before ``min_samples`` gaps are known, ``i
 seconds apply.
 
 A suspected peer that is heard again is re-admitted at once.
+
+:func:`lost_weight` adds up, from the surviving workers' :meth:`gossip_sgp.SGP.mass_report`,
+the push-sum weight a job lost with its dead workers.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections import deque
+from collections.abc import Collection, Mapping
+from typing import Any
 
-__all__ = ["FailureDetector"]
+__all__ = ["FailureDetector", "lost_weight"]
+
+
+def lost_weight(reports: Mapping[int, Mapping[str, Any]], dead: Collection[int]) -> float:
+    """The push-sum weight lost with the workers ``dead``, from the survivors' reports.
+
+    ``reports[rank]`` is survivor ``rank``'s :meth:`gossip_sgp.SGP.mass_report`. A dead
+    worker took with it what it held, its messages that never arrived, and the messages sent
+    to it that it never folded in. The survivors' ledgers give the first two together: it
+    started with weight 1, plus the weight each survivor sent it and it acknowledged, minus
+    the weight each survivor received from it. The third is what each survivor wrote off as
+    lost when it suspected it (``lost_weight``, which also holds what the survivor dropped
+    itself). With ``n`` workers, the survivors' weights then add up to ``n`` minus this.
+    """
+    lost = math.fsum(float(r["lost_weight"]) for r in reports.values())
+    for rank in dead:
+        lost += 1.0 + math.fsum(
+            float(r["net_weight_to"].get(str(rank), 0.0)) for r in reports.values()
+        )
+    return lost
 
 
 class FailureDetector:

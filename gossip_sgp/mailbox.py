@@ -89,6 +89,8 @@ class Mailbox:
         self.rejected: Counter[str] = Counter()
         self.received = 0
         self.last_arrival: dict[int, float] = {}
+        self.weight_from: dict[int, float] = {}
+        """Push-sum weight accepted from each sender so far."""
 
     def put(self, message: Message) -> bool:
         """Store a message's mass; False (and counted) when it is a duplicate or replay."""
@@ -118,6 +120,7 @@ class Mailbox:
                 self._gauges[r] = max(self._gauges.get(r, 0.0), message.gauge)
             self.received += 1
             self.last_arrival[message.sender] = time.monotonic()
+            self.weight_from[message.sender] = self.weight_from.get(message.sender, 0.0) + share[1]
             self._cond.notify_all()
             return True
 

@@ -209,7 +209,14 @@ class GossipNode:
         self._detector = FailureDetector(floor=_SUSPECT_FLOOR_S, initial=_SUSPECT_INITIAL_S)
         self._neighbours: frozenset[int] = frozenset(range(self.world_size)) - {self.rank}
         self._last_sent: dict[int, float] = {}
-        self._peer_down_handlers: list[Callable[[int, int], object]] = []
+        self._write_off_handlers: list[Callable[[int, int], object]] = []
+        # peer -> seq -> weight of MASS messages written off as lost when the peer was
+        # suspected; an acknowledgement that comes after all takes one back
+        self._written_off: dict[int, dict[int, float]] = {}
+        self.acked_weight: dict[int, float] = {}
+        """Push-sum weight of the messages each peer acknowledged (folded in): with the
+        weight received from a peer, the net weight that moved to it (see docs/reliability.md:
+        what a dead worker held)."""
         self.peers_lost: Counter[int] = Counter()
         """How often each peer was suspected down (a peer heard again is re-admitted)."""
         self.rtt: dict[int, deque[float]] = {}
@@ -490,11 +497,11 @@ class GossipNode:
         for_subscriber = message.kind == MessageKind.MASS or (
             message.kind == MessageKind.HEARTBEAT and message.meta.get("skip")  # see SGP._send
         )
-        overflow, lost, handler, fp = False, 0.0, None, None
+        overflow, lost, handler, fp, taken_back = False, 0.0, None, None, False
         with self._lock:  # one lock per message on this hot path
             back = self._detector.heard(message.sender, now)
             if message.kind == MessageKind.ACK:
-                self._acknowledged(message, now)
+                taken_back = self._acknowledged(message, now)
             elif for_subscriber:
                 handler, fp = self._handler, self._fingerprint
                 if handler is None:
@@ -503,6 +510,8 @@ class GossipNode:
                     self._early.append(message)  # when full, the deque drops the oldest
         if back:
             log.warning("rank %d: rank %d is alive again; re-admitted", self.rank, message.sender)
+        if taken_back:
+            self._written_off_changed(message.sender, -1)
         if not for_subscriber:
             return  # an acknowledgement, or a heartbeat: liveness only
         if overflow:
@@ -547,12 +556,22 @@ class GossipNode:
             recent = {peer: list(times) for peer, times in self.rtt.items() if times}
         return {peer: statistics.median(times) for peer, times in recent.items()}
 
-    def _acknowledged(self, ack: Message, now: float) -> None:
-        """Book an acknowledgement (call with ``_lock`` held)."""
-        sent = self._unacked.get(ack.sender, {}).pop(ack.seq, None)
+    def _acknowledged(self, ack: Message, now: float) -> bool:
+        """Book an acknowledgement (call with ``_lock`` held); True when it takes back a
+        message written off as lost (the peer was suspected by mistake)."""
+        peer = ack.sender
+        sent = self._unacked.get(peer, {}).pop(ack.seq, None)
         if sent is not None:
-            rtts = self.rtt.setdefault(ack.sender, deque(maxlen=64))
+            rtts = self.rtt.setdefault(peer, deque(maxlen=64))
             rtts.append(now - sent[0])
+            weight = sent[1]
+        else:
+            weight = self._written_off.get(peer, {}).pop(ack.seq, math.nan)
+            if math.isnan(weight):
+                return False
+            self.lost_weight -= weight
+        self.acked_weight[peer] = self.acked_weight.get(peer, 0.0) + weight
+        return sent is None
 
     def _count(self, counter: Counter[str], reason: str) -> int:
         """Add one to ``counter[reason]`` (thread-safe); returns the new count."""
@@ -594,13 +613,24 @@ class GossipNode:
             self._last_sent[m.receiver] = time.monotonic()
 
     async def _watch_peers(self) -> None:
-        """Heartbeats to quiet neighbours; suspect peers that went silent (gossip thread)."""
+        """Heartbeats to quiet neighbours; suspect peers that went silent (gossip thread).
+
+        A tick that comes late means this process itself was not running (an overloaded
+        machine, a long pause of the interpreter): what the peers sent meanwhile may still
+        wait unread in the socket, so that tick suspects nobody and the receiver catches up
+        first. Without this, a worker starved for a few seconds would suspect every peer at
+        once and keep its mass to itself.
+        """
+        previous = time.monotonic()
         while True:
             await asyncio.sleep(_HEARTBEAT_S)
             now = time.monotonic()
+            stalled, previous = now - previous > 2 * _HEARTBEAT_S, now
             with self._lock:
-                down = self._detector.check(now)
+                down = [] if stalled else self._detector.check(now)
                 lost = {peer: self._unacked.pop(peer, {}) for peer in down}
+                for peer in down:
+                    self._write_off(peer, lost[peer])
             # Suspected peers too: one suspected by mistake hears from us and does not
             # suspect us in turn (the queue check keeps a dead peer's backlog at one).
             beats = [
@@ -625,11 +655,21 @@ class GossipNode:
                     len(lost[peer]),
                     weight,
                 )
-                for handler in list(self._peer_down_handlers):
-                    try:
-                        handler(peer, len(lost[peer]))
-                    except Exception:
-                        log.exception("rank %d: a peer-down handler failed", self.rank)
+                self._written_off_changed(peer, len(lost[peer]))
+
+    def _write_off(self, peer: int, lost: dict[int, tuple[float, float]]) -> None:
+        """Remember messages written off as lost (call with ``_lock`` held), bounded."""
+        kept = self._written_off.setdefault(peer, {})
+        kept.update((seq, weight) for seq, (_, weight) in lost.items())
+        while len(kept) > _MAX_UNACKED:
+            del kept[next(iter(kept))]
+
+    def _written_off_changed(self, peer: int, count: int) -> None:
+        for handler in list(self._write_off_handlers):
+            try:
+                handler(peer, count)
+            except Exception:
+                log.exception("rank %d: a write-off handler failed", self.rank)
 
     def _heartbeat(self, peer: int, round: int, *, skip: bool = False) -> Message:
         return Message(
@@ -774,10 +814,12 @@ class GossipNode:
         """The peers to keep heartbeats flowing to (default: every other rank)."""
         self._neighbours = frozenset(peers) - {self.rank}
 
-    def on_peer_down(self, handler: Callable[[int, int], object]) -> None:
-        """Call ``handler(peer, lost_messages)`` in the gossip thread when a peer is suspected:
-        ``lost_messages`` of this node's messages to it were never acknowledged."""
-        self._peer_down_handlers.append(handler)
+    def on_write_off(self, handler: Callable[[int, int], object]) -> None:
+        """Call ``handler(peer, count)`` in the gossip thread when ``count`` messages to
+        ``peer`` are written off as lost (it was suspected down before acknowledging them),
+        and with ``count = -1`` when one of them is acknowledged after all (a mistaken
+        suspicion: its weight leaves ``lost_weight`` again)."""
+        self._write_off_handlers.append(handler)
 
     def send_skip(self, peers: Sequence[int], round: int) -> None:
         """Tell ``peers`` that this node sends them no mass in ``round`` (thread-safe)."""

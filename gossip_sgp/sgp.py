@@ -193,7 +193,7 @@ class SGP:
                 )
             }
         )
-        node.on_peer_down(self._peer_down)
+        node.on_write_off(self._written_off)
         node.subscribe(
             self._receive,
             fingerprint=self.fingerprint,
@@ -218,9 +218,10 @@ class SGP:
             metrics.rejected(message, token)
         return fresh
 
-    def _peer_down(self, peer: int, lost_messages: int) -> None:
+    def _written_off(self, peer: int, lost_messages: int) -> None:
         """Gossip thread: messages to a dead peer will never be folded; their send credit
-        comes back, so the other workers' gossip does not dry up (asynchronous mode)."""
+        comes back, so the other workers' gossip does not dry up (asynchronous mode). A
+        message acknowledged after all (-1: the suspicion was a mistake) takes it back."""
         with self._refund_lock:
             self._refund += lost_messages
 
@@ -395,7 +396,8 @@ class SGP:
         # order, so (short of lost messages or a cut-short consensus) no credit is in flight
         # now: everyone starts again with an even share. Without this, the credit could sit
         # unevenly, and a worker with none would skip its first asynchronous rounds.
-        self._credit = self._initial_credit
+        with self._refund_lock:  # a refund for messages sent before now is void too
+            self._credit, self._refund = self._initial_credit, 0
         return disagreement
 
     def _consensus(self, max_rounds: int, tol: float) -> float:
@@ -435,6 +437,27 @@ class SGP:
         else:
             self._catch_up(self.round - 1)
         self.state.debias(out=self._flats)
+
+    def mass_report(self) -> dict[str, Any]:
+        """Where this worker's push-sum weight stands, as plain numbers (JSON-ready).
+
+        ``weight``: the weight it holds now; ``lost_weight``: weight it wrote off (messages
+        to peers suspected down before acknowledging them, messages it dropped);
+        ``suspected``: peers suspected down now; ``net_weight_to``: per peer (a string
+        key), the weight it sent that the peer acknowledged minus the weight it received
+        from the peer. Gather the survivors' reports after ``consensus()`` and
+        :func:`gossip_sgp.liveness.lost_weight` tells how much weight dead workers took
+        with them.
+        """
+        node, received = self.node, self.protocol.mailbox.weight_from
+        acked = dict(node.acked_weight)
+        peers = sorted(set(acked) | set(received))
+        return {
+            "weight": self.state.weight,
+            "lost_weight": node.lost_weight,
+            "suspected": sorted(node.down_peers()),
+            "net_weight_to": {str(p): acked.get(p, 0.0) - received.get(p, 0.0) for p in peers},
+        }
 
     # --------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:

@@ -4,6 +4,7 @@ dead worker (threads with their own nodes over the in-process transport)."""
 from __future__ import annotations
 
 import math
+import queue
 import statistics
 import time
 from typing import Any
@@ -11,10 +12,11 @@ from typing import Any
 import pytest
 import torch
 
-from gossip_sgp import SGP, GossipNode
+from gossip_sgp import SGP, GossipConfig, GossipNode, Message
 from gossip_sgp import node as node_module
 from gossip_sgp.liveness import FailureDetector
 from tests.threads import run_workers
+from transports import InProcNetwork
 
 
 def test_timeout_adapts_to_the_observed_gaps() -> None:
@@ -111,3 +113,49 @@ def test_workers_detect_a_dead_peer_and_finish_without_it(staleness: int | None)
     assert total < n
     assert total > 0
     assert any(r["kept"] > 0 for r in survivors)  # rounds routed to rank 3 kept their mass
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.usefixtures("fast_liveness")
+def test_a_mistaken_suspicion_heals() -> None:
+    """Rank 1's gossip thread freezes (as on an overloaded machine) while a message from
+    rank 0 waits for its fold: rank 0 suspects rank 1 and writes the message off; rank 1,
+    waking up, does not suspect rank 0 (whose heartbeats waited for it); once rank 1 folds
+    the message and acknowledges it, rank 0 takes the write-off back."""
+    net = InProcNetwork(2)
+    ports = range(40000, 40002)
+    configs = [GossipConfig.local(2, r, ports=ports, transport="inproc") for r in range(2)]
+    received: queue.Queue[Message] = queue.Queue()
+    write_offs: list[tuple[int, int]] = []
+    with (
+        GossipNode(configs[0], transport=net.transport(0)) as n0,
+        GossipNode(configs[1], transport=net.transport(1)) as n1,
+    ):
+        n0.subscribe(lambda m: True, fingerprint=1)
+        n0.on_write_off(lambda peer, count: write_offs.append((peer, count)))
+        n1.subscribe(received.put, fingerprint=1)
+        deadline = time.monotonic() + 10
+        while len(n0.last_heard) + len(n1.last_heard) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)  # heartbeats both ways: each has heard the other
+        share = Message(
+            sender=0, receiver=1, round=0, seq=0, weight=0.5,
+            tensors=(torch.ones(3),), fingerprint=1,
+        )  # fmt: skip
+        n0.send([share])
+        message = received.get(timeout=5)
+        assert n1._loop is not None
+        n1._loop.call_soon_threadsafe(time.sleep, 2.5)  # rank 1's gossip thread stalls
+        while not n0.is_down(1) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert n0.is_down(1)
+        assert n0.lost_weight == 0.5
+        assert write_offs == [(1, 1)]
+        time.sleep(1.5)  # rank 1 is back; its watcher has ticked since
+        assert not n1.is_down(0), "rank 1 blamed rank 0 for its own stall"
+        assert not n0.is_down(1), "rank 1 was not re-admitted"
+        n1.acknowledge([(message.sender, message.seq, message.round)])  # folded after all
+        while n0.lost_weight and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert n0.lost_weight == 0.0
+        assert n0.acked_weight == {1: 0.5}
+        assert write_offs == [(1, 1), (1, -1)]
