@@ -27,6 +27,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -115,6 +116,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="with --checkpoint: continue from DIR/rankR.pt where it exists",
     )
     p.add_argument(
+        "--rejoin",
+        action="store_true",
+        help="asynchronous SGP: join a job that is already running (restart a worker that "
+        "died with the same rank): start from half of a live neighbour's model and weight, "
+        "at its step",
+    )
+    p.add_argument(
         "--straggler",
         metavar="RANK:FACTOR",
         help="make RANK's steps FACTOR times slower (it sleeps FACTOR-1 times each step's "
@@ -143,6 +151,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if transport == "torch" and args.staleness is None and args.algorithm == "sgp":
         p.error("--staleness none (asynchronous) needs the zmq transport; torch runs 0 or N")
     args.straggler = parse_straggler(p, args.straggler)
+    if args.rejoin and (args.algorithm != "sgp" or args.staleness is not None):
+        p.error("--rejoin needs asynchronous SGP (--staleness none)")
     if args.resume and not args.checkpoint:
         p.error("--resume needs --checkpoint DIR")
     for name in ("epochs", "batch_size", "threads"):
@@ -302,10 +312,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             first_epoch = int(saved["epoch"])
             if rank == 0 and not args.quiet:
                 print(f"resumed from the checkpoints of epoch {first_epoch}", flush=True)
+        skip = 0  # steps of the first epoch that the job did before this worker rejoined
+        if args.rejoin:
+            done = sgp.rejoin()  # SGP: half of a live neighbour's mass, and its step
+            if done >= total_steps:
+                sys.exit(f"rank {rank}: the job has finished training; too late to rejoin")
+            first_epoch, skip = divmod(done, steps_per_epoch)
+            with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()"
+                warnings.simplefilter("ignore", UserWarning)
+                for _ in range(done):
+                    schedule.step()
         for epoch in range(first_epoch, args.epochs):
             order = torch.randperm(len(y_train), generator=order_gen)
             epoch_loss = 0.0
-            for i in range(steps_per_epoch):
+            for i in range(skip if epoch == first_epoch else 0, steps_per_epoch):
                 idx = order[i * args.batch_size : (i + 1) * args.batch_size]
                 computing = time.perf_counter()
                 optimizer.zero_grad()

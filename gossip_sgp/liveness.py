@@ -28,7 +28,8 @@ __all__ = ["FailureDetector", "lost_weight"]
 
 
 def lost_weight(reports: Mapping[int, Mapping[str, Any]], dead: Collection[int]) -> float:
-    """The push-sum weight lost with the workers ``dead``, from the survivors' reports.
+    """The push-sum weight lost with the workers ``dead`` (and with the earlier life of a
+    worker that rejoined), from the reports of the workers alive at the end.
 
     ``reports[rank]`` is survivor ``rank``'s :meth:`gossip_sgp.SGP.mass_report`. A dead
     worker took with it what it held, its messages that never arrived, and the messages sent
@@ -36,12 +37,18 @@ def lost_weight(reports: Mapping[int, Mapping[str, Any]], dead: Collection[int])
     started with weight 1, plus the weight each survivor sent it and it acknowledged, minus
     the weight each survivor received from it. The third is what each survivor wrote off as
     lost when it suspected it (``lost_weight``, which also holds what the survivor dropped
-    itself). With ``n`` workers, the survivors' weights then add up to ``n`` minus this.
+    itself). A worker that rejoined (``"rejoined"`` in its report) started its new life with
+    no weight; what its own ledger says it gained since is taken out again, and the rest is
+    what its earlier life took with it. With ``n`` workers, the weights of the workers alive
+    at the end add up to ``n`` minus this.
     """
     lost = math.fsum(float(r["lost_weight"]) for r in reports.values())
-    for rank in dead:
+    rejoined = [rank for rank, r in reports.items() if r.get("rejoined")]
+    for rank in [*dead, *rejoined]:
+        own = reports[rank]["net_weight_to"].values() if rank in reports else ()
         lost += 1.0 + math.fsum(
-            float(r["net_weight_to"].get(str(rank), 0.0)) for r in reports.values()
+            [float(r["net_weight_to"].get(str(rank), 0.0)) for r in reports.values()]
+            + [float(v) for v in own]
         )
     return lost
 

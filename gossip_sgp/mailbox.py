@@ -19,6 +19,7 @@ import time
 from collections import Counter
 from collections.abc import Collection
 
+from gossip_sgp.errors import WireError
 from gossip_sgp.message import Message
 from gossip_sgp.pushsum import Share
 
@@ -78,6 +79,7 @@ class Mailbox:
         self._window = window
         self._cond = threading.Condition()
         self._seqs: dict[int, SequenceWindow] = {}
+        self._incarnations: dict[int, int] = {}  # sender -> latest incarnation heard
         # round -> sender -> shares (synchronous/overlap modes)
         self._by_round: dict[int, dict[int, list[tuple[Share, Receipt]]]] = {}
         self._acc: Share | None = None  # running sum (asynchronous mode)
@@ -93,8 +95,22 @@ class Mailbox:
         """Push-sum weight accepted from each sender so far."""
 
     def put(self, message: Message) -> bool:
-        """Store a message's mass; False (and counted) when it is a duplicate or replay."""
+        """Store a message's mass; False (and counted) when it is a duplicate or replay.
+
+        A sender that restarted (a larger ``meta["incarnation"]``) numbers its messages from
+        0 again: its sequence window starts over. A message from an earlier incarnation
+        than one already heard raises ``WireError("stale")`` (nothing is stored).
+        """
         with self._cond:
+            incarnation = message.meta.get("incarnation", 0)
+            known = self._incarnations.get(message.sender, 0)
+            if incarnation and incarnation < known:
+                self.rejected["stale"] += 1
+                raise WireError("stale", f"from an earlier incarnation of rank {message.sender}")
+            if incarnation > known:
+                self._incarnations[message.sender] = incarnation
+                if known:  # restarted: sequence numbers start again from 0
+                    self._seqs.pop(message.sender, None)
             seqs = self._seqs.get(message.sender)
             if seqs is None:
                 seqs = self._seqs[message.sender] = SequenceWindow(self._window)

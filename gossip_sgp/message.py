@@ -34,6 +34,10 @@ class MessageKind(enum.IntEnum):
     from this node for a while. With ``meta["skip"] == 1`` it also says "no mass for you
     in ``round``" (the sender kept its mass because it suspects the receiver is down), so
     a receiver that is in fact alive does not wait for that round's message."""
+    JOIN = 3
+    """No tensors, weight 0: "I restarted, give me half of your mass" (see ``SGP.rejoin``).
+    The receiver answers, at its next step, with a MASS message of half its numerator and
+    weight, its ``round`` telling the joiner where the job is."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import math
@@ -213,6 +214,7 @@ class GossipNode:
         # peer -> seq -> weight of MASS messages written off as lost when the peer was
         # suspected; an acknowledgement that comes after all takes one back
         self._written_off: dict[int, dict[int, float]] = {}
+        self._incarnations: dict[int, int] = {}  # peer -> the latest incarnation heard
         self.acked_weight: dict[int, float] = {}
         """Push-sum weight of the messages each peer acknowledged (folded in): with the
         weight received from a peer, the net weight that moved to it (see docs/reliability.md:
@@ -239,6 +241,10 @@ class GossipNode:
         """Numerator bytes of the push-sum messages handed to the transport, as encoded."""
         self.payload_raw_bytes_sent = 0
         """The same before compression (a codec's ``meta["raw_bytes"]``)."""
+        self.incarnation = time.time_ns()
+        """This node's incarnation, sent with every message (``meta["incarnation"]``): the
+        wall-clock time it was created, in ns. A worker restarted with the same rank has a
+        larger one, so its peers know that its sequence numbers start again from 0."""
         self.metrics: GossipMetrics | None = None
         """This worker's metrics; None when off (no ``metrics_port``, no ``registry``)."""
         if registry is not None or config.metrics_port:
@@ -327,7 +333,7 @@ class GossipNode:
         """
         self._restore_sigterm()
         self._hurry = linger == 0.0  # also skip draining the send queues
-        self._await_acknowledgements(linger)
+        self.wait_acknowledged(linger)
         server, self._metrics_server = self._metrics_server, None
         if server is not None:
             server.stop()
@@ -344,21 +350,26 @@ class GossipNode:
         if thread.is_alive():
             log.warning("gossip thread of rank %d did not stop in time", self.rank)
 
-    def _await_acknowledgements(self, timeout: float) -> None:
-        """Give the last messages sent a moment to be folded in by their receivers.
+    def wait_acknowledged(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s until every message sent has been acknowledged (messages
+        written off for a peer suspected down do not count); False if some are still not.
 
-        A peer that is still gossiping (say, in its last consensus round) needs them; a peer
-        that has already stopped never acknowledges, hence the bound.
+        ``close`` uses it to give a peer that is still gossiping (say, in its last consensus
+        round) the last messages; a peer that has already stopped never acknowledges, hence
+        the bound.
         """
         thread = self._thread
         if thread is None or thread is threading.current_thread() or not thread.is_alive():
-            return
+            return False
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and not self._closed:
+        while not self._closed:
             with self._lock:
                 if not any(self._unacked.values()):
-                    return
+                    return True
+            if time.monotonic() >= deadline:
+                return False
             time.sleep(0.005)
+        return False
 
     def _install_sigterm(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -494,12 +505,14 @@ class GossipNode:
         """Hand ``message`` to the subscriber (gossip thread, or subscribe()'s caller)."""
         now = time.monotonic()
         self.last_heard[message.sender] = now
-        for_subscriber = message.kind == MessageKind.MASS or (
+        for_subscriber = message.kind in (MessageKind.MASS, MessageKind.JOIN) or (
             message.kind == MessageKind.HEARTBEAT and message.meta.get("skip")  # see SGP._send
         )
         overflow, lost, handler, fp, taken_back = False, 0.0, None, None, False
+        incarnation = message.meta.get("incarnation", 0)
         with self._lock:  # one lock per message on this hot path
             back = self._detector.heard(message.sender, now)
+            previous_life = self._restarted(message.sender, incarnation)
             if message.kind == MessageKind.ACK:
                 taken_back = self._acknowledged(message, now)
             elif for_subscriber:
@@ -508,6 +521,8 @@ class GossipNode:
                     overflow = len(self._early) == self._early.maxlen
                     lost = self._early[0].weight if overflow else 0.0
                     self._early.append(message)  # when full, the deque drops the oldest
+        if previous_life is not None:
+            self._report_write_off(message.sender, previous_life, "restarted (a new incarnation)")
         if back:
             log.warning("rank %d: rank %d is alive again; re-admitted", self.rank, message.sender)
         if taken_back:
@@ -609,7 +624,7 @@ class GossipNode:
                 task = asyncio.get_running_loop().create_task(self._sender(m.receiver, q))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
-            q.put_nowait(m)
+            q.put_nowait(dataclasses.replace(m, meta={**m.meta, "incarnation": self.incarnation}))
             self._last_sent[m.receiver] = time.monotonic()
 
     async def _watch_peers(self) -> None:
@@ -642,20 +657,40 @@ class GossipNode:
             if beats:
                 self._enqueue(beats)
             for peer in down:
-                weight = math.fsum(w for _, w in lost[peer].values())
-                self.lost_weight += weight
                 self.peers_lost[peer] += 1
-                log.warning(
-                    "rank %d: rank %d is silent for %.1f s (timeout %.1f s): suspected down; "
-                    "%d unacknowledged messages (weight %.4g) to it count as lost",
-                    self.rank,
+                silent = now - self.last_heard.get(peer, now)
+                timeout = self._detector.timeout(peer)
+                self._report_write_off(
                     peer,
-                    now - self.last_heard.get(peer, now),
-                    self._detector.timeout(peer),
-                    len(lost[peer]),
-                    weight,
+                    lost[peer],
+                    f"is silent for {silent:.1f} s (timeout {timeout:.1f} s): suspected down",
                 )
-                self._written_off_changed(peer, len(lost[peer]))
+
+    def _report_write_off(self, peer: int, lost: dict[int, tuple[float, float]], why: str) -> None:
+        weight = math.fsum(w for _, w in lost.values())
+        self.lost_weight += weight
+        log.warning(
+            "rank %d: rank %d %s; %d unacknowledged messages (weight %.4g) to it count as lost",
+            self.rank,
+            peer,
+            why,
+            len(lost),
+            weight,
+        )
+        self._written_off_changed(peer, len(lost))
+
+    def _restarted(self, peer: int, incarnation: int) -> dict[int, tuple[float, float]] | None:
+        """When ``peer`` speaks with a new incarnation: the unacknowledged messages to its
+        previous life, now written off (call with ``_lock`` held); else None."""
+        known = self._incarnations.get(peer, 0)
+        if incarnation <= known:
+            return None
+        self._incarnations[peer] = incarnation
+        if not known:
+            return None
+        lost = self._unacked.pop(peer, {})
+        self._write_off(peer, lost)
+        return lost
 
     def _write_off(self, peer: int, lost: dict[int, tuple[float, float]]) -> None:
         """Remember messages written off as lost (call with ``_lock`` held), bounded."""
@@ -820,6 +855,11 @@ class GossipNode:
         and with ``count = -1`` when one of them is acknowledged after all (a mistaken
         suspicion: its weight leaves ``lost_weight`` again)."""
         self._write_off_handlers.append(handler)
+
+    def send_join(self, peer: int) -> None:
+        """Ask ``peer`` for half of its mass (a restarted worker; see ``SGP.rejoin``)."""
+        join = dataclasses.replace(self._heartbeat(peer, 0), kind=MessageKind.JOIN)
+        self.send([join])
 
     def send_skip(self, peers: Sequence[int], round: int) -> None:
         """Tell ``peers`` that this node sends them no mass in ``round`` (thread-safe)."""

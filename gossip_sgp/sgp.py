@@ -35,6 +35,7 @@ a few large tensors. Create ``SGP`` after moving the model to its device.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import threading
 import time
@@ -53,6 +54,8 @@ from topologies import Topology
 
 __all__ = ["SGP"]
 
+log = logging.getLogger(__name__)
+
 _INITIAL_CREDIT = 1
 """Asynchronous mode: rounds a worker may gossip ahead of what it has received.
 
@@ -62,6 +65,13 @@ but puts more of the mass in flight, where the workers' gradient steps cannot ac
 
 _WAIT_SLICE = 0.25
 """Seconds between two looks at which peers are suspected down while waiting."""
+
+_JOIN_SLICE = 2.0
+"""Seconds ``rejoin`` waits for one neighbour's answer before it asks the next one (a
+neighbour answers at its next step)."""
+
+_ACK_SETTLE = 1.0
+"""Seconds ``mass_report`` waits for the acknowledgements of the last messages sent."""
 
 _GAUGE_MAX = 1e300
 """Stands in for "unknown yet" (infinity) in a message's gauge, which must be finite."""
@@ -182,7 +192,12 @@ class SGP:
         self.kept_rounds = 0
         """Rounds in which this worker kept its mass because an out-peer was suspected down."""
         self._refund = 0  # send credit given back for messages lost to a dead peer
-        self._refund_lock = threading.Lock()
+        self._refund_lock = threading.Lock()  # guards _refund and _join_requests
+        self._join_requests: list[int] = []  # restarted peers asking for half of our mass
+        self._joined = threading.Event()  # rejoin(): a donor's half has arrived
+        self._join_round = -1
+        self.rejoined = False
+        """Whether this worker joined a running job with :meth:`rejoin`."""
         node.set_neighbours(
             {
                 peer
@@ -208,6 +223,15 @@ class SGP:
         if message.kind == MessageKind.HEARTBEAT:  # "no mass for you in this round"
             self.protocol.mailbox.mark_arrived(message.sender, message.round)
             return True
+        if message.kind == MessageKind.JOIN:  # served by the training thread, see _round
+            with self._refund_lock:
+                self._join_requests.append(message.sender)
+            return True
+        if message.meta.get("join") and not self._joined.is_set():
+            fresh = self.protocol.receive(message)  # a donor's half: see rejoin()
+            self._join_round = max(self._join_round, message.round)
+            self._joined.set()
+            return fresh
         message = self.protocol.decode(message)
         metrics = self._metrics
         if metrics is None:
@@ -279,6 +303,8 @@ class SGP:
     @torch.no_grad()
     def _round(self, staleness: int | None, *, gauge: float) -> None:
         k = self.round
+        if self._join_requests:
+            self._serve_joins(k)
         if self.node.world_size > 1:
             if k < self._start_rounds:
                 staleness = 0  # start-up barrier: see __init__
@@ -290,6 +316,72 @@ class SGP:
         self.state.debias(out=self._flats)
         self.round_weight = self.state.weight
         self.round = k + 1
+
+    def _serve_joins(self, k: int) -> None:
+        """Give each restarted peer that asked (``rejoin``) half of this worker's mass."""
+        with self._refund_lock:
+            peers, self._join_requests = list(dict.fromkeys(self._join_requests)), []
+        for peer in peers:
+            if self.staleness is not None:
+                log.warning(
+                    "rank %d: rank %d asks to rejoin, but only asynchronous jobs "
+                    "(staleness=None) take a worker back; restart the job from checkpoints",
+                    self.node.rank,
+                    peer,
+                )
+                continue
+            log.warning(
+                "rank %d gives half of its mass to rank %d, rejoining", self.node.rank, peer
+            )
+            self.node.send([self.protocol.give_half(peer, k)])
+
+    @torch.no_grad()
+    def rejoin(self, timeout: float | None = None) -> int:
+        """Join a running asynchronous job as a restarted worker; returns the job's round.
+
+        Call it instead of training from the start, before the first ``step()``, on a worker
+        restarted with the rank of one that died. This worker starts with no mass at all and
+        asks its neighbours, one after another, for half of theirs: the first to answer
+        gives half its numerator and weight (so this worker starts from its model, and no
+        mass is created) and its round counter, where this worker carries on. Messages the
+        peers had queued for this rank's previous life are folded in too. Raises
+        ``GossipTimeout`` when no neighbour answers within ``timeout`` seconds (default:
+        the ``timeout`` of this ``SGP``). Only the asynchronous mode (``staleness=None``)
+        can take a worker back: in the others the peers' rounds are paired up.
+        """
+        if self.staleness is not None:
+            raise ValueError(
+                "rejoin() needs staleness=None: only asynchronous SGP takes a worker back"
+            )
+        if self.node.world_size == 1 or self.steps or self.round:
+            raise GossipError("rejoin() is for a restarted worker of a job, before its first step")
+        for x in self.state.numerator:
+            x.zero_()
+        self.state.weight = 0.0
+        topology, rank = self.topology, self.node.rank
+        donors = sorted(
+            {p for r in range(topology.period) for p in topology.out_peers(rank, r)}
+            | {p for r in range(topology.period) for p in topology.in_peers(rank, r)}
+        )
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        asked = 0
+        while not self._joined.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise GossipTimeout(
+                    f"rank {rank}: no neighbour (ranks {donors}) answered a request to rejoin"
+                )
+            self.node.send_join(donors[asked % len(donors)])
+            asked += 1
+            self._joined.wait(min(_JOIN_SLICE, left))
+        self.round = self._join_round + 1
+        self._absorb(self._join_round)
+        self._folded_through = self._join_round
+        self._start_rounds = 0  # the job is past its start-up barrier
+        self.state.debias(out=self._flats)
+        self.round_weight = self.state.weight
+        self.rejoined = True
+        return self.round
 
     def _catch_up(self, through: int) -> None:
         """Wait for and fold every round up to ``through`` not folded yet."""
@@ -445,17 +537,20 @@ class SGP:
         to peers suspected down before acknowledging them, messages it dropped);
         ``suspected``: peers suspected down now; ``net_weight_to``: per peer (a string
         key), the weight it sent that the peer acknowledged minus the weight it received
-        from the peer. Gather the survivors' reports after ``consensus()`` and
+        from the peer. It first waits (at most a second) for the peers to acknowledge the
+        last messages sent. Gather the survivors' reports after ``consensus()`` and
         :func:`gossip_sgp.liveness.lost_weight` tells how much weight dead workers took
         with them.
         """
         node, received = self.node, self.protocol.mailbox.weight_from
+        node.wait_acknowledged(_ACK_SETTLE)  # the last round's acknowledgements
         acked = dict(node.acked_weight)
         peers = sorted(set(acked) | set(received))
         return {
             "weight": self.state.weight,
             "lost_weight": node.lost_weight,
             "suspected": sorted(node.down_peers()),
+            "rejoined": self.rejoined,
             "net_weight_to": {str(p): acked.get(p, 0.0) - received.get(p, 0.0) for p in peers},
         }
 

@@ -149,21 +149,22 @@ def test_encode_refuses_what_decode_would_reject(bad: Message, reason: str) -> N
     assert info.value.reason == reason
 
 
-def test_heartbeat_round_trip_and_rules() -> None:
-    beat = message(weight=0.0, kind=MessageKind.HEARTBEAT, meta={"skip": 1}, round=7)
+@pytest.mark.parametrize("kind", [MessageKind.HEARTBEAT, MessageKind.JOIN])
+def test_heartbeat_and_join_round_trip_and_rules(kind: MessageKind) -> None:
+    beat = message(weight=0.0, kind=kind, meta={"skip": 1, "incarnation": 1 << 62}, round=7)
     got = wire.decode(
         wire.encode(beat), rank=RANK, world_size=WORLD, fingerprint=FP, max_bytes=LIMIT
     )
     assert (got.kind, got.weight, got.tensors, got.meta, got.round) == (
-        MessageKind.HEARTBEAT,
+        kind,
         0.0,
         (),
-        {"skip": 1},
+        {"skip": 1, "incarnation": 1 << 62},
         7,
     )
     for bad in (
-        message(weight=0.5, kind=MessageKind.HEARTBEAT),
-        message(torch.ones(2), weight=0.0, kind=MessageKind.HEARTBEAT),
+        message(weight=0.5, kind=kind),
+        message(torch.ones(2), weight=0.0, kind=kind),
     ):
         with pytest.raises(WireError) as info:
             wire.encode(bad)
