@@ -65,6 +65,15 @@ on an overloaded machine is not taken for dead."""
 _SUSPECT_INITIAL_S = 3 * _SUSPECT_FLOOR_S
 """The timeout while too few gaps have been observed to adapt it."""
 
+_RETRY_MIN_S = 0.01
+"""Shortest time before a message not acknowledged is sent again (see ``_retransmit``)."""
+_RETRY_RTTS = 4
+"""A message is sent again when it has not been acknowledged within this many median
+round trips to its peer (send to fold-in: the peer's step time included)."""
+
+_Sent = tuple[float, Message]
+"""(monotonic time last sent, message) of a MASS message not acknowledged yet."""
+
 _MAX_EARLY = 4096
 """Messages kept for a subscriber that has not subscribed yet; beyond that the oldest go."""
 
@@ -205,8 +214,9 @@ class GossipNode:
         self._early: deque[Message] = deque(maxlen=_MAX_EARLY)
         self._sigterm_installed = False
         self._hurry = False
-        # peer -> seq -> (monotonic send time, weight) of MASS messages not yet acknowledged
-        self._unacked: dict[int, dict[int, tuple[float, float]]] = {}
+        # peer -> seq -> (monotonic time last sent, message) of MASS messages not yet
+        # acknowledged (kept for sending again: see _retransmit)
+        self._unacked: dict[int, dict[int, _Sent]] = {}
         self._detector = FailureDetector(floor=_SUSPECT_FLOOR_S, initial=_SUSPECT_INITIAL_S)
         self._neighbours: frozenset[int] = frozenset(range(self.world_size)) - {self.rank}
         self._last_sent: dict[int, float] = {}
@@ -215,6 +225,8 @@ class GossipNode:
         # suspected; an acknowledgement that comes after all takes one back
         self._written_off: dict[int, dict[int, float]] = {}
         self._incarnations: dict[int, int] = {}  # peer -> the latest incarnation heard
+        self.retransmitted = 0
+        """Messages sent again because no acknowledgement came (see ``_retransmit``)."""
         self.acked_weight: dict[int, float] = {}
         """Push-sum weight of the messages each peer acknowledged (folded in): with the
         weight received from a peer, the net weight that moved to it (see docs/reliability.md:
@@ -423,8 +435,9 @@ class GossipNode:
                 ) from None
             raise
         self._tasks.add(asyncio.create_task(self._receive(transport)))
-        if not self.plans_rounds:  # round-by-round transports carry no heartbeats
+        if not self.plans_rounds:  # round-by-round transports: no heartbeats, no retries
             self._tasks.add(asyncio.create_task(self._watch_peers()))
+            self._tasks.add(asyncio.create_task(self._retransmit()))
         self._ready.set()
         try:
             await self._stopped.wait()
@@ -579,7 +592,7 @@ class GossipNode:
         if sent is not None:
             rtts = self.rtt.setdefault(peer, deque(maxlen=64))
             rtts.append(now - sent[0])
-            weight = sent[1]
+            weight = sent[1].weight
         else:
             weight = self._written_off.get(peer, {}).pop(ack.seq, math.nan)
             if math.isnan(weight):
@@ -666,8 +679,40 @@ class GossipNode:
                     f"is silent for {silent:.1f} s (timeout {timeout:.1f} s): suspected down",
                 )
 
-    def _report_write_off(self, peer: int, lost: dict[int, tuple[float, float]], why: str) -> None:
-        weight = math.fsum(w for _, w in lost.values())
+    async def _retransmit(self) -> None:
+        """Send again what a live peer has not acknowledged within ``_RETRY_RTTS`` median
+        round trips (at least ``_RETRY_MIN_S``; 1 s before any round trip is known): the
+        message or its acknowledgement was lost on the way. The receiver folds a message
+        once, whatever the number of copies (sequence numbers), and acknowledges every copy.
+        So a lost message costs a synchronous worker a few round trips of waiting instead of
+        a ``GossipTimeout``, and an asynchronous one gets its send credit back."""
+        while True:
+            due: list[Message] = []
+            wait = _HEARTBEAT_S
+            with self._lock:
+                now = time.monotonic()
+                for peer, sent in self._unacked.items():
+                    if peer in self._detector.down or not sent:
+                        continue
+                    rtts = self.rtt.get(peer)
+                    after = (
+                        max(_RETRY_MIN_S, _RETRY_RTTS * statistics.median(rtts))
+                        if rtts
+                        else 2 * _HEARTBEAT_S
+                    )
+                    for seq, (at, message) in sent.items():
+                        if now - at >= after:
+                            due.append(message)
+                            sent[seq] = (now, message)
+                        else:
+                            wait = min(wait, at + after - now)
+            if due:
+                self.retransmitted += len(due)
+                self._enqueue(due)
+            await asyncio.sleep(max(wait, _RETRY_MIN_S))
+
+    def _report_write_off(self, peer: int, lost: dict[int, _Sent], why: str) -> None:
+        weight = math.fsum(m.weight for _, m in lost.values())
         self.lost_weight += weight
         log.warning(
             "rank %d: rank %d %s; %d unacknowledged messages (weight %.4g) to it count as lost",
@@ -679,7 +724,7 @@ class GossipNode:
         )
         self._written_off_changed(peer, len(lost))
 
-    def _restarted(self, peer: int, incarnation: int) -> dict[int, tuple[float, float]] | None:
+    def _restarted(self, peer: int, incarnation: int) -> dict[int, _Sent] | None:
         """When ``peer`` speaks with a new incarnation: the unacknowledged messages to its
         previous life, now written off (call with ``_lock`` held); else None."""
         known = self._incarnations.get(peer, 0)
@@ -692,10 +737,10 @@ class GossipNode:
         self._write_off(peer, lost)
         return lost
 
-    def _write_off(self, peer: int, lost: dict[int, tuple[float, float]]) -> None:
+    def _write_off(self, peer: int, lost: dict[int, _Sent]) -> None:
         """Remember messages written off as lost (call with ``_lock`` held), bounded."""
         kept = self._written_off.setdefault(peer, {})
-        kept.update((seq, weight) for seq, (_, weight) in lost.items())
+        kept.update((seq, m.weight) for seq, (_, m) in lost.items())
         while len(kept) > _MAX_UNACKED:
             del kept[next(iter(kept))]
 
@@ -794,7 +839,7 @@ class GossipNode:
                 if m.kind != MessageKind.MASS:
                     continue
                 unacked = self._unacked.setdefault(m.receiver, {})
-                unacked[m.seq] = (now, m.weight)
+                unacked[m.seq] = (now, m)
                 if len(unacked) > _MAX_UNACKED:  # a dead peer: forget the oldest
                     del unacked[next(iter(unacked))]
             # Under the lock: close() cannot slip in between, so these messages are queued
