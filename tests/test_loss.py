@@ -23,7 +23,7 @@ from transports import FaultSpec, FaultyTransport
 
 pytestmark = pytest.mark.slow
 
-EPOCHS = 30
+EPOCHS = 20
 BATCH = 32
 
 
@@ -71,8 +71,8 @@ def test_training_through_loss_duplicates_and_reordering(staleness: int | None) 
         assert r["accuracy"] >= 0.95, [r["accuracy"] for r in results]
         assert r["mass"]["lost_weight"] == 0.0
         assert r["mass"]["suspected"] == []
-    assert sum(r["dropped"] for r in results) > 100  # the faults did happen ...
-    assert sum(r["duplicates_rejected"] for r in results) > 100
+    assert sum(r["dropped"] for r in results) > 50  # the faults did happen ...
+    assert sum(r["duplicates_rejected"] for r in results) > 50
     assert sum(r["retransmitted"] for r in results) >= sum(r["dropped"] for r in results) // 4
     # ... and no mass was lost for good or created: the weights add up to exactly 4
     assert math.fsum(r["mass"]["weight"] for r in results) == pytest.approx(4.0, abs=1e-9)
