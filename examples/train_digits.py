@@ -32,6 +32,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -45,6 +46,7 @@ from torch.nn import functional as F
 
 from gossip_sgp import SGP, GossipConfig, GossipNode, baselines
 from gossip_sgp.compression import parse_codec
+from gossip_sgp.liveness import lost_weight
 
 
 def load_digits_split(
@@ -170,6 +172,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="with --checkpoint: continue from DIR/rankR.pt where it exists",
     )
     p.add_argument(
+        "--rejoin",
+        action="store_true",
+        help="asynchronous SGP: join a job that is already running (restart a worker that "
+        "died with the same rank): start from half of a live neighbour's model and weight, "
+        "at its step",
+    )
+    p.add_argument(
         "--straggler",
         metavar="RANK:FACTOR",
         help="make RANK's steps FACTOR times slower (it sleeps FACTOR-1 times each step's "
@@ -200,6 +209,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if transport == "torch" and args.algorithm == "adpsgd":
         p.error("--algorithm adpsgd is asynchronous: it needs the zmq transport")
     args.straggler = parse_straggler(p, args.straggler)
+    if args.rejoin and (args.algorithm != "sgp" or args.staleness is not None):
+        p.error("--rejoin needs asynchronous SGP (--staleness none)")
     if args.resume and not args.checkpoint:
         p.error("--resume needs --checkpoint DIR")
     if args.eval_every < 0:
@@ -370,10 +381,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"resumed from the checkpoints of epoch {first_epoch}", flush=True)
         step_times: list[float] = []
         evaluations: list[tuple[float, int, float]] = []
+        skip = 0  # steps of the first epoch that the job did before this worker rejoined
+        if args.rejoin:
+            done = sgp.rejoin()  # SGP: half of a live neighbour's mass, and its step
+            if done >= total_steps:
+                sys.exit(f"rank {rank}: the job has finished training; too late to rejoin")
+            first_epoch, skip = divmod(done, steps_per_epoch)
+            with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()"
+                warnings.simplefilter("ignore", UserWarning)
+                for _ in range(done):
+                    schedule.step()
         for epoch in range(first_epoch, args.epochs):
             order = torch.randperm(len(y_train), generator=order_gen)
             epoch_loss = 0.0
-            for i in range(steps_per_epoch):
+            for i in range(skip if epoch == first_epoch else 0, steps_per_epoch):
                 idx = order[i * args.batch_size : (i + 1) * args.batch_size]
                 computing = time.perf_counter()
                 optimizer.zero_grad()
@@ -429,10 +450,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if gossip:
             result["weight"] = sgp.weight
             result["skipped_rounds"] = sgp.skipped_rounds
+            result["kept_rounds"] = sgp.kept_rounds  # rounds kept: an out-peer was down
             assert node is not None
             # Bytes handed to the wire while training: headers, payloads and acknowledgements.
             result["bytes_sent"] = sum(node.stats.bytes_sent.values())
             sgp.consensus()  # SGP: gossip until the workers agree
+            result["suspicions"] = sum(node.peers_lost.values())
+            result["mass"] = sgp.mass_report()  # weight held, lost, and moved per peer
         seconds = time.perf_counter() - started
         result["accuracy"] = accuracy(model, x_test, y_test)
         result["params_sha256"] = hashlib.sha256(flat_params(model).numpy().tobytes()).hexdigest()
@@ -502,6 +526,23 @@ def _store_get_bytes(store: Any, key: str) -> bytes:
     return b"".join(store.get(f"{key}/{i}") for i in range(count))
 
 
+def gather_results(store: Any, result: dict[str, Any], world_size: int) -> dict[int, Any]:
+    """Rank 0: every worker's result, by rank, leaving out workers that died.
+
+    A rank counts as dead once a worker that has finished suspects it (SGP's failure
+    detection), or when its result is not there within the store's 300 s."""
+    gathered, deadline = {0: result}, time.monotonic() + 300
+    while len(gathered) < world_size and time.monotonic() < deadline:
+        for r in range(1, world_size):
+            if r not in gathered and store.check([f"result/{r}"]):
+                gathered[r] = json.loads(store.get(f"result/{r}"))
+        suspected = {p for g in gathered.values() for p in g.get("mass", {}).get("suspected", [])}
+        if set(range(world_size)) <= set(gathered) | suspected:
+            break
+        time.sleep(0.05)
+    return gathered
+
+
 def report(
     args: argparse.Namespace,
     rank: int,
@@ -521,15 +562,18 @@ def report(
             store.wait(["done"])  # rank 0 hosts the store: it must outlive every reader
             store.add("left", 1)
         return
-    results, all_params = [result], [params]
-    for r in range(1, world_size):
-        assert store is not None
-        results.append(json.loads(store.get(f"result/{r}")))
-        all_params.append(np.frombuffer(_store_get_bytes(store, f"params/{r}"), dtype=np.float64))
+    gathered = gather_results(store, result, world_size)
+    dead = [r for r in range(world_size) if r not in gathered]
+    results = [gathered[r] for r in sorted(gathered)]
+    all_params = [params] + [
+        np.frombuffer(_store_get_bytes(store, f"params/{r}"), dtype=np.float64)
+        for r in sorted(gathered)
+        if r
+    ]
     if store is not None:
         store.set("done", "1")
         deadline = time.monotonic() + 60
-        while store.add("left", 0) < world_size - 1 and time.monotonic() < deadline:
+        while store.add("left", 0) < len(results) - 1 and time.monotonic() < deadline:
             time.sleep(0.01)
     stacked = np.stack(all_params)
     mean = stacked.mean(axis=0)
@@ -565,7 +609,14 @@ def report(
         "seconds": seconds,
         "bytes_sent_per_worker": sum(r.get("bytes_sent", 0) for r in results) / len(results),
         "per_worker": results,
+        "dead_ranks": dead,
     }
+    if args.algorithm == "sgp":  # SGP: where the push-sum weight went
+        reports = {r: gathered[r]["mass"] for r in gathered}
+        summary["weight_sum"] = math.fsum(m["weight"] for m in reports.values())
+        summary["lost_weight"] = lost_weight(reports, dead)
+        if dead:
+            print(f"ranks {dead} died; they took weight {summary['lost_weight']:.4f} with them")
     print("test accuracy per worker: " + " ".join(f"{a:.4f}" for a in accuracies))
     print(
         f"mean accuracy {summary['accuracy']:.4f}, consensus error {consensus_error:.2e}, "

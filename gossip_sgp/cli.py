@@ -217,6 +217,12 @@ def _add_launch(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     )
     p.add_argument("--host", default="127.0.0.1", help="address the workers bind and gossip on")
     p.add_argument(
+        "--keep-going",
+        action="store_true",
+        help="when a worker fails, let the others train on without it (SGP detects the dead "
+        "peer); exit with its code once all have ended",
+    )
+    p.add_argument(
         "--timeout",
         type=_positive_float,
         default=None,
@@ -242,6 +248,7 @@ def _run_launch(args: argparse.Namespace) -> int:
             transport=args.transport,
             timeout=args.timeout,
             grace=args.grace,
+            keep_going=args.keep_going,
         )
     except ConfigError as exc:
         print(f"gossip-sgp launch: error: {exc}", file=sys.stderr)

@@ -72,6 +72,7 @@ def launch(
     timeout: float | None = None,
     extra_env: Mapping[str, str] | None = None,
     grace: float = 10.0,
+    keep_going: bool = False,
     stdout: TextIO | None = None,
     stderr: TextIO | None = None,
 ) -> int:
@@ -88,8 +89,11 @@ def launch(
 
     Returns 0 when every worker exits 0; else the first failing worker's code (128 + N for a
     worker killed by signal N), after stopping the others; or 128 + N when the launcher got
-    signal N (130 for Ctrl-C). Raises :class:`ConfigError` before starting anything when the
-    arguments are invalid. Call it from the main thread: only there can it catch signals.
+    signal N (130 for Ctrl-C). With ``keep_going`` a failing worker does not stop the
+    others (SGP goes on without a dead worker, see docs/reliability.md): the launcher waits
+    for all of them and returns the first failing worker's code. Raises
+    :class:`ConfigError` before starting anything when the arguments are invalid. Call it
+    from the main thread: only there can it catch signals.
 
         launch(["-m", "gossip_sgp.examples.train_digits", "--epochs", "5"], 4)
     """
@@ -109,7 +113,7 @@ def launch(
     err.flush()
     lock = threading.Lock()
     pumps: list[threading.Thread] = []
-    with _Supervisor("gossip-sgp launch", grace, err) as supervisor:
+    with _Supervisor("gossip-sgp launch", grace, err, keep_going=keep_going) as supervisor:
         for rank, env in enumerate(envs):
             if supervisor.stopping:
                 break
@@ -360,9 +364,10 @@ class _Supervisor:
     leaving kills and reaps whatever still runs (also on errors) and restores the handlers.
     """
 
-    def __init__(self, name: str, grace: float, err: TextIO) -> None:
+    def __init__(self, name: str, grace: float, err: TextIO, *, keep_going: bool = False) -> None:
         self.name = name
         self.grace = float(grace)
+        self.keep_going = keep_going
         self.err = err
         self.workers: list[_Worker] = []
         self._signals: list[int] = []  # appended by the handler; list.append takes no lock
@@ -433,7 +438,10 @@ class _Supervisor:
                 if returncode is None:
                     continue
                 worker.code = _shell_code(returncode)
-                if worker.code != 0 and code is None:
+                if worker.code != 0 and self.keep_going and not self._signals:
+                    code = worker.code if code is None else code
+                    self._report_failure(worker, returncode)
+                elif worker.code != 0 and code is None:
                     code = worker.code
                     self._report_failure(worker, returncode)
                     ladder, next_step = [signal.SIGTERM, signal.SIGKILL], 0.0
@@ -471,6 +479,8 @@ class _Supervisor:
         )
         others = sum(1 for w in self.workers if w.code is None)
         rest = f"; stopping the other {others} worker(s)" if others else ""
+        if self.keep_going and others:
+            rest = f"; the other {others} worker(s) go on (--keep-going)"
         self._say(f"rank {worker.rank} {how}{rest}")
 
     def _signal(self, worker: _Worker, signum: signal.Signals) -> None:

@@ -19,6 +19,7 @@ import time
 from collections import Counter
 from collections.abc import Collection
 
+from gossip_sgp.errors import WireError
 from gossip_sgp.message import Message
 from gossip_sgp.pushsum import Share
 
@@ -78,6 +79,7 @@ class Mailbox:
         self._window = window
         self._cond = threading.Condition()
         self._seqs: dict[int, SequenceWindow] = {}
+        self._incarnations: dict[int, int] = {}  # sender -> latest incarnation heard
         # round -> sender -> shares (synchronous/overlap modes)
         self._by_round: dict[int, dict[int, list[tuple[Share, Receipt]]]] = {}
         self._acc: Share | None = None  # running sum (asynchronous mode)
@@ -89,10 +91,26 @@ class Mailbox:
         self.rejected: Counter[str] = Counter()
         self.received = 0
         self.last_arrival: dict[int, float] = {}
+        self.weight_from: dict[int, float] = {}
+        """Push-sum weight accepted from each sender so far."""
 
     def put(self, message: Message) -> bool:
-        """Store a message's mass; False (and counted) when it is a duplicate or replay."""
+        """Store a message's mass; False (and counted) when it is a duplicate or replay.
+
+        A sender that restarted (a larger ``meta["incarnation"]``) numbers its messages from
+        0 again: its sequence window starts over. A message from an earlier incarnation
+        than one already heard raises ``WireError("stale")`` (nothing is stored).
+        """
         with self._cond:
+            incarnation = message.meta.get("incarnation", 0)
+            known = self._incarnations.get(message.sender, 0)
+            if incarnation and incarnation < known:
+                self.rejected["stale"] += 1
+                raise WireError("stale", f"from an earlier incarnation of rank {message.sender}")
+            if incarnation > known:
+                self._incarnations[message.sender] = incarnation
+                if known:  # restarted: sequence numbers start again from 0
+                    self._seqs.pop(message.sender, None)
             seqs = self._seqs.get(message.sender)
             if seqs is None:
                 seqs = self._seqs[message.sender] = SequenceWindow(self._window)
@@ -118,8 +136,15 @@ class Mailbox:
                 self._gauges[r] = max(self._gauges.get(r, 0.0), message.gauge)
             self.received += 1
             self.last_arrival[message.sender] = time.monotonic()
+            self.weight_from[message.sender] = self.weight_from.get(message.sender, 0.0) + share[1]
             self._cond.notify_all()
             return True
+
+    def mark_arrived(self, sender: int, round: int) -> None:
+        """Count ``(sender, round)`` as arrived without mass (the sender kept it)."""
+        with self._cond:
+            self._arrived.add((sender, round))
+            self._cond.notify_all()
 
     def has(self, expected: Collection[tuple[int, int]]) -> bool:
         """Whether every ``(sender, round)`` in ``expected`` has arrived."""

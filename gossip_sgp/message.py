@@ -29,6 +29,15 @@ class MessageKind(enum.IntEnum):
     ACK = 1
     """Receipt of the MASS message with the same ``seq`` on the reverse link; no tensors,
     weight 0. Lets a sender bound the mass it has in flight and measure round trips."""
+    HEARTBEAT = 2
+    """No tensors, weight 0: "I am alive", sent to a neighbour that has heard nothing else
+    from this node for a while. With ``meta["skip"] == 1`` it also says "no mass for you
+    in ``round``" (the sender kept its mass because it suspects the receiver is down), so
+    a receiver that is in fact alive does not wait for that round's message."""
+    JOIN = 3
+    """No tensors, weight 0: "I restarted, give me half of your mass" (see ``SGP.rejoin``).
+    The receiver answers, at its next step, with a MASS message of half its numerator and
+    weight, its ``round`` telling the joiner where the job is."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -227,16 +227,7 @@ class GossipMetrics:
 
     def peers(self) -> list[int]:
         """The ranks this worker exchanges mass with (all others until SGP is attached)."""
-        node, sgp = self.node, self._sgp
-        if sgp is None:
-            return [r for r in range(node.world_size) if r != node.rank]
-        topology, rank = sgp.topology, node.rank
-        peers: set[int] = set()
-        for t in range(topology.period):
-            peers.update(topology.in_peers(rank, t))
-            peers.update(topology.out_peers(rank, t))
-        peers.discard(rank)
-        return sorted(peers)
+        return sorted(self.node.neighbours)
 
 
 def _counter(name: str, doc: str, labels: Sequence[str] = ()) -> CounterMetricFamily:
@@ -366,16 +357,21 @@ class _Collector(Collector):
         )
         up = _gauge(
             "gossip_sgp_peer_up",
-            f"1 if this worker heard from the peer in the last {self.metrics.peer_up_window:g} s",
+            f"1 if this worker heard from the peer in the last {self.metrics.peer_up_window:g} s "
+            "and does not suspect it down (failure detector)",
             ["peer"],
         )
         now = time.monotonic()
         heard = dict(node.last_heard)
+        suspected = node.down_peers()
         count = 0
         peers = self.metrics.peers()
         for peer in peers:
             outstanding.add_metric([rank, str(peer)], node.outstanding(peer))
-            alive = now - heard.get(peer, -math.inf) <= self.metrics.peer_up_window
+            alive = (
+                peer not in suspected
+                and now - heard.get(peer, -math.inf) <= self.metrics.peer_up_window
+            )
             count += alive
             up.add_metric([rank, str(peer)], float(alive))
         ups = _gauge("gossip_sgp_peers_up", "Peers heard from recently (see gossip_sgp_peer_up)")
@@ -408,8 +404,8 @@ class _Collector(Collector):
             dropped.add_metric([rank, reason], value)
         lost = _counter(
             "gossip_sgp_lost_weight",
-            "Push-sum weight of the messages this worker dropped or failed to send; weight "
-            "held by a crashed peer is not counted yet",
+            "Push-sum weight of the messages this worker dropped, failed to send, or sent to a "
+            "peer that was suspected down before acknowledging them",
         )
         lost.add_metric([rank], node.lost_weight)
         yield from (rejected, dropped, lost)

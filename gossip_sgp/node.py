@@ -21,19 +21,22 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import ipaddress
 import logging
+import math
 import signal
 import statistics
 import threading
 import time
 import types
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING, NoReturn
 
 from gossip_sgp.config import GossipConfig
 from gossip_sgp.errors import GossipError, TransportClosed, TransportError, WireError
+from gossip_sgp.liveness import FailureDetector
 from gossip_sgp.mailbox import Receipt
 from gossip_sgp.message import Message, MessageKind
 from gossip_sgp.metrics import GossipMetrics, MetricsServer
@@ -51,6 +54,25 @@ Handler = Callable[[Message], object]
 
 _MAX_UNACKED = 1024
 """Unacknowledged messages remembered per peer; older ones are forgotten (peer is gone)."""
+
+_HEARTBEAT_S = 0.5
+"""A neighbour that has been sent nothing for this long gets a heartbeat."""
+_SUSPECT_FLOOR_S = 10 * _HEARTBEAT_S
+"""The shortest silence after which a peer heard before is suspected down (see
+:class:`~gossip_sgp.liveness.FailureDetector`: above it the timeout adapts to the gaps
+observed); ten missed heartbeats, so a worker whose gossip thread stalls for a few seconds
+on an overloaded machine is not taken for dead."""
+_SUSPECT_INITIAL_S = 3 * _SUSPECT_FLOOR_S
+"""The timeout while too few gaps have been observed to adapt it."""
+
+_RETRY_MIN_S = 0.01
+"""Shortest time before a message not acknowledged is sent again (see ``_retransmit``)."""
+_RETRY_RTTS = 4
+"""A message is sent again when it has not been acknowledged within this many median
+round trips to its peer (send to fold-in: the peer's step time included)."""
+
+_Sent = tuple[float, Message]
+"""(monotonic time last sent, message) of a MASS message not acknowledged yet."""
 
 _MAX_EARLY = 4096
 """Messages kept for a subscriber that has not subscribed yet; beyond that the oldest go."""
@@ -192,8 +214,25 @@ class GossipNode:
         self._early: deque[Message] = deque(maxlen=_MAX_EARLY)
         self._sigterm_installed = False
         self._hurry = False
-        # peer -> seq -> monotonic send time of MASS messages not yet acknowledged
-        self._unacked: dict[int, dict[int, float]] = {}
+        # peer -> seq -> (monotonic time last sent, message) of MASS messages not yet
+        # acknowledged (kept for sending again: see _retransmit)
+        self._unacked: dict[int, dict[int, _Sent]] = {}
+        self._detector = FailureDetector(floor=_SUSPECT_FLOOR_S, initial=_SUSPECT_INITIAL_S)
+        self._neighbours: frozenset[int] = frozenset(range(self.world_size)) - {self.rank}
+        self._last_sent: dict[int, float] = {}
+        self._write_off_handlers: list[Callable[[int, int], object]] = []
+        # peer -> seq -> weight of MASS messages written off as lost when the peer was
+        # suspected; an acknowledgement that comes after all takes one back
+        self._written_off: dict[int, dict[int, float]] = {}
+        self._incarnations: dict[int, int] = {}  # peer -> the latest incarnation heard
+        self.retransmitted = 0
+        """Messages sent again because no acknowledgement came (see ``_retransmit``)."""
+        self.acked_weight: dict[int, float] = {}
+        """Push-sum weight of the messages each peer acknowledged (folded in): with the
+        weight received from a peer, the net weight that moved to it (see docs/reliability.md:
+        what a dead worker held)."""
+        self.peers_lost: Counter[int] = Counter()
+        """How often each peer was suspected down (a peer heard again is re-admitted)."""
         self.rtt: dict[int, deque[float]] = {}
         """Recent send-to-fold-in round-trip times per peer, in seconds."""
         self.send_errors: Counter[int] = Counter()
@@ -205,13 +244,19 @@ class GossipNode:
         subscriber raised), ``early_overflow`` (more than ``_MAX_EARLY`` arrived before
         anyone subscribed), ``closed`` (still unsent when the node closed)."""
         self.lost_weight = 0.0
-        """Push-sum weight of the messages in ``dropped`` and ``send_errors``."""
+        """Push-sum weight of the messages in ``dropped`` and ``send_errors``, and of those a
+        peer had not acknowledged when it was suspected down (if it was alive after all and
+        folds them later, this overcounts)."""
         self.last_heard: dict[int, float] = {}
         """Monotonic time of the last message (acknowledgements included) per sender."""
         self.payload_bytes_sent = 0
         """Numerator bytes of the push-sum messages handed to the transport, as encoded."""
         self.payload_raw_bytes_sent = 0
         """The same before compression (a codec's ``meta["raw_bytes"]``)."""
+        self.incarnation = time.time_ns()
+        """This node's incarnation, sent with every message (``meta["incarnation"]``): the
+        wall-clock time it was created, in ns. A worker restarted with the same rank has a
+        larger one, so its peers know that its sequence numbers start again from 0."""
         self.metrics: GossipMetrics | None = None
         """This worker's metrics; None when off (no ``metrics_port``, no ``registry``)."""
         if registry is not None or config.metrics_port:
@@ -300,7 +345,7 @@ class GossipNode:
         """
         self._restore_sigterm()
         self._hurry = linger == 0.0  # also skip draining the send queues
-        self._await_acknowledgements(linger)
+        self.wait_acknowledged(linger)
         server, self._metrics_server = self._metrics_server, None
         if server is not None:
             server.stop()
@@ -317,21 +362,26 @@ class GossipNode:
         if thread.is_alive():
             log.warning("gossip thread of rank %d did not stop in time", self.rank)
 
-    def _await_acknowledgements(self, timeout: float) -> None:
-        """Give the last messages sent a moment to be folded in by their receivers.
+    def wait_acknowledged(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s until every message sent has been acknowledged (messages
+        written off for a peer suspected down do not count); False if some are still not.
 
-        A peer that is still gossiping (say, in its last consensus round) needs them; a peer
-        that has already stopped never acknowledges, hence the bound.
+        ``close`` uses it to give a peer that is still gossiping (say, in its last consensus
+        round) the last messages; a peer that has already stopped never acknowledges, hence
+        the bound.
         """
         thread = self._thread
         if thread is None or thread is threading.current_thread() or not thread.is_alive():
-            return
+            return False
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and not self._closed:
+        while not self._closed:
             with self._lock:
                 if not any(self._unacked.values()):
-                    return
+                    return True
+            if time.monotonic() >= deadline:
+                return False
             time.sleep(0.005)
+        return False
 
     def _install_sigterm(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -385,6 +435,9 @@ class GossipNode:
                 ) from None
             raise
         self._tasks.add(asyncio.create_task(self._receive(transport)))
+        if not self.plans_rounds:  # round-by-round transports: no heartbeats, no retries
+            self._tasks.add(asyncio.create_task(self._watch_peers()))
+            self._tasks.add(asyncio.create_task(self._retransmit()))
         self._ready.set()
         try:
             await self._stopped.wait()
@@ -463,17 +516,32 @@ class GossipNode:
 
     def _dispatch(self, message: Message) -> None:
         """Hand ``message`` to the subscriber (gossip thread, or subscribe()'s caller)."""
-        self.last_heard[message.sender] = time.monotonic()
-        if message.kind == MessageKind.ACK:
-            self._acknowledged(message)
-            return
-        overflow = False
-        with self._lock:
-            handler, fp = self._handler, self._fingerprint
-            if handler is None:
-                overflow = len(self._early) == self._early.maxlen
-                lost = self._early[0].weight if overflow else 0.0
-                self._early.append(message)  # when full, the deque drops the oldest
+        now = time.monotonic()
+        self.last_heard[message.sender] = now
+        for_subscriber = message.kind in (MessageKind.MASS, MessageKind.JOIN) or (
+            message.kind == MessageKind.HEARTBEAT and message.meta.get("skip")  # see SGP._send
+        )
+        overflow, lost, handler, fp, taken_back = False, 0.0, None, None, False
+        incarnation = message.meta.get("incarnation", 0)
+        with self._lock:  # one lock per message on this hot path
+            back = self._detector.heard(message.sender, now)
+            previous_life = self._restarted(message.sender, incarnation)
+            if message.kind == MessageKind.ACK:
+                taken_back = self._acknowledged(message, now)
+            elif for_subscriber:
+                handler, fp = self._handler, self._fingerprint
+                if handler is None:
+                    overflow = len(self._early) == self._early.maxlen
+                    lost = self._early[0].weight if overflow else 0.0
+                    self._early.append(message)  # when full, the deque drops the oldest
+        if previous_life is not None:
+            self._report_write_off(message.sender, previous_life, "restarted (a new incarnation)")
+        if back:
+            log.warning("rank %d: rank %d is alive again; re-admitted", self.rank, message.sender)
+        if taken_back:
+            self._written_off_changed(message.sender, -1)
+        if not for_subscriber:
+            return  # an acknowledgement, or a heartbeat: liveness only
         if overflow:
             self.lost_weight += lost
             self._drop("early_overflow")
@@ -491,7 +559,8 @@ class GossipNode:
             self.lost_weight += message.weight
             self._drop("handler_error", exc_info=True)
             return
-        if fresh is False:  # a duplicate: our acknowledgement may have been lost
+        if fresh is False and message.kind == MessageKind.MASS:
+            # a duplicate: our acknowledgement may have been lost
             self.acknowledge([(message.sender, message.seq, message.round)])
 
     def _acks(self, receipts: Sequence[Receipt]) -> list[Message]:
@@ -515,12 +584,22 @@ class GossipNode:
             recent = {peer: list(times) for peer, times in self.rtt.items() if times}
         return {peer: statistics.median(times) for peer, times in recent.items()}
 
-    def _acknowledged(self, ack: Message) -> None:
-        with self._lock:
-            sent = self._unacked.get(ack.sender, {}).pop(ack.seq, None)
-            if sent is not None:
-                rtts = self.rtt.setdefault(ack.sender, deque(maxlen=64))
-                rtts.append(time.monotonic() - sent)
+    def _acknowledged(self, ack: Message, now: float) -> bool:
+        """Book an acknowledgement (call with ``_lock`` held); True when it takes back a
+        message written off as lost (the peer was suspected by mistake)."""
+        peer = ack.sender
+        sent = self._unacked.get(peer, {}).pop(ack.seq, None)
+        if sent is not None:
+            rtts = self.rtt.setdefault(peer, deque(maxlen=64))
+            rtts.append(now - sent[0])
+            weight = sent[1].weight
+        else:
+            weight = self._written_off.get(peer, {}).pop(ack.seq, math.nan)
+            if math.isnan(weight):
+                return False
+            self.lost_weight -= weight
+        self.acked_weight[peer] = self.acked_weight.get(peer, 0.0) + weight
+        return sent is None
 
     def _count(self, counter: Counter[str], reason: str) -> int:
         """Add one to ``counter[reason]`` (thread-safe); returns the new count."""
@@ -558,7 +637,132 @@ class GossipNode:
                 task = asyncio.get_running_loop().create_task(self._sender(m.receiver, q))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
-            q.put_nowait(m)
+            q.put_nowait(dataclasses.replace(m, meta={**m.meta, "incarnation": self.incarnation}))
+            self._last_sent[m.receiver] = time.monotonic()
+
+    async def _watch_peers(self) -> None:
+        """Heartbeats to quiet neighbours; suspect peers that went silent (gossip thread).
+
+        A tick that comes late means this process itself was not running (an overloaded
+        machine, a long pause of the interpreter): what the peers sent meanwhile may still
+        wait unread in the socket, so that tick suspects nobody and the receiver catches up
+        first. Without this, a worker starved for a few seconds would suspect every peer at
+        once and keep its mass to itself.
+        """
+        previous = time.monotonic()
+        while True:
+            await asyncio.sleep(_HEARTBEAT_S)
+            now = time.monotonic()
+            stalled, previous = now - previous > 2 * _HEARTBEAT_S, now
+            with self._lock:
+                down = [] if stalled else self._detector.check(now)
+                lost = {peer: self._unacked.pop(peer, {}) for peer in down}
+                for peer in down:
+                    self._write_off(peer, lost[peer])
+            # Suspected peers too: one suspected by mistake hears from us and does not
+            # suspect us in turn (the queue check keeps a dead peer's backlog at one).
+            beats = [
+                self._heartbeat(peer, 0)
+                for peer in self._neighbours
+                if now - self._last_sent.get(peer, -math.inf) >= _HEARTBEAT_S
+                and not (peer in self._queues and self._queues[peer].qsize())
+            ]
+            if beats:
+                self._enqueue(beats)
+            for peer in down:
+                self.peers_lost[peer] += 1
+                silent = now - self.last_heard.get(peer, now)
+                timeout = self._detector.timeout(peer)
+                self._report_write_off(
+                    peer,
+                    lost[peer],
+                    f"is silent for {silent:.1f} s (timeout {timeout:.1f} s): suspected down",
+                )
+
+    async def _retransmit(self) -> None:
+        """Send again what a live peer has not acknowledged within ``_RETRY_RTTS`` median
+        round trips (at least ``_RETRY_MIN_S``; 1 s before any round trip is known): the
+        message or its acknowledgement was lost on the way. The receiver folds a message
+        once, whatever the number of copies (sequence numbers), and acknowledges every copy.
+        So a lost message costs a synchronous worker a few round trips of waiting instead of
+        a ``GossipTimeout``, and an asynchronous one gets its send credit back."""
+        while True:
+            due: list[Message] = []
+            wait = _HEARTBEAT_S
+            with self._lock:
+                now = time.monotonic()
+                for peer, sent in self._unacked.items():
+                    if peer in self._detector.down or not sent:
+                        continue
+                    rtts = self.rtt.get(peer)
+                    after = (
+                        max(_RETRY_MIN_S, _RETRY_RTTS * statistics.median(rtts))
+                        if rtts
+                        else 2 * _HEARTBEAT_S
+                    )
+                    for seq, (at, message) in sent.items():
+                        if now - at >= after:
+                            due.append(message)
+                            sent[seq] = (now, message)
+                        else:
+                            wait = min(wait, at + after - now)
+            if due:
+                self.retransmitted += len(due)
+                self._enqueue(due)
+            await asyncio.sleep(max(wait, _RETRY_MIN_S))
+
+    def _report_write_off(self, peer: int, lost: dict[int, _Sent], why: str) -> None:
+        weight = math.fsum(m.weight for _, m in lost.values())
+        self.lost_weight += weight
+        log.warning(
+            "rank %d: rank %d %s; %d unacknowledged messages (weight %.4g) to it count as lost",
+            self.rank,
+            peer,
+            why,
+            len(lost),
+            weight,
+        )
+        self._written_off_changed(peer, len(lost))
+
+    def _restarted(self, peer: int, incarnation: int) -> dict[int, _Sent] | None:
+        """When ``peer`` speaks with a new incarnation: the unacknowledged messages to its
+        previous life, now written off (call with ``_lock`` held); else None."""
+        known = self._incarnations.get(peer, 0)
+        if incarnation <= known:
+            return None
+        self._incarnations[peer] = incarnation
+        if not known:
+            return None
+        lost = self._unacked.pop(peer, {})
+        self._write_off(peer, lost)
+        return lost
+
+    def _write_off(self, peer: int, lost: dict[int, _Sent]) -> None:
+        """Remember messages written off as lost (call with ``_lock`` held), bounded."""
+        kept = self._written_off.setdefault(peer, {})
+        kept.update((seq, m.weight) for seq, (_, m) in lost.items())
+        while len(kept) > _MAX_UNACKED:
+            del kept[next(iter(kept))]
+
+    def _written_off_changed(self, peer: int, count: int) -> None:
+        for handler in list(self._write_off_handlers):
+            try:
+                handler(peer, count)
+            except Exception:
+                log.exception("rank %d: a write-off handler failed", self.rank)
+
+    def _heartbeat(self, peer: int, round: int, *, skip: bool = False) -> Message:
+        return Message(
+            sender=self.rank,
+            receiver=peer,
+            round=round,
+            seq=0,
+            weight=0.0,
+            tensors=(),
+            fingerprint=self._fingerprint or 0,
+            kind=MessageKind.HEARTBEAT,
+            meta={"skip": 1} if skip else {},
+        )
 
     async def _sender(self, peer: int, q: asyncio.Queue[Message]) -> None:
         transport = self.transport
@@ -632,8 +836,10 @@ class GossipNode:
         with self._lock:
             loop = self._running_loop()
             for m in messages:
+                if m.kind != MessageKind.MASS:
+                    continue
                 unacked = self._unacked.setdefault(m.receiver, {})
-                unacked[m.seq] = now
+                unacked[m.seq] = (now, m)
                 if len(unacked) > _MAX_UNACKED:  # a dead peer: forget the oldest
                     del unacked[next(iter(unacked))]
             # Under the lock: close() cannot slip in between, so these messages are queued
@@ -662,6 +868,47 @@ class GossipNode:
         acks = self._acks(receipts)
         with self._lock, contextlib.suppress(GossipError):  # stopped: nobody to tell
             self._running_loop().call_soon_threadsafe(self._enqueue, acks)
+
+    # ------------------------------------------------------------------- liveness
+    def is_down(self, peer: int) -> bool:
+        """Whether ``peer`` is suspected down now (thread-safe)."""
+        with self._lock:
+            return peer in self._detector.down
+
+    def down_peers(self) -> set[int]:
+        """The peers suspected down now (thread-safe)."""
+        with self._lock:
+            return set(self._detector.down)
+
+    def peer_timeout(self, peer: int) -> float:
+        """Seconds of silence after which ``peer`` is suspected (adapts; thread-safe)."""
+        with self._lock:
+            return self._detector.timeout(peer)
+
+    @property
+    def neighbours(self) -> frozenset[int]:
+        """The peers heartbeats flow to: every other rank, or those SGP's topology pairs."""
+        return self._neighbours
+
+    def set_neighbours(self, peers: Collection[int]) -> None:
+        """The peers to keep heartbeats flowing to (default: every other rank)."""
+        self._neighbours = frozenset(peers) - {self.rank}
+
+    def on_write_off(self, handler: Callable[[int, int], object]) -> None:
+        """Call ``handler(peer, count)`` in the gossip thread when ``count`` messages to
+        ``peer`` are written off as lost (it was suspected down before acknowledging them),
+        and with ``count = -1`` when one of them is acknowledged after all (a mistaken
+        suspicion: its weight leaves ``lost_weight`` again)."""
+        self._write_off_handlers.append(handler)
+
+    def send_join(self, peer: int) -> None:
+        """Ask ``peer`` for half of its mass (a restarted worker; see ``SGP.rejoin``)."""
+        join = dataclasses.replace(self._heartbeat(peer, 0), kind=MessageKind.JOIN)
+        self.send([join])
+
+    def send_skip(self, peers: Sequence[int], round: int) -> None:
+        """Tell ``peers`` that this node sends them no mass in ``round`` (thread-safe)."""
+        self.send([self._heartbeat(peer, round, skip=True) for peer in peers])
 
     @property
     def plans_rounds(self) -> bool:

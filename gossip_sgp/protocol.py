@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+from typing import Any
 
 import torch
 
@@ -68,7 +69,6 @@ class PushSumProtocol:
             meta = {"raw_bytes": sum(n * dtype.itemsize for n, dtype, _ in self.layout)}
         for peer, (tensors, weight) in shares.items():
             seq = self._next_seq.get(peer, 0)
-            self._next_seq[peer] = seq + 1
             extra: dict[str, int] = {}
             residual: tuple[torch.Tensor, ...] | None = None
             if codec.reference:
@@ -79,21 +79,48 @@ class PushSumProtocol:
                 # Error feedback: keep what the codec drops, so no mass is lost.
                 self.state.fold(residual, 0.0)
             messages.append(
-                Message(
-                    sender=self.rank,
-                    receiver=peer,
-                    round=round,
-                    seq=seq,
-                    weight=weight,
-                    tensors=tensors,
-                    fingerprint=self.fingerprint,
-                    sent_at=now,
+                self._message(
+                    peer,
+                    round,
+                    tensors,
+                    weight,
+                    now,
                     gauge=gauge,
                     codec=codec.spec,
                     meta={**meta, **extra},
                 )
             )
         return messages
+
+    def _message(
+        self,
+        peer: int,
+        round: int,
+        tensors: tuple[torch.Tensor, ...],
+        weight: float,
+        sent_at: float,
+        **fields: Any,
+    ) -> Message:
+        """A MASS message to ``peer`` with the link's next sequence number."""
+        seq = self._next_seq.get(peer, 0)
+        self._next_seq[peer] = seq + 1
+        return Message(
+            sender=self.rank,
+            receiver=peer,
+            round=round,
+            seq=seq,
+            weight=weight,
+            tensors=tensors,
+            fingerprint=self.fingerprint,
+            sent_at=sent_at,
+            **fields,
+        )
+
+    def give_half(self, peer: int, round: int) -> Message:
+        """Split off half of this node's mass for ``peer`` (a worker that rejoins the job),
+        as one uncompressed message of ``round`` marked ``meta["join"] = 1``."""
+        ((tensors, weight),) = self.state.split(0.5, {peer: 0.5}).values()
+        return self._message(peer, round, tensors, weight, time.time(), meta={"join": 1})
 
     def receive(self, message: Message) -> bool:
         """Decode a received message and store its mass; False for a duplicate.

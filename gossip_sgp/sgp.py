@@ -35,7 +35,9 @@ a few large tensors. Create ``SGP`` after moving the model to its device.
 from __future__ import annotations
 
 import functools
+import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -44,7 +46,7 @@ import torch
 
 import topologies
 from gossip_sgp.errors import GossipError, GossipTimeout
-from gossip_sgp.message import Message, fingerprint
+from gossip_sgp.message import Message, MessageKind, fingerprint
 from gossip_sgp.node import GossipNode
 from gossip_sgp.protocol import PushSumProtocol
 from gossip_sgp.pushsum import PushSumState
@@ -52,12 +54,24 @@ from topologies import Topology
 
 __all__ = ["SGP"]
 
+log = logging.getLogger(__name__)
+
 _INITIAL_CREDIT = 1
 """Asynchronous mode: rounds a worker may gossip ahead of what it has received.
 
 Measured on 4 CPU workers: more credit lets more gossip flow while messages are on the way,
 but puts more of the mass in flight, where the workers' gradient steps cannot act on it
 (``x += w * delta`` scales with the weight a worker holds), and accuracy dropped."""
+
+_WAIT_SLICE = 0.25
+"""Seconds between two looks at which peers are suspected down while waiting."""
+
+_JOIN_SLICE = 2.0
+"""Seconds ``rejoin`` waits for one neighbour's answer before it asks the next one (a
+neighbour answers at its next step)."""
+
+_ACK_SETTLE = 1.0
+"""Seconds ``mass_report`` waits for the acknowledgements of the last messages sent."""
 
 _GAUGE_MAX = 1e300
 """Stands in for "unknown yet" (infinity) in a message's gauge, which must be finite."""
@@ -175,6 +189,26 @@ class SGP:
         its peers are still starting, and an asynchronous run averages models that drifted
         apart (measured: 4 workers, one starting 1.5 s late, 0.84-0.95 accuracy instead of
         0.98)."""
+        self.kept_rounds = 0
+        """Rounds in which this worker kept its mass because an out-peer was suspected down."""
+        self._refund = 0  # send credit given back for messages lost to a dead peer
+        self._refund_lock = threading.Lock()  # guards _refund and _join_requests
+        self._join_requests: list[int] = []  # restarted peers asking for half of our mass
+        self._joined = threading.Event()  # rejoin(): a donor's half has arrived
+        self._join_round = -1
+        self.rejoined = False
+        """Whether this worker joined a running job with :meth:`rejoin`."""
+        node.set_neighbours(
+            {
+                peer
+                for r in range(self.topology.period)
+                for peer in (
+                    *self.topology.out_peers(node.rank, r),
+                    *self.topology.in_peers(node.rank, r),
+                )
+            }
+        )
+        node.on_write_off(self._written_off)
         node.subscribe(
             self._receive,
             fingerprint=self.fingerprint,
@@ -186,6 +220,18 @@ class SGP:
 
         A payload that does not decode raises ``WireError``; the node counts it as rejected.
         """
+        if message.kind == MessageKind.HEARTBEAT:  # "no mass for you in this round"
+            self.protocol.mailbox.mark_arrived(message.sender, message.round)
+            return True
+        if message.kind == MessageKind.JOIN:  # served by the training thread, see _round
+            with self._refund_lock:
+                self._join_requests.append(message.sender)
+            return True
+        if message.meta.get("join") and not self._joined.is_set():
+            fresh = self.protocol.receive(message)  # a donor's half: see rejoin()
+            self._join_round = max(self._join_round, message.round)
+            self._joined.set()
+            return fresh
         message = self.protocol.decode(message)
         metrics = self._metrics
         if metrics is None:
@@ -195,6 +241,13 @@ class SGP:
         if not fresh:
             metrics.rejected(message, token)
         return fresh
+
+    def _written_off(self, peer: int, lost_messages: int) -> None:
+        """Gossip thread: messages to a dead peer will never be folded; their send credit
+        comes back, so the other workers' gossip does not dry up (asynchronous mode). A
+        message acknowledged after all (-1: the suspicion was a mistake) takes it back."""
+        with self._refund_lock:
+            self._refund += lost_messages
 
     @staticmethod
     def _resolve_topology(topology: str | Topology, peers: int, world_size: int) -> Topology:
@@ -250,6 +303,8 @@ class SGP:
     @torch.no_grad()
     def _round(self, staleness: int | None, *, gauge: float) -> None:
         k = self.round
+        if self._join_requests:
+            self._serve_joins(k)
         if self.node.world_size > 1:
             if k < self._start_rounds:
                 staleness = 0  # start-up barrier: see __init__
@@ -261,6 +316,72 @@ class SGP:
         self.state.debias(out=self._flats)
         self.round_weight = self.state.weight
         self.round = k + 1
+
+    def _serve_joins(self, k: int) -> None:
+        """Give each restarted peer that asked (``rejoin``) half of this worker's mass."""
+        with self._refund_lock:
+            peers, self._join_requests = list(dict.fromkeys(self._join_requests)), []
+        for peer in peers:
+            if self.staleness is not None:
+                log.warning(
+                    "rank %d: rank %d asks to rejoin, but only asynchronous jobs "
+                    "(staleness=None) take a worker back; restart the job from checkpoints",
+                    self.node.rank,
+                    peer,
+                )
+                continue
+            log.warning(
+                "rank %d gives half of its mass to rank %d, rejoining", self.node.rank, peer
+            )
+            self.node.send([self.protocol.give_half(peer, k)])
+
+    @torch.no_grad()
+    def rejoin(self, timeout: float | None = None) -> int:
+        """Join a running asynchronous job as a restarted worker; returns the job's round.
+
+        Call it instead of training from the start, before the first ``step()``, on a worker
+        restarted with the rank of one that died. This worker starts with no mass at all and
+        asks its neighbours, one after another, for half of theirs: the first to answer
+        gives half its numerator and weight (so this worker starts from its model, and no
+        mass is created) and its round counter, where this worker carries on. Messages the
+        peers had queued for this rank's previous life are folded in too. Raises
+        ``GossipTimeout`` when no neighbour answers within ``timeout`` seconds (default:
+        the ``timeout`` of this ``SGP``). Only the asynchronous mode (``staleness=None``)
+        can take a worker back: in the others the peers' rounds are paired up.
+        """
+        if self.staleness is not None:
+            raise ValueError(
+                "rejoin() needs staleness=None: only asynchronous SGP takes a worker back"
+            )
+        if self.node.world_size == 1 or self.steps or self.round:
+            raise GossipError("rejoin() is for a restarted worker of a job, before its first step")
+        for x in self.state.numerator:
+            x.zero_()
+        self.state.weight = 0.0
+        topology, rank = self.topology, self.node.rank
+        donors = sorted(
+            {p for r in range(topology.period) for p in topology.out_peers(rank, r)}
+            | {p for r in range(topology.period) for p in topology.in_peers(rank, r)}
+        )
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        asked = 0
+        while not self._joined.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise GossipTimeout(
+                    f"rank {rank}: no neighbour (ranks {donors}) answered a request to rejoin"
+                )
+            self.node.send_join(donors[asked % len(donors)])
+            asked += 1
+            self._joined.wait(min(_JOIN_SLICE, left))
+        self.round = self._join_round + 1
+        self._absorb(self._join_round)
+        self._folded_through = self._join_round
+        self._start_rounds = 0  # the job is past its start-up barrier
+        self.state.debias(out=self._flats)
+        self.round_weight = self.state.weight
+        self.rejoined = True
+        return self.round
 
     def _catch_up(self, through: int) -> None:
         """Wait for and fold every round up to ``through`` not folded yet."""
@@ -291,6 +412,13 @@ class SGP:
         if self.node.closed:  # before splitting: a share for a stopped node would be lost
             raise GossipError(f"the gossip node of rank {self.node.rank} has stopped")
         out_peers = self.topology.out_peers(self.node.rank, k)
+        down = self.node.down_peers()
+        if any(peer in down for peer in out_peers):
+            # A suspected peer: keep this round's mass (a share sent to a dead worker would
+            # be lost) and tell the out-peers, in case one is alive after all and waiting.
+            self.node.send_skip(out_peers, k)
+            self.kept_rounds += 1
+            return
         self._credit -= len(out_peers)
         self.node.plan_round(k, self.topology.in_peers(self.node.rank, k), out_peers)
         self.node.send(self.protocol.emit(k, gauge=gauge))
@@ -300,15 +428,26 @@ class SGP:
         self.protocol.absorb(max_round)
         receipts = self.protocol.mailbox.pop_receipts()
         self.node.acknowledge(receipts)
-        self._credit += len(receipts)
+        with self._refund_lock:
+            refund, self._refund = self._refund, 0
+        self._credit += len(receipts) + refund
         if self._metrics is not None and receipts:  # self._flats: z before this fold
             coalesced = self.protocol.mailbox.coalesce
             self._metrics.folded_in(receipts, self.round, self._flats, coalesced=coalesced)
 
     def _wait(self, round: int) -> None:
         expected = self.protocol.expected(round)
-        if not self.protocol.mailbox.wait(expected, self.timeout):
-            missing = sorted(s for s, r in expected if not self.protocol.mailbox.has([(s, r)]))
+        mailbox = self.protocol.mailbox
+        deadline = time.monotonic() + self.timeout
+        while True:  # in slices, to stop waiting for a sender suspected down meanwhile
+            down = self.node.down_peers()
+            live = [(s, r) for s, r in expected if s not in down]
+            left = deadline - time.monotonic()
+            arrived = mailbox.wait(live, max(0.0, min(_WAIT_SLICE, left)))
+            if arrived or mailbox.closed or left <= 0:
+                break
+        if not arrived:
+            missing = sorted(s for s, r in live if not mailbox.has([(s, r)]))
             if self.protocol.mailbox.closed:
                 raise GossipError(
                     f"the gossip node of rank {self.node.rank} stopped while waiting for the "
@@ -349,7 +488,8 @@ class SGP:
         # order, so (short of lost messages or a cut-short consensus) no credit is in flight
         # now: everyone starts again with an even share. Without this, the credit could sit
         # unevenly, and a worker with none would skip its first asynchronous rounds.
-        self._credit = self._initial_credit
+        with self._refund_lock:  # a refund for messages sent before now is void too
+            self._credit, self._refund = self._initial_credit, 0
         return disagreement
 
     def _consensus(self, max_rounds: int, tol: float) -> float:
@@ -358,7 +498,10 @@ class SGP:
         mailbox.take_gauge(self.round - 1)  # training messages carry no gauge
         done, disagreement, local = 0, math.inf, math.inf
         while done < max_rounds:
-            block = min(_broadcast_rounds(self.topology, self.round), max_rounds - done)
+            # A block lets every live worker hear from every other; paths through workers
+            # suspected down are cut (their rounds keep the mass local), so blocks get longer.
+            down = frozenset(self.node.down_peers())
+            block = min(_broadcast_rounds(self.topology, self.round, down), max_rounds - done)
             known = local
             for _ in range(block):
                 before = [f.clone() for f in self._flats]
@@ -386,6 +529,30 @@ class SGP:
         else:
             self._catch_up(self.round - 1)
         self.state.debias(out=self._flats)
+
+    def mass_report(self) -> dict[str, Any]:
+        """Where this worker's push-sum weight stands, as plain numbers (JSON-ready).
+
+        ``weight``: the weight it holds now; ``lost_weight``: weight it wrote off (messages
+        to peers suspected down before acknowledging them, messages it dropped);
+        ``suspected``: peers suspected down now; ``net_weight_to``: per peer (a string
+        key), the weight it sent that the peer acknowledged minus the weight it received
+        from the peer. It first waits (at most a second) for the peers to acknowledge the
+        last messages sent. Gather the survivors' reports after ``consensus()`` and
+        :func:`gossip_sgp.liveness.lost_weight` tells how much weight dead workers took
+        with them.
+        """
+        node, received = self.node, self.protocol.mailbox.weight_from
+        node.wait_acknowledged(_ACK_SETTLE)  # the last round's acknowledgements
+        acked = dict(node.acked_weight)
+        peers = sorted(set(acked) | set(received))
+        return {
+            "weight": self.state.weight,
+            "lost_weight": node.lost_weight,
+            "suspected": sorted(node.down_peers()),
+            "rejoined": self.rejoined,
+            "net_weight_to": {str(p): acked.get(p, 0.0) - received.get(p, 0.0) for p in peers},
+        }
 
     # --------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -436,21 +603,26 @@ def _relative_change(before: list[torch.Tensor], after: list[torch.Tensor]) -> f
     return num / den if den > 0 else num
 
 
-def _broadcast_rounds(topology: Topology, start: int) -> int:
-    """Rounds from ``start`` until every node has (indirectly) heard from every other."""
-    return _broadcast_rounds_cached(topology, start % topology.period)
+def _broadcast_rounds(topology: Topology, start: int, down: frozenset[int] = frozenset()) -> int:
+    """Rounds from ``start`` until every live node has (indirectly) heard from every other
+    live node, with the nodes in ``down`` (and every edge to or from them) taken out."""
+    return _broadcast_rounds_cached(topology, start % topology.period, down)
 
 
 @functools.lru_cache(maxsize=64)
-def _broadcast_rounds_cached(topology: Topology, start: int) -> int:
+def _broadcast_rounds_cached(topology: Topology, start: int, down: frozenset[int]) -> int:
     n = topology.world_size
+    live = [i for i in range(n) if i not in down]
     reach = torch.eye(n, dtype=torch.bool)
     for t in range(start, start + 4 * n + 64):
         new = reach.clone()
-        for i in range(n):
+        for i in live:
             for j in topology.in_peers(i, t):
+                if j in down or any(p in down for p in topology.out_peers(j, t)):
+                    continue  # j keeps its mass in round t (see SGP._send)
                 new[i] |= reach[j]
         reach = new
-        if bool(reach.all()):
+        if bool(reach[live][:, live].all()):
             return t - start + 1
-    raise GossipError(f"topology {topology.name} does not connect all {n} nodes")
+    missing = f" without the ranks {sorted(down)} suspected down" if down else ""
+    raise GossipError(f"topology {topology.name} does not connect all its nodes{missing}")

@@ -46,10 +46,12 @@ REJECT_REASONS = (
     "non_finite",
     "bad_codec",
     "no_reference",
+    "stale",
 )
 """Every ``WireError.reason`` that :func:`decode` and the codec decoders
 (:mod:`gossip_sgp.compression`: ``bad_codec`` for an unknown codec, ``no_reference`` for a
-difference-coded message out of sequence) can raise:
+difference-coded message out of sequence; the mailbox ``stale`` for a message from an
+earlier incarnation of a restarted sender) can raise:
 the rejected-messages labels."""
 
 DTYPES: dict[str, torch.dtype] = {
@@ -116,10 +118,10 @@ def encode(message: Message) -> list[bytes | memoryview]:
 
 
 def _check_weight(kind: int, weight: float, n_tensors: int) -> None:
-    """MASS carries a finite weight > 0; ACK carries weight 0 and no tensors."""
-    if kind == MessageKind.ACK:
+    """MASS carries a finite weight > 0; the other kinds carry weight 0 and no tensors."""
+    if kind != MessageKind.MASS:
         if weight != 0.0 or n_tensors:
-            raise WireError("bad_weight", "an acknowledgement carries weight 0 and no tensors")
+            raise WireError("bad_weight", f"a {MessageKind(kind).name} has weight 0, no tensors")
     elif not math.isfinite(weight) or weight <= 0.0:
         raise WireError("bad_weight", f"weight {weight!r} is not a finite float > 0")
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
+import pytest
 import torch
 
+from gossip_sgp.errors import WireError
 from gossip_sgp.mailbox import Mailbox, SequenceWindow
 from gossip_sgp.message import Message
 
@@ -94,6 +97,18 @@ def test_wait_wakes_on_arrival_and_times_out() -> None:
         timer.cancel()
 
 
+def test_a_skip_notice_counts_as_arrived_without_mass() -> None:
+    box = Mailbox()
+    timer = threading.Timer(0.05, box.mark_arrived, args=(3, 4))
+    timer.start()
+    try:
+        assert box.wait([(3, 4)], timeout=10.0)
+    finally:
+        timer.cancel()
+    assert box.take(4) is None  # nothing to fold
+    assert box.pop_receipts() == []  # and nothing to acknowledge
+
+
 def test_coalescing_keeps_one_buffer_and_all_mass() -> None:
     box = Mailbox(coalesce=True)
     for seq in range(100):
@@ -126,3 +141,19 @@ def test_close_wakes_a_waiter_at_once() -> None:
     finally:
         timer.cancel()
     assert box.closed
+
+
+def test_a_restarted_sender_numbers_from_zero_and_its_earlier_life_is_stale() -> None:
+    box = Mailbox()
+    first, second = {"incarnation": 100}, {"incarnation": 200}
+    assert box.put(dataclasses.replace(msg(1, 0, 0, 1.0), meta=first))
+    assert box.put(dataclasses.replace(msg(1, 1, 1, 1.0), meta=first))
+    # restarted: sequence numbers start again, and are not taken for replays
+    assert box.put(dataclasses.replace(msg(1, 0, 5, 2.0), meta=second))
+    assert not box.put(dataclasses.replace(msg(1, 0, 5, 2.0), meta=second))  # a duplicate
+    with pytest.raises(WireError) as caught:  # a late message of the earlier life
+        box.put(dataclasses.replace(msg(1, 2, 2, 3.0), meta=first))
+    assert caught.value.reason == "stale"
+    assert box.rejected == {"duplicate": 1, "stale": 1}
+    assert box.weight_from == {1: 1.5}
+    assert box.pending_weight() == 1.5

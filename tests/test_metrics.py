@@ -29,6 +29,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from gossip_sgp import SGP, GossipConfig, GossipError, GossipNode, Message, TransportError
+from gossip_sgp import node as node_module
 from gossip_sgp.cli import main
 from gossip_sgp.config import ConfigError
 from gossip_sgp.launch import find_free_ports
@@ -148,7 +149,9 @@ def test_one_registry_per_node() -> None:
 
 
 @pytest.mark.timeout(60)
-def test_training_moves_the_metrics() -> None:
+def test_training_moves_the_metrics(monkeypatch: pytest.MonkeyPatch) -> None:
+    # No heartbeats during this short run, so the message counts below are exact.
+    monkeypatch.setattr(node_module, "_HEARTBEAT_S", 3600.0)
     steps = 6
     results, registries = run_workers(2, train(steps))
     for rank, (result, registry) in enumerate(zip(results, registries, strict=True)):

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from gossip_sgp import wire
 from gossip_sgp.errors import WireError
-from gossip_sgp.message import Message
+from gossip_sgp.message import Message, MessageKind
 
 RANK, WORLD, FP = 1, 4, 0x1234_5678_9ABC
 LIMIT = 1 << 20
@@ -147,6 +147,28 @@ def test_encode_refuses_what_decode_would_reject(bad: Message, reason: str) -> N
     with pytest.raises(WireError) as info:
         wire.encode(bad)
     assert info.value.reason == reason
+
+
+@pytest.mark.parametrize("kind", [MessageKind.HEARTBEAT, MessageKind.JOIN])
+def test_heartbeat_and_join_round_trip_and_rules(kind: MessageKind) -> None:
+    beat = message(weight=0.0, kind=kind, meta={"skip": 1, "incarnation": 1 << 62}, round=7)
+    got = wire.decode(
+        wire.encode(beat), rank=RANK, world_size=WORLD, fingerprint=FP, max_bytes=LIMIT
+    )
+    assert (got.kind, got.weight, got.tensors, got.meta, got.round) == (
+        kind,
+        0.0,
+        (),
+        {"skip": 1, "incarnation": 1 << 62},
+        7,
+    )
+    for bad in (
+        message(weight=0.5, kind=kind),
+        message(torch.ones(2), weight=0.0, kind=kind),
+    ):
+        with pytest.raises(WireError) as info:
+            wire.encode(bad)
+        assert info.value.reason == "bad_weight"
 
 
 # ------------------------------------------------------------------ one test per rule

@@ -267,8 +267,8 @@ class TorchDistTransport:
             raise TransportError(
                 f"message {message.sender}->{message.receiver} sent by rank {self.rank} to {peer}"
             )
-        if message.kind == MessageKind.ACK:
-            return
+        if message.kind in (MessageKind.ACK, MessageKind.HEARTBEAT):
+            return  # acknowledged on completion; liveness is not detected on this transport
         if message.nbytes > self.max_message_bytes:
             raise WireError("oversized", f"{message.nbytes} bytes > {self.max_message_bytes}")
         plan = next((p for p in self._plans if p.round == message.round), None)

@@ -1,0 +1,161 @@
+"""Failure detection: adaptive timeouts, suspicion, re-admission, and SGP going on without a
+dead worker (threads with their own nodes over the in-process transport)."""
+
+from __future__ import annotations
+
+import math
+import queue
+import statistics
+import time
+from typing import Any
+
+import pytest
+import torch
+
+from gossip_sgp import SGP, GossipConfig, GossipNode, Message
+from gossip_sgp import node as node_module
+from gossip_sgp.liveness import FailureDetector
+from tests.threads import run_workers
+from transports import InProcNetwork
+
+
+def test_timeout_adapts_to_the_observed_gaps() -> None:
+    d = FailureDetector(floor=0.1, initial=5.0, k=4.0, min_samples=4)
+    d.heard(1, 0.0)
+    assert d.timeout(1) == 5.0  # too few gaps yet
+    gaps = [1.0, 1.2, 0.8, 1.0, 1.1, 0.9]
+    t = 0.0
+    for g in gaps:
+        t += g
+        d.heard(1, t)
+    median = statistics.median(gaps)
+    mad = statistics.median(abs(g - median) for g in gaps)
+    assert d.timeout(1) == pytest.approx(median + 4.0 * mad)
+    assert d.check(t + d.timeout(1) - 0.01) == []
+    assert d.check(t + d.timeout(1) + 0.01) == [1]
+    assert d.check(t + 100) == []  # reported once
+    assert d.down == {1}
+    assert d.heard(1, t + 101) is True  # back: re-admitted
+    assert d.down == set()
+    assert d.timeout(1) == pytest.approx(median + 4.0 * mad)  # the outage is not a gap
+
+
+def test_timeout_never_below_the_floor_and_unheard_peers_are_not_suspected() -> None:
+    d = FailureDetector(floor=2.0, initial=3.0, min_samples=2)
+    for i in range(10):
+        d.heard(7, i * 0.001)  # a very chatty peer
+    assert d.timeout(7) == 2.0
+    assert d.check(1000.0) == [7]
+    assert 8 not in d.down  # never heard: may still be starting
+    with pytest.raises(ValueError, match="floor"):
+        FailureDetector(floor=0.0, initial=1.0)
+    with pytest.raises(ValueError, match="min_samples"):
+        FailureDetector(floor=1.0, initial=1.0, min_samples=1)
+
+
+@pytest.fixture
+def fast_liveness(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Heartbeats every 0.1 s and suspicion after 1 s, so the tests take seconds."""
+    monkeypatch.setattr(node_module, "_HEARTBEAT_S", 0.1)
+    monkeypatch.setattr(node_module, "_SUSPECT_FLOOR_S", 1.0)
+    monkeypatch.setattr(node_module, "_SUSPECT_INITIAL_S", 2.0)
+
+
+def training(steps: int, *, staleness: int | None, dies: int, at: int) -> Any:
+    """Worker i minimises 0.5 * ||x - i||^2; rank ``dies`` stops dead after ``at`` steps."""
+
+    def fn(rank: int, node: GossipNode) -> dict[str, Any]:
+        x = torch.nn.Parameter(torch.zeros(5, dtype=torch.float64))
+        opt = torch.optim.SGD([x], lr=0.05)
+        sgp = SGP([x], opt, node, staleness=staleness, timeout=20.0)
+        for step in range(steps):
+            if rank == dies and step == at:
+                node.close(linger=0.0)  # as if killed: no goodbye, its mass is gone
+                return {"died": True, "weight": sgp.weight}
+            opt.zero_grad()
+            (0.5 * (x - float(rank)).pow(2).sum()).backward()
+            sgp.step()
+            time.sleep(0.005)
+        # suspicions while everyone else was training (after consensus, peers that finished
+        # first are gone too)
+        suspected = dict(node.peers_lost)
+        disagreement = sgp.consensus(tol=1e-10)
+        return {
+            "died": False,
+            "x": x.detach().clone(),
+            "weight": sgp.weight,
+            "disagreement": disagreement,
+            "suspected": suspected,
+            "lost": node.lost_weight,
+            "kept": sgp.kept_rounds,
+        }
+
+    return fn
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.usefixtures("fast_liveness")
+@pytest.mark.parametrize("staleness", [0, 1, None])
+def test_workers_detect_a_dead_peer_and_finish_without_it(staleness: int | None) -> None:
+    n, dies = 4, 3
+    results = run_workers(n, training(600, staleness=staleness, dies=dies, at=50), join=80)
+    survivors = [r for rank, r in enumerate(results) if rank != dies]
+    assert results[dies]["died"]
+    for r in survivors:
+        assert r["suspected"] == {dies: 1}
+        assert r["disagreement"] <= 1e-10
+        torch.testing.assert_close(r["x"], survivors[0]["x"], atol=1e-8, rtol=0)
+    # the survivors trained on: they agree on a point near the optimum of ranks 0..2 (1.0),
+    # pulled a little towards rank 3's optimum from the first 100 steps
+    assert bool((survivors[0]["x"] - 1.0).abs().max() < 0.5)
+    # mass: lost with the dead worker and its messages, never created
+    total = math.fsum(r["weight"] for r in survivors)
+    assert total < n
+    assert total > 0
+    assert any(r["kept"] > 0 for r in survivors)  # rounds routed to rank 3 kept their mass
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.usefixtures("fast_liveness")
+def test_a_mistaken_suspicion_heals() -> None:
+    """Rank 1's gossip thread freezes (as on an overloaded machine) while a message from
+    rank 0 waits for its fold: rank 0 suspects rank 1 and writes the message off; rank 1,
+    waking up, does not suspect rank 0 (whose heartbeats waited for it); once rank 1 folds
+    the message and acknowledges it, rank 0 takes the write-off back."""
+    net = InProcNetwork(2)
+    ports = range(40000, 40002)
+    configs = [GossipConfig.local(2, r, ports=ports, transport="inproc") for r in range(2)]
+    received: queue.Queue[Message] = queue.Queue()
+    write_offs: list[tuple[int, int]] = []
+    with (
+        GossipNode(configs[0], transport=net.transport(0)) as n0,
+        GossipNode(configs[1], transport=net.transport(1)) as n1,
+    ):
+        n0.subscribe(lambda m: True, fingerprint=1)
+        n0.on_write_off(lambda peer, count: write_offs.append((peer, count)))
+        n1.subscribe(received.put, fingerprint=1)
+        deadline = time.monotonic() + 10
+        while len(n0.last_heard) + len(n1.last_heard) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)  # heartbeats both ways: each has heard the other
+        share = Message(
+            sender=0, receiver=1, round=0, seq=0, weight=0.5,
+            tensors=(torch.ones(3),), fingerprint=1,
+        )  # fmt: skip
+        n0.send([share])
+        message = received.get(timeout=5)
+        assert n1._loop is not None
+        n1._loop.call_soon_threadsafe(time.sleep, 2.5)  # rank 1's gossip thread stalls
+        while not n0.is_down(1) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert n0.is_down(1)
+        assert n0.lost_weight == 0.5
+        assert write_offs == [(1, 1)]
+        time.sleep(1.5)  # rank 1 is back; its watcher has ticked since
+        assert not n1.is_down(0), "rank 1 blamed rank 0 for its own stall"
+        assert not n0.is_down(1), "rank 1 was not re-admitted"
+        n1.acknowledge([(message.sender, message.seq, message.round)])  # folded after all
+        while n0.lost_weight and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert n0.lost_weight == 0.0
+        assert n0.acked_weight == {1: 0.5}
+        assert write_offs == [(1, 1), (1, -1)]
