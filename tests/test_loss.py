@@ -3,8 +3,8 @@
 Four workers (threads with their own nodes over the in-process transport, each wrapped in a
 ``FaultyTransport``) train the digits example's CNN. Every kind of message suffers: push-sum
 shares, acknowledgements and heartbeats. Lost shares are sent again until acknowledged, and
-copies are folded once, so the workers train to the usual accuracy, nobody hangs, and the
-push-sum weights still add up to exactly 4 at the end.
+copies are folded once, so the workers train to the usual accuracy, nobody hangs, no mass is
+created, and in the synchronous mode the push-sum weights add up to exactly 4 at the end.
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ from transports import FaultSpec, FaultyTransport
 
 pytestmark = pytest.mark.slow
 
-EPOCHS = 20
+EPOCHS = {0: 20, None: 40}
+"""Per mode: asynchronous SGP through these faults ended at 0.85-0.98 after 20 epochs
+(5 of 9 runs >= 0.95), at 0.961-0.989 after 40 (4 of 4)."""
 BATCH = 32
 
 
@@ -35,11 +37,11 @@ def train(rank: int, node: GossipNode, staleness: int | None) -> dict[str, Any]:
     model = SmallCNN()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=0.1, total_steps=EPOCHS * steps_per_epoch, pct_start=0.15
+        optimizer, max_lr=0.1, total_steps=EPOCHS[staleness] * steps_per_epoch, pct_start=0.15
     )
     sgp = SGP(model.parameters(), optimizer, node, staleness=staleness, timeout=60.0)
     order_gen = torch.Generator().manual_seed(rank)
-    for _ in range(EPOCHS):
+    for _ in range(EPOCHS[staleness]):
         order = torch.randperm(len(y_train), generator=order_gen)
         for i in range(steps_per_epoch):
             idx = order[i * BATCH : (i + 1) * BATCH]
@@ -74,5 +76,12 @@ def test_training_through_loss_duplicates_and_reordering(staleness: int | None) 
     assert sum(r["dropped"] for r in results) > 50  # the faults did happen ...
     assert sum(r["duplicates_rejected"] for r in results) > 50
     assert sum(r["retransmitted"] for r in results) >= sum(r["dropped"] for r in results) // 4
-    # ... and no mass was lost for good or created: the weights add up to exactly 4
-    assert math.fsum(r["mass"]["weight"] for r in results) == pytest.approx(4.0, abs=1e-9)
+    # ... and no mass was created. In the synchronous mode none is left in flight either:
+    # the weights add up to exactly 4. In the asynchronous mode a share sent again after a
+    # loss can still be on its way when consensus() returns (it is folded only if training
+    # goes on), so there the weights held add up to at most 4 (see docs/reliability.md).
+    total = math.fsum(r["mass"]["weight"] for r in results)
+    if staleness is None:
+        assert total <= 4.0 + 1e-9
+    else:
+        assert total == pytest.approx(4.0, abs=1e-9)
