@@ -39,9 +39,10 @@ def test_synchronous_sgp_over_zeromq_trains_and_agrees(jobs: Jobs) -> None:
 @pytest.mark.timeout(1200)
 @pytest.mark.parametrize("nproc", [4, 8])
 def test_sgp_modes_are_within_a_point_of_allreduce(jobs: Jobs, nproc: int) -> None:
-    # Same script, seeds and epochs; the mean over two seeds, since one test set of 359
-    # digits moves by 0.28 points per image.
-    seeds = (1, 2)
+    # Same script, seeds and epochs; the mean over three seeds, since one test set of 359
+    # digits moves by 0.28 points per image (with two, asynchronous SGP at 8 workers on 2
+    # cores measured 0.9749 against AllReduce's 0.9861 in one run and passed in others).
+    seeds = (1, 2, 3)
     baseline = accuracy(jobs, nproc, "--algorithm", "allreduce", seeds=seeds)
     modes = {
         "synchronous": accuracy(jobs, nproc, "--staleness", "0", seeds=seeds),
