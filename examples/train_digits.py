@@ -44,7 +44,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
-from gossip_sgp import SGP, GossipConfig, GossipNode, baselines
+from gossip_sgp import SGP, GossipConfig, GossipNode, RejoinRefused, baselines
 from gossip_sgp.compression import parse_codec
 from gossip_sgp.liveness import lost_weight
 
@@ -383,7 +383,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         evaluations: list[tuple[float, int, float]] = []
         skip = 0  # steps of the first epoch that the job did before this worker rejoined
         if args.rejoin:
-            done = sgp.rejoin()  # SGP: half of a live neighbour's mass, and its step
+            try:
+                done = sgp.rejoin()  # SGP: half of a live neighbour's mass, and its step
+            except RejoinRefused as exc:  # the others are already agreeing on the result
+                sys.exit(str(exc))
             if done >= total_steps:
                 sys.exit(f"rank {rank}: the job has finished training; too late to rejoin")
             first_epoch, skip = divmod(done, steps_per_epoch)

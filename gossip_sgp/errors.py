@@ -10,6 +10,7 @@ __all__ = [
     "ConfigError",
     "GossipError",
     "GossipTimeout",
+    "RejoinRefused",
     "SendTimeout",
     "TransportClosed",
     "TransportError",
@@ -55,3 +56,8 @@ class SendTimeout(TransportError, GossipTimeout):
 
     The message was not sent: its mass is still the sender's to keep or to send again.
     """
+
+
+class RejoinRefused(GossipError):
+    """``SGP.rejoin()``: every neighbour refused, because the job is finishing (they are in
+    ``consensus()``): too late to rejoin."""

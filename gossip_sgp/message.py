@@ -37,7 +37,8 @@ class MessageKind(enum.IntEnum):
     JOIN = 3
     """No tensors, weight 0: "I restarted, give me half of your mass" (see ``SGP.rejoin``).
     The receiver answers, at its next step, with a MASS message of half its numerator and
-    weight, its ``round`` telling the joiner where the job is."""
+    weight, its ``round`` telling the joiner where the job is. With ``meta["refused"] == 1``
+    it is the answer "too late": the sender is in ``consensus()``, the job is finishing."""
 
 
 @dataclass(frozen=True, slots=True)

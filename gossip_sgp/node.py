@@ -227,6 +227,10 @@ class GossipNode:
         self._incarnations: dict[int, int] = {}  # peer -> the latest incarnation heard
         self.retransmitted = 0
         """Messages sent again because no acknowledgement came (see ``_retransmit``)."""
+        self.retransmits_held = 0
+        """Times a peer's retransmissions were put off because its send queue was not empty
+        (earlier copies still waiting to leave: the peer is slow, or dead and not yet
+        suspected)."""
         self.acked_weight: dict[int, float] = {}
         """Push-sum weight of the messages each peer acknowledged (folded in): with the
         weight received from a peer, the net weight that moved to it (see docs/reliability.md:
@@ -694,6 +698,13 @@ class GossipNode:
                 for peer, sent in self._unacked.items():
                     if peer in self._detector.down or not sent:
                         continue
+                    q = self._queues.get(peer)
+                    if q is not None and not q.empty():
+                        # Earlier copies have not even left yet (the peer is slow to take
+                        # them, or gone): more copies would only lengthen the queue that its
+                        # acknowledgements and new messages wait behind.
+                        self.retransmits_held += 1
+                        continue
                     rtts = self.rtt.get(peer)
                     after = (
                         max(_RETRY_MIN_S, _RETRY_RTTS * statistics.median(rtts))
@@ -901,9 +912,12 @@ class GossipNode:
         suspicion: its weight leaves ``lost_weight`` again)."""
         self._write_off_handlers.append(handler)
 
-    def send_join(self, peer: int) -> None:
-        """Ask ``peer`` for half of its mass (a restarted worker; see ``SGP.rejoin``)."""
-        join = dataclasses.replace(self._heartbeat(peer, 0), kind=MessageKind.JOIN)
+    def send_join(self, peer: int, *, refused: bool = False) -> None:
+        """Ask ``peer`` for half of its mass (a restarted worker; see ``SGP.rejoin``), or,
+        with ``refused``, answer such a request with "too late, the job is finishing"."""
+        join = dataclasses.replace(
+            self._heartbeat(peer, 0), kind=MessageKind.JOIN, meta={"refused": 1} if refused else {}
+        )
         self.send([join])
 
     def send_skip(self, peers: Sequence[int], round: int) -> None:

@@ -45,7 +45,7 @@ from typing import Any
 import torch
 
 import topologies
-from gossip_sgp.errors import GossipError, GossipTimeout
+from gossip_sgp.errors import GossipError, GossipTimeout, RejoinRefused
 from gossip_sgp.message import Message, MessageKind, fingerprint
 from gossip_sgp.node import GossipNode
 from gossip_sgp.protocol import PushSumProtocol
@@ -196,6 +196,9 @@ class SGP:
         self._join_requests: list[int] = []  # restarted peers asking for half of our mass
         self._joined = threading.Event()  # rejoin(): a donor's half has arrived
         self._join_round = -1
+        self._refused_by: set[int] = set()  # rejoin(): neighbours that said "too late"
+        self._finishing = False  # in consensus(): JOIN requests are refused (guarded as above)
+        self._excluded: frozenset[int] = frozenset()  # in consensus(): left out throughout
         self.rejoined = False
         """Whether this worker joined a running job with :meth:`rejoin`."""
         node.set_neighbours(
@@ -224,8 +227,16 @@ class SGP:
             self.protocol.mailbox.mark_arrived(message.sender, message.round)
             return True
         if message.kind == MessageKind.JOIN:  # served by the training thread, see _round
+            if message.meta.get("refused"):  # a neighbour's "too late": see rejoin()
+                with self._refund_lock:
+                    self._refused_by.add(message.sender)
+                return True
             with self._refund_lock:
-                self._join_requests.append(message.sender)
+                finishing = self._finishing
+                if not finishing:
+                    self._join_requests.append(message.sender)
+            if finishing:
+                self.node.send_join(message.sender, refused=True)
             return True
         if message.meta.get("join") and not self._joined.is_set():
             fresh = self.protocol.receive(message)  # a donor's half: see rejoin()
@@ -344,7 +355,9 @@ class SGP:
         asks its neighbours, one after another, for half of theirs: the first to answer
         gives half its numerator and weight (so this worker starts from its model, and no
         mass is created) and its round counter, where this worker carries on. Messages the
-        peers had queued for this rank's previous life are folded in too. Raises
+        peers had queued for this rank's previous life are folded in too. A neighbour that
+        is already in ``consensus()`` (the job is finishing) refuses; when every neighbour
+        has refused, ``RejoinRefused`` says it is too late to rejoin. Raises
         ``GossipTimeout`` when no neighbour answers within ``timeout`` seconds (default:
         the ``timeout`` of this ``SGP``). Only the asynchronous mode (``staleness=None``)
         can take a worker back: in the others the peers' rounds are paired up.
@@ -367,11 +380,19 @@ class SGP:
         asked = 0
         while not self._joined.is_set():
             left = deadline - time.monotonic()
+            with self._refund_lock:
+                refused = set(self._refused_by)
+            if refused >= set(donors):
+                raise RejoinRefused(
+                    f"rank {rank}: too late to rejoin: every neighbour (ranks {donors}) is "
+                    "already in consensus(), the job is finishing"
+                )
             if left <= 0:
                 raise GossipTimeout(
                     f"rank {rank}: no neighbour (ranks {donors}) answered a request to rejoin"
                 )
-            self.node.send_join(donors[asked % len(donors)])
+            asking = [d for d in donors if d not in refused]
+            self.node.send_join(asking[asked % len(asking)])
             asked += 1
             self._joined.wait(min(_JOIN_SLICE, left))
         self.round = self._join_round + 1
@@ -412,7 +433,7 @@ class SGP:
         if self.node.closed:  # before splitting: a share for a stopped node would be lost
             raise GossipError(f"the gossip node of rank {self.node.rank} has stopped")
         out_peers = self.topology.out_peers(self.node.rank, k)
-        down = self.node.down_peers()
+        down = self._down()
         if any(peer in down for peer in out_peers):
             # A suspected peer: keep this round's mass (a share sent to a dead worker would
             # be lost) and tell the out-peers, in case one is alive after all and waiting.
@@ -435,12 +456,17 @@ class SGP:
             coalesced = self.protocol.mailbox.coalesce
             self._metrics.folded_in(receipts, self.round, self._flats, coalesced=coalesced)
 
+    def _down(self) -> frozenset[int]:
+        """Peers to send nothing to and wait for nobody from: those suspected down now,
+        and in ``consensus()`` also those suspected when it began."""
+        return frozenset(self.node.down_peers()) | self._excluded
+
     def _wait(self, round: int) -> None:
         expected = self.protocol.expected(round)
         mailbox = self.protocol.mailbox
         deadline = time.monotonic() + self.timeout
         while True:  # in slices, to stop waiting for a sender suspected down meanwhile
-            down = self.node.down_peers()
+            down = self._down()
             live = [(s, r) for s, r in expected if s not in down]
             left = deadline - time.monotonic()
             arrived = mailbox.wait(live, max(0.0, min(_WAIT_SLICE, left)))
@@ -480,10 +506,22 @@ class SGP:
             return 0.0
         mailbox = self.protocol.mailbox
         mailbox.set_coalesce(False)  # gossip-only rounds fold round by round, in every mode
+        # The job is finishing: a restarted worker asking for mass now is refused (it could
+        # not take part in the rounds its neighbours have planned), and a peer suspected
+        # down now stays left out until the end, even if it speaks again meanwhile.
+        with self._refund_lock:
+            self._finishing = True
+            late, self._join_requests = list(dict.fromkeys(self._join_requests)), []
+        for peer in late:
+            self.node.send_join(peer, refused=True)
+        self._excluded = frozenset(self.node.down_peers())
         try:
             disagreement = self._consensus(max_rounds, tol)
         finally:
             mailbox.set_coalesce(self.staleness is None)
+            self._excluded = frozenset()
+            with self._refund_lock:
+                self._finishing = False
         # The consensus rounds waited for every message they sent, and links deliver in
         # order, so (short of lost messages or a cut-short consensus) no credit is in flight
         # now: everyone starts again with an even share. Without this, the credit could sit
@@ -500,7 +538,7 @@ class SGP:
         while done < max_rounds:
             # A block lets every live worker hear from every other; paths through workers
             # suspected down are cut (their rounds keep the mass local), so blocks get longer.
-            down = frozenset(self.node.down_peers())
+            down = self._down()
             block = min(_broadcast_rounds(self.topology, self.round, down), max_rounds - done)
             known = local
             for _ in range(block):

@@ -3,7 +3,9 @@
 ``gossip-sgp launch --keep-going`` runs four digits workers; the test kills rank 3 (no
 goodbye, its sockets vanish) once training is under way. The others must detect it, train
 on, agree, and account for the push-sum weight it took with it: the survivors' weights add
-up to at most 4, and to exactly 4 minus the weight the summary reports as lost.
+up to at most 4, and to exactly 4 minus the weight the summary reports as lost. In the
+second test rank 3 is started again at once with ``--rejoin`` (asynchronous mode) and
+finishes with the others.
 """
 
 from __future__ import annotations
@@ -11,11 +13,13 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.procs import Jobs, children, drain, read_until
+from tests.procs import Jobs, alive, children, drain, read_until
 
 pytestmark = pytest.mark.slow
 
@@ -69,6 +73,82 @@ def test_survivors_of_a_kill_9_finish_and_account_for_its_mass(
         assert 3 in worker["mass"]["suspected"], worker  # every survivor is a neighbour of 3
     # No mass created: the survivors hold at most the 4 units the job started with, and
     # exactly what the ledgers say rank 3 did not take with it.
+    weight, lost = summary["weight_sum"], summary["lost_weight"]
+    assert 0 < lost < 4
+    assert weight <= 4 + 1e-9
+    assert weight == pytest.approx(4 - lost, abs=1e-6), (weight, lost)
+
+
+WARM_START = """
+import json, os, pathlib, sys, time
+import torch
+import gossip_sgp.examples.train_digits as digits  # torch, scikit-learn, gossip_sgp
+torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)  # imports torch._dynamo
+print("warm", flush=True)
+go = pathlib.Path(sys.argv[1])
+while not go.exists():
+    time.sleep(0.01)
+os.environ.update(json.loads(go.read_text()))
+sys.exit(digits.main(sys.argv[2:]))
+"""
+"""A worker process that has done the slow part of starting (imports, including the ones
+torch makes when the first optimizer is created) and then waits for
+``go``, a file with the environment of the worker it replaces: so the restart takes well
+under a second whatever the machine's load, and the others are still training when it
+asks to rejoin (a cold start under load took longer than their whole run)."""
+
+
+@pytest.mark.timeout(300)
+def test_a_killed_worker_restarted_with_rejoin_catches_up_and_finishes(
+    jobs: Jobs, tmp_path: Path
+) -> None:
+    summary_file, go = tmp_path / "summary.json", tmp_path / "go.json"
+    args = ["--staleness", "none", "--epochs", "100"]
+    spare = jobs.start("-c", WARM_START, str(go), *args, "--rejoin", prefix=(sys.executable,))
+    read_until(spare, "warm", within=120, what="the spare worker did not start")
+    spare_output = drain(spare)
+    proc = jobs.start(
+        "launch",
+        "--nproc",
+        "4",
+        "--keep-going",
+        *TRAIN_VERBOSE,
+        *args,
+        "--summary-file",
+        str(summary_file),
+    )
+    read_until(proc, "[rank 0] epoch   8/", within=120, what="training did not start")
+    victim = worker_of_rank(proc.pid, 3)
+    environ = dict(
+        item.split("=", 1)
+        for item in Path(f"/proc/{victim}/environ").read_text().split("\0")
+        if "=" in item
+    )
+    jobs.workers.add(victim)
+    output = drain(proc)
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while alive(victim):  # gone, its port free again
+        assert time.monotonic() < deadline, "rank 3 outlived SIGKILL"
+        time.sleep(0.01)
+    # The same rank again, with the same peer list and store, in a process of its own.
+    partial = go.with_suffix(".part")
+    partial.write_text(json.dumps(environ))
+    partial.rename(go)
+    code = proc.wait(240)
+    log = output(10)
+    assert spare.wait(60) == 0, spare_output(10)[-4000:]
+    assert code == 128 + signal.SIGKILL, log[-4000:]
+    summary = json.loads(summary_file.read_text())
+    assert summary["dead_ranks"] == [], log[-4000:]
+    assert len(summary["accuracies"]) == 4
+    assert min(summary["accuracies"]) >= 0.95, summary["accuracies"]
+    assert summary["consensus_error"] <= 1e-3
+    rejoined = summary["per_worker"][3]
+    assert rejoined["mass"]["rejoined"]
+    assert 0 < rejoined["steps"] < summary["per_worker"][0]["steps"]  # it caught up
+    assert "gives half of its mass to rank 3" in log
+    # The earlier life of rank 3 took some weight with it; nothing was created.
     weight, lost = summary["weight_sum"], summary["lost_weight"]
     assert 0 < lost < 4
     assert weight <= 4 + 1e-9
