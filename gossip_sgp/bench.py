@@ -36,6 +36,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from gossip_sgp.compression import parse_codec
+
 __all__ = ["ALGORITHMS", "Network", "add_parser", "parse_network", "run_bench"]
 
 ALGORITHMS: dict[str, list[str]] = {
@@ -64,6 +66,7 @@ _CSV_FIELDS = (
     "workers",
     "straggler",
     "model",
+    "compression",
     "parameters",
     "epochs",
     "status",
@@ -128,6 +131,8 @@ class Plan:
     """Options for the training script shared by every run (model, epochs, ...)."""
     run_timeout: float
     out: Path
+    compression: str = "none"
+    """Message codec of the SGP runs (``sgp-*``); the other algorithms send uncompressed."""
 
 
 def _comma_list(text: str) -> list[str]:
@@ -209,7 +214,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="comma list of slow-down factors of rank 1, 'none' for no straggler (default none,3)",
     )
     p.add_argument("--repeats", type=int, default=1, help="runs of each combination (default 1)")
-    p.add_argument("--epochs", type=int, help="epochs per run (default 10; --quick 1)")
+    p.add_argument("--epochs", type=int, help="epochs per run (default 20; --quick 1)")
     p.add_argument(
         "--width",
         type=int,
@@ -223,6 +228,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="seconds before a run is stopped and recorded as timed out (default 1200; "
         "--quick 180)",
     )
+    p.add_argument(
+        "--compression",
+        default="none",
+        help="message codec of the SGP runs (sgp-sync, sgp-overlap, sgp-async): none, fp16, "
+        "bf16, int8[:BLOCK], topk:FRACTION (default none)",
+    )
     p.add_argument("--out", type=Path, required=True, help="directory for CSV, JSON and plots")
     p.add_argument(
         "--quick",
@@ -235,7 +246,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 def plan_from_args(args: argparse.Namespace) -> Plan:
     """The run plan of parsed ``bench`` arguments (defaults depend on ``--quick``)."""
     quick = bool(args.quick)
-    epochs = args.epochs if args.epochs is not None else (1 if quick else 10)
+    epochs = args.epochs if args.epochs is not None else (1 if quick else 20)
     width = args.width if args.width is not None else (64 if quick else 2304)
     timeout = args.run_timeout if args.run_timeout is not None else (180.0 if quick else 1200.0)
     for name, value in (
@@ -250,6 +261,10 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         raise SystemExit(f"gossip-sgp bench: --eval-every must be >= 0, got {args.eval_every}")
     if not timeout > 0:
         raise SystemExit(f"gossip-sgp bench: --run-timeout must be > 0, got {timeout}")
+    try:
+        parse_codec(args.compression)
+    except ValueError as exc:
+        raise SystemExit(f"gossip-sgp bench: --compression: {exc}") from None
     networks = args.networks or (
         (Network("loopback"),) if quick else tuple(parse_network(n) for n in NETWORKS)
     )
@@ -273,6 +288,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         ),
         run_timeout=timeout,
         out=args.out,
+        compression=args.compression,
     )
 
 
@@ -470,6 +486,8 @@ def _run_one(
     ]
     if straggler > 1.0:
         argv += ["--straggler", f"1:{straggler:g}"]
+    if algorithm.startswith("sgp-") and plan.compression != "none":
+        argv += ["--compression", plan.compression]
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("GOSSIP_SGP_")}
     base_env.update(
         {
@@ -560,6 +578,7 @@ def _fill_row(row: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
     row.update(
         {
             "model": summary.get("model"),
+            "compression": summary.get("compression") or "none",
             "parameters": summary.get("parameters"),
             "epochs": summary.get("epochs"),
             "iteration_s_median": it.get("median", math.nan),
@@ -590,6 +609,7 @@ def write_results(plan: Plan, rows: list[dict[str, Any]]) -> None:
             "stragglers": list(plan.stragglers),
             "repeats": plan.repeats,
             "train_args": list(plan.train_args),
+            "compression": plan.compression,
             "run_timeout": plan.run_timeout,
         },
         "runs": rows,

@@ -54,6 +54,8 @@ def test_bench_rejects_bad_numbers(tmp_path: Path) -> None:
         cli.main(["bench", "--out", str(tmp_path), "--repeats", "0"])
     with pytest.raises(SystemExit, match="--run-timeout must be > 0"):
         cli.main(["bench", "--out", str(tmp_path), "--run-timeout", "0"])
+    with pytest.raises(SystemExit, match="--compression: unknown codec 'zip'"):
+        cli.main(["bench", "--out", str(tmp_path), "--compression", "zip"])
 
 
 def _read(out: Path) -> tuple[list[dict[str, str]], dict[str, object]]:
@@ -73,6 +75,8 @@ def test_quick_bench_on_loopback_writes_csv_and_json(jobs: Jobs, tmp_path: Path)
         "2",
         "--algorithms",
         ",".join(algorithms),
+        "--compression",
+        "int8",
         "--out",
         str(tmp_path),
         timeout=360,
@@ -87,6 +91,7 @@ def test_quick_bench_on_loopback_writes_csv_and_json(jobs: Jobs, tmp_path: Path)
         assert float(r["samples_per_s"]) > 0
         assert 0.0 <= float(r["accuracy"]) <= 1.0
         assert r["model"] == "mlp"
+        assert r["compression"] == ("int8" if r["algorithm"] == "sgp-async" else "none")
     sent = {r["algorithm"]: float(r["bytes_sent_per_worker"]) for r in rows}
     assert sent["local"] == 0
     assert all(v > 0 for a, v in sent.items() if a != "local")
