@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 
 import pytest
 
 from tests.procs import Jobs
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Started in the background by a non-interactive shell (`make test &`, nohup), pytest
+    # inherits SIGINT ignored, and so would every process a test starts: the Ctrl-C tests
+    # would wait in vain. A handler (unlike "ignore") is reset to the default in a child.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture
