@@ -198,7 +198,6 @@ class SGP:
         self._join_round = -1
         self._refused_by: set[int] = set()  # rejoin(): neighbours that said "too late"
         self._finishing = False  # in consensus(): JOIN requests are refused (guarded as above)
-        self._excluded: frozenset[int] = frozenset()  # in consensus(): left out throughout
         self.rejoined = False
         """Whether this worker joined a running job with :meth:`rejoin`."""
         node.set_neighbours(
@@ -457,9 +456,8 @@ class SGP:
             self._metrics.folded_in(receipts, self.round, self._flats, coalesced=coalesced)
 
     def _down(self) -> frozenset[int]:
-        """Peers to send nothing to and wait for nobody from: those suspected down now,
-        and in ``consensus()`` also those suspected when it began."""
-        return frozenset(self.node.down_peers()) | self._excluded
+        """Peers to send nothing to and wait for nobody from: those suspected down now."""
+        return frozenset(self.node.down_peers())
 
     def _wait(self, round: int) -> None:
         expected = self.protocol.expected(round)
@@ -507,19 +505,16 @@ class SGP:
         mailbox = self.protocol.mailbox
         mailbox.set_coalesce(False)  # gossip-only rounds fold round by round, in every mode
         # The job is finishing: a restarted worker asking for mass now is refused (it could
-        # not take part in the rounds its neighbours have planned), and a peer suspected
-        # down now stays left out until the end, even if it speaks again meanwhile.
+        # not take part in the rounds its neighbours have planned).
         with self._refund_lock:
             self._finishing = True
             late, self._join_requests = list(dict.fromkeys(self._join_requests)), []
         for peer in late:
             self.node.send_join(peer, refused=True)
-        self._excluded = frozenset(self.node.down_peers())
         try:
             disagreement = self._consensus(max_rounds, tol)
         finally:
             mailbox.set_coalesce(self.staleness is None)
-            self._excluded = frozenset()
             with self._refund_lock:
                 self._finishing = False
         # The consensus rounds waited for every message they sent, and links deliver in
