@@ -5,6 +5,10 @@ seed) and prints test accuracy (mean over workers), per-worker steps per second 
 time, then per algorithm the mean over seeds and its difference to AllReduce.
 
     python benchmarks/accuracy.py --workers 4 8 --seeds 0 1 2 3
+
+By default every world size trains for the same number of steps per worker: 40 epochs at 4
+workers, 80 at 8 (each worker's shard is half as large), as in tests/test_training.py.
+``--epochs E`` runs E epochs at every size instead.
 """
 
 from __future__ import annotations
@@ -39,18 +43,30 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workers", type=int, nargs="+", default=[4, 8], help="world sizes")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="seeds")
-    p.add_argument("--epochs", type=int, default=40, help="epochs per run")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        help="epochs per run at every size (default: 10 x workers, the same steps per worker)",
+    )
     args = p.parse_args(argv)
-    print(f"{'workers':>7} {'algorithm':<12} {'seed':>4} {'accuracy':>9} {'steps/s':>8} {'s':>6}")
+    if args.epochs is not None and args.epochs < 1:
+        p.error("--epochs must be at least 1")
+    if any(n < 1 for n in args.workers):
+        p.error("--workers must be at least 1")
+    print(
+        f"{'workers':>7} {'epochs':>6} {'algorithm':<12} {'seed':>4} {'accuracy':>9} "
+        f"{'steps/s':>8} {'s':>6}"
+    )
     for n in args.workers:
+        epochs = args.epochs if args.epochs is not None else 10 * n
         means: dict[str, float] = {}
         for name, extra in ALGORITHMS.items():
             accs = []
             for seed in args.seeds:
-                r = run(n, extra, seed, args.epochs)
+                r = run(n, extra, seed, epochs)
                 accs.append(r["accuracy"])
                 print(
-                    f"{n:>7} {name:<12} {seed:>4} {r['accuracy']:>9.4f} "
+                    f"{n:>7} {epochs:>6} {name:<12} {seed:>4} {r['accuracy']:>9.4f} "
                     f"{r['steps_per_second']:>8.1f} {r['seconds']:>6.1f}",
                     flush=True,
                 )

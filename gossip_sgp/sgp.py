@@ -432,7 +432,7 @@ class SGP:
         if self.node.closed:  # before splitting: a share for a stopped node would be lost
             raise GossipError(f"the gossip node of rank {self.node.rank} has stopped")
         out_peers = self.topology.out_peers(self.node.rank, k)
-        down = self._down()
+        down = self.node.down_peers()
         if any(peer in down for peer in out_peers):
             # A suspected peer: keep this round's mass (a share sent to a dead worker would
             # be lost) and tell the out-peers, in case one is alive after all and waiting.
@@ -455,16 +455,12 @@ class SGP:
             coalesced = self.protocol.mailbox.coalesce
             self._metrics.folded_in(receipts, self.round, self._flats, coalesced=coalesced)
 
-    def _down(self) -> frozenset[int]:
-        """Peers to send nothing to and wait for nobody from: those suspected down now."""
-        return frozenset(self.node.down_peers())
-
     def _wait(self, round: int) -> None:
         expected = self.protocol.expected(round)
         mailbox = self.protocol.mailbox
         deadline = time.monotonic() + self.timeout
         while True:  # in slices, to stop waiting for a sender suspected down meanwhile
-            down = self._down()
+            down = self.node.down_peers()
             live = [(s, r) for s, r in expected if s not in down]
             left = deadline - time.monotonic()
             arrived = mailbox.wait(live, max(0.0, min(_WAIT_SLICE, left)))
@@ -533,7 +529,7 @@ class SGP:
         while done < max_rounds:
             # A block lets every live worker hear from every other; paths through workers
             # suspected down are cut (their rounds keep the mass local), so blocks get longer.
-            down = self._down()
+            down = frozenset(self.node.down_peers())
             block = min(_broadcast_rounds(self.topology, self.round, down), max_rounds - done)
             known = local
             for _ in range(block):

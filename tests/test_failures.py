@@ -16,6 +16,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from subprocess import Popen
 
 import pytest
 
@@ -36,26 +37,30 @@ def worker_of_rank(launcher: int, rank: int) -> int:
     raise AssertionError(f"no worker of rank {rank} under process {launcher}")
 
 
-@pytest.mark.timeout(240)
-@pytest.mark.parametrize("staleness", ["0"])
-def test_survivors_of_a_kill_9_finish_and_account_for_its_mass(
-    jobs: Jobs, tmp_path: Path, staleness: str
-) -> None:
-    summary_file = tmp_path / "summary.json"
+def start_job(jobs: Jobs, summary_file: Path, *args: str) -> Popen[str]:
+    """``launch --keep-going`` of four digits workers with ``args``; returns once rank 0 is
+    at epoch 8 (training well under way)."""
     proc = jobs.start(
         "launch",
         "--nproc",
         "4",
         "--keep-going",
         *TRAIN_VERBOSE,
-        "--staleness",
-        staleness,
-        "--epochs",
-        "40",
+        *args,
         "--summary-file",
         str(summary_file),
     )
     read_until(proc, "[rank 0] epoch   8/", within=120, what="training did not start")
+    return proc
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("staleness", ["0"])
+def test_survivors_of_a_kill_9_finish_and_account_for_its_mass(
+    jobs: Jobs, tmp_path: Path, staleness: str
+) -> None:
+    summary_file = tmp_path / "summary.json"
+    proc = start_job(jobs, summary_file, "--staleness", staleness, "--epochs", "40")
     victim = worker_of_rank(proc.pid, 3)
     jobs.workers.add(victim)
     output = drain(proc)
@@ -107,17 +112,7 @@ def test_a_killed_worker_restarted_with_rejoin_catches_up_and_finishes(
     spare = jobs.start("-c", WARM_START, str(go), *args, "--rejoin", prefix=(sys.executable,))
     read_until(spare, "warm", within=120, what="the spare worker did not start")
     spare_output = drain(spare)
-    proc = jobs.start(
-        "launch",
-        "--nproc",
-        "4",
-        "--keep-going",
-        *TRAIN_VERBOSE,
-        *args,
-        "--summary-file",
-        str(summary_file),
-    )
-    read_until(proc, "[rank 0] epoch   8/", within=120, what="training did not start")
+    proc = start_job(jobs, summary_file, *args)
     victim = worker_of_rank(proc.pid, 3)
     environ = dict(
         item.split("=", 1)

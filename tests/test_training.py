@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import signal
+import statistics
 import time
 
 import pytest
@@ -18,14 +19,15 @@ from tests.procs import TRAIN, Jobs, alive, check_trained, children, drain, read
 pytestmark = pytest.mark.slow
 
 
-def accuracy(jobs: Jobs, nproc: int, *args: str, seeds: tuple[int, ...]) -> float:
+def accuracies(jobs: Jobs, nproc: int, *args: str, seeds: tuple[int, ...]) -> list[float]:
+    """Test accuracy (mean over the workers) of one ``launch`` per seed."""
     accs = []
     for seed in seeds:
         out = jobs.run(
             "launch", "--nproc", str(nproc), *TRAIN, "--seed", str(seed), *args, timeout=240
         )
         accs.append(float(summary(out)["accuracy"]))  # type: ignore[arg-type]
-    return sum(accs) / len(accs)
+    return accs
 
 
 @pytest.mark.timeout(300)
@@ -39,18 +41,27 @@ def test_synchronous_sgp_over_zeromq_trains_and_agrees(jobs: Jobs) -> None:
 @pytest.mark.timeout(1200)
 @pytest.mark.parametrize("nproc", [4, 8])
 def test_sgp_modes_are_within_a_point_of_allreduce(jobs: Jobs, nproc: int) -> None:
-    # Same script, seeds and epochs; the mean over three seeds, since one test set of 359
-    # digits moves by 0.28 points per image (with two, asynchronous SGP at 8 workers on 2
-    # cores measured 0.9749 against AllReduce's 0.9861 in one run and passed in others).
+    # Same script, seeds and epochs for every algorithm, and the same number of steps per
+    # worker at both sizes (40 epochs of a quarter of the data, 80 of an eighth: 480 steps).
+    # At 8 workers and 40 epochs (240 steps) on 2 cores, asynchronous SGP gossips in only
+    # ~30% of its rounds (messages take several steps to arrive) and had not caught up:
+    # 0.966-0.982 over six seeds against AllReduce's 0.9856 (docs/training.md).
+    # The mean over three seeds, since one test set of 359 digits moves by 0.28 points per
+    # image.
     seeds = (1, 2, 3)
-    baseline = accuracy(jobs, nproc, "--algorithm", "allreduce", seeds=seeds)
+    epochs = ("--epochs", str(10 * nproc))
+    baseline = accuracies(jobs, nproc, "--algorithm", "allreduce", *epochs, seeds=seeds)
     modes = {
-        "synchronous": accuracy(jobs, nproc, "--staleness", "0", seeds=seeds),
-        "overlap": accuracy(jobs, nproc, "--staleness", "1", seeds=seeds),
-        "asynchronous": accuracy(jobs, nproc, "--staleness", "none", seeds=seeds),
+        "synchronous": accuracies(jobs, nproc, "--staleness", "0", *epochs, seeds=seeds),
+        "overlap": accuracies(jobs, nproc, "--staleness", "1", *epochs, seeds=seeds),
+        "asynchronous": accuracies(jobs, nproc, "--staleness", "none", *epochs, seeds=seeds),
     }
-    for mode, acc in modes.items():
-        assert acc >= baseline - 0.01, f"{mode} SGP {acc:.4f} vs AllReduce {baseline:.4f}"
+    expected = statistics.mean(baseline)
+    for mode, accs in modes.items():
+        acc = statistics.mean(accs)
+        assert acc >= expected - 0.01, (
+            f"{mode} SGP {acc:.4f} {accs} vs AllReduce {expected:.4f} {baseline}"
+        )
 
 
 @pytest.mark.timeout(300)
