@@ -31,8 +31,8 @@ import threading
 import time
 import types
 from collections import Counter, deque
-from collections.abc import Callable, Collection, Sequence
-from typing import TYPE_CHECKING, NoReturn
+from collections.abc import Callable, Collection, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from gossip_sgp.config import GossipConfig
 from gossip_sgp.errors import GossipError, TransportClosed, TransportError, WireError
@@ -440,8 +440,11 @@ class GossipNode:
             raise
         self._tasks.add(asyncio.create_task(self._receive(transport)))
         if not self.plans_rounds:  # round-by-round transports: no heartbeats, no retries
-            self._tasks.add(asyncio.create_task(self._watch_peers()))
-            self._tasks.add(asyncio.create_task(self._retransmit()))
+            for loop, name in (
+                (self._watch_peers(), "failure detector"),
+                (self._retransmit(), "retransmitter"),
+            ):
+                self._tasks.add(asyncio.create_task(self._supervised(loop, name)))
         self._ready.set()
         try:
             await self._stopped.wait()
@@ -497,6 +500,24 @@ class GossipNode:
         except Exception:
             log.exception("the on_close callback of rank %d failed", self.rank)
 
+    async def _supervised(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        """Run one of the node's background loops; if it fails, stop the node.
+
+        Without heartbeats and failure detection a worker would wait for silent peers until
+        its ``GossipTimeout``, and without retransmissions lost mass would stay lost: a
+        node that lost either loop stops (like one that cannot receive), so that the
+        training thread gets a ``GossipError`` naming the cause instead of a hang.
+        """
+        try:
+            await work
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._failure = exc
+            log.exception("rank %d: the gossip thread's %s failed, stopping", self.rank, name)
+            assert self._stopped is not None
+            self._stopped.set()
+
     async def _receive(self, transport: Transport) -> None:
         while True:
             try:
@@ -516,7 +537,11 @@ class GossipNode:
                 assert self._stopped is not None
                 self._stopped.set()
                 return
-            self._dispatch(message)
+            try:
+                self._dispatch(message)
+            except Exception:  # a bug: lose this message (counted, logged), not the receiver
+                self.lost_weight += message.weight if message.kind == MessageKind.MASS else 0.0
+                self._drop("dispatch_error", exc_info=True)
 
     def _dispatch(self, message: Message) -> None:
         """Hand ``message`` to the subscriber (gossip thread, or subscribe()'s caller)."""
@@ -890,6 +915,21 @@ class GossipNode:
         """The peers suspected down now (thread-safe)."""
         with self._lock:
             return set(self._detector.down)
+
+    def describe_peer(self, peer: int) -> str:
+        """What this node knows of ``peer``, in one line for error messages (thread-safe)."""
+        with self._lock:
+            heard = self.last_heard.get(peer)
+            unacked = len(self._unacked.get(peer, ()))
+            suspected = peer in self._detector.down
+        q = self._queues.get(peer)
+        queued = q.qsize() if q is not None else 0
+        received = self._transport.stats.messages_received[peer] if self._transport else 0
+        when = "never heard" if heard is None else f"heard {time.monotonic() - heard:.1f} s ago"
+        return (
+            f"rank {peer}: {when}, {received} messages received from it, {queued} queued and "
+            f"{unacked} unacknowledged to it{', suspected down' if suspected else ''}"
+        )
 
     def peer_timeout(self, peer: int) -> float:
         """Seconds of silence after which ``peer`` is suspected (adapts; thread-safe)."""

@@ -477,7 +477,8 @@ class SGP:
                 f"rank {self.node.rank} waited {self.timeout:g} s for the round-{round} "
                 f"messages of ranks {missing}; is every worker running the same number of "
                 "steps with the same topology? Raise GossipConfig.timeout for slow links, "
-                "or use staleness=None (asynchronous) to never wait."
+                "or use staleness=None (asynchronous) to never wait. "
+                + "; ".join(self.node.describe_peer(peer) for peer in missing)
             )
 
     # ----------------------------------------------------------------- consensus

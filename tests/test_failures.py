@@ -132,7 +132,7 @@ def test_a_killed_worker_restarted_with_rejoin_catches_up_and_finishes(
     partial.rename(go)
     code = proc.wait(240)
     log = output(10)
-    assert spare.wait(60) == 0, spare_output(10)[-4000:]
+    assert spare.wait(60) == 0, f"{spare_output(10)[-4000:]}\n--- launch ---\n{log[-6000:]}"
     assert code == 128 + signal.SIGKILL, log[-4000:]
     summary = json.loads(summary_file.read_text())
     assert summary["dead_ranks"] == [], log[-4000:]

@@ -284,6 +284,35 @@ def test_a_failing_handler_does_not_stop_later_deliveries(
 
 
 @pytest.mark.timeout(20)
+def test_a_message_the_node_fails_on_does_not_stop_its_receiver(
+    inproc: Callable[[int], list[GossipNode]],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A bug met while booking one message (here in the failure detector) loses that
+    # message, counted and logged; the receiver goes on (before, it ended without a word,
+    # and the node never heard anyone again).
+    a, b = inproc(2)
+    delivered: queue.Queue[int] = queue.Queue()
+    b.subscribe(lambda m: delivered.put(m.seq) is None, fingerprint=FP)
+    heard = node_module.FailureDetector.heard
+    failures = [RuntimeError("bug in the detector")]
+
+    def flaky_heard(self: node_module.FailureDetector, peer: int, now: float) -> bool:
+        if failures:
+            raise failures.pop()
+        return heard(self, peer, now)
+
+    monkeypatch.setattr(node_module.FailureDetector, "heard", flaky_heard)
+    a.send([mass(0, 1, seq) for seq in range(3)])
+    assert sorted(delivered.get(timeout=5) for _ in range(2)) == [1, 2]
+    assert b.dropped == {"dispatch_error": 1}
+    assert b.lost_weight == 0.5
+    assert "bug in the detector" in caplog.text
+    assert b.running
+
+
+@pytest.mark.timeout(20)
 def test_messages_that_arrive_before_subscribe_are_delivered_then(
     inproc: Callable[[int], list[GossipNode]],
 ) -> None:
@@ -385,6 +414,33 @@ def test_a_node_that_cannot_receive_stops_and_says_why(
         assert "cannot receive" in caplog.text
     finally:
         node.close()
+
+
+@pytest.mark.timeout(20)
+def test_a_node_whose_failure_detector_fails_stops_and_says_why(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Without its failure detector a worker would wait for a silent peer until its
+    # GossipTimeout: the node stops instead, and the next send names the cause.
+    def broken_check(self: object, now: float) -> list[int]:
+        raise RuntimeError("detector exploded")
+
+    monkeypatch.setattr(node_module.FailureDetector, "check", broken_check)
+    monkeypatch.setattr(node_module, "_HEARTBEAT_S", 0.01)
+    woken = threading.Event()
+    node = GossipNode(
+        local_config(2, 0, [1, 2], transport="inproc"), transport=InProcNetwork(2).transport(0)
+    )
+    node.subscribe(lambda m: True, fingerprint=FP, on_close=woken.set)
+    node.start()
+    try:
+        assert woken.wait(5)
+        with pytest.raises(GossipError, match="rank 0 stopped: detector exploded"):
+            node.send([mass(0, 1, 0)])
+        assert "failure detector failed" in caplog.text
+    finally:
+        node.close()
+    assert not gossip_threads()
 
 
 @pytest.mark.timeout(20)

@@ -8,6 +8,7 @@ tests/test_training.py.
 from __future__ import annotations
 
 import math
+import re
 import threading
 import time
 from typing import Any
@@ -246,8 +247,14 @@ def test_missing_peer_times_out_with_a_clear_error() -> None:
         x = torch.nn.Parameter(torch.zeros(2))
         sgp = SGP([x], torch.optim.SGD([x], lr=0.1), node, timeout=0.5)
         if rank == 0:
-            with pytest.raises(GossipTimeout, match="round-0 messages of ranks \\[1\\]"):
+            with pytest.raises(GossipTimeout, match="round-0 messages of ranks \\[1\\]") as err:
                 sgp.step()
+            # and what rank 0 knows of rank 1 (at most heartbeats: rank 1 never steps)
+            assert re.search(
+                r"rank 1: (never heard|heard [0-9.]+ s ago), [0-9]+ messages received from it, "
+                r"[0-9]+ queued and [0-9]+ unacknowledged to it",
+                str(err.value),
+            ), err.value
 
     run_workers(2, fn)
 
