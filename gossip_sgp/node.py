@@ -237,6 +237,8 @@ class GossipNode:
         what a dead worker held)."""
         self.peers_lost: Counter[int] = Counter()
         """How often each peer was suspected down (a peer heard again is re-admitted)."""
+        self.peers_restarted: Counter[int] = Counter()
+        """Per peer, how often it was heard with a new incarnation (a restarted worker)."""
         self.rtt: dict[int, deque[float]] = {}
         """Recent send-to-fold-in round-trip times per peer, in seconds."""
         self.send_errors: Counter[int] = Counter()
@@ -769,6 +771,7 @@ class GossipNode:
         self._incarnations[peer] = incarnation
         if not known:
             return None
+        self.peers_restarted[peer] += 1
         lost = self._unacked.pop(peer, {})
         self._write_off(peer, lost)
         return lost
@@ -930,6 +933,11 @@ class GossipNode:
             f"rank {peer}: {when}, {received} messages received from it, {queued} queued and "
             f"{unacked} unacknowledged to it{', suspected down' if suspected else ''}"
         )
+
+    def restarted_peers(self) -> set[int]:
+        """The peers heard with a new incarnation since this node started (thread-safe)."""
+        with self._lock:
+            return {peer for peer, count in self.peers_restarted.items() if count}
 
     def peer_timeout(self, peer: int) -> float:
         """Seconds of silence after which ``peer`` is suspected (adapts; thread-safe)."""

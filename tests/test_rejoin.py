@@ -145,3 +145,22 @@ def test_rejoin_raises_rejoin_refused_when_every_neighbour_refuses() -> None:
         assert time.monotonic() - started < 10  # the refusal ends it, not the timeout
         assert sgp.weight == 0.0  # it holds no mass: nothing was created
         assert not sgp.rejoined
+
+
+def test_a_neighbour_that_restarts_during_the_start_up_barrier_is_not_waited_for() -> None:
+    # The kill -9 + rejoin test once hung here: rank 3 was killed before it sent its round-1
+    # message, came back at a live worker's round, and rank 1 waited 120 s at round 1 of the
+    # start-up barrier for a message that no life of rank 3 would ever send.
+    with two_nodes() as (node0, node1):
+        x = torch.nn.Parameter(torch.zeros(4, dtype=torch.float64))
+        sgp = SGP([x], torch.optim.SGD([x], lr=0.1), node0, staleness=None, timeout=8.0)
+        deadline = time.monotonic() + 5
+        while 1 not in node0.last_heard:  # rank 1's first life has been heard (a heartbeat)
+            assert time.monotonic() < deadline, "rank 0 never heard rank 1"
+            time.sleep(0.01)
+        node1.incarnation += 1  # rank 1 "restarted" without ever stepping
+        started = time.monotonic()
+        sgp.step()  # round 0 is in the start-up barrier; rank 1's message will never come
+        assert time.monotonic() - started < 5
+        assert node0.restarted_peers() == {1}
+        assert sgp.round == 1
