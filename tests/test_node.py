@@ -402,16 +402,21 @@ class _BrokenTransport(InProcTransport):
 def test_a_node_that_cannot_receive_stops_and_says_why(
     nodes: Nodes, caplog: pytest.LogCaptureFixture
 ) -> None:
+    assert_stops_and_says_why(_BrokenTransport(InProcNetwork(2), 0), "socket exploded")
+    assert "cannot receive" in caplog.text
+
+
+def assert_stops_and_says_why(transport: InProcTransport, cause: str) -> None:
+    """Rank 0 of two, on ``transport``, stops by itself (its subscriber is woken) and its
+    next send raises ``GossipError`` naming ``cause``."""
     woken = threading.Event()
-    config = local_config(2, 0, [1, 2], transport="inproc")
-    node = GossipNode(config, transport=_BrokenTransport(InProcNetwork(2), 0))
+    node = GossipNode(local_config(2, 0, [1, 2], transport="inproc"), transport=transport)
     node.subscribe(lambda m: True, fingerprint=FP, on_close=woken.set)
     node.start()
     try:
         assert woken.wait(5)
-        with pytest.raises(GossipError, match="rank 0 stopped: socket exploded"):
+        with pytest.raises(GossipError, match=f"rank 0 stopped: {cause}"):
             node.send([mass(0, 1, 0)])
-        assert "cannot receive" in caplog.text
     finally:
         node.close()
 
@@ -427,19 +432,8 @@ def test_a_node_whose_failure_detector_fails_stops_and_says_why(
 
     monkeypatch.setattr(node_module.FailureDetector, "check", broken_check)
     monkeypatch.setattr(node_module, "_HEARTBEAT_S", 0.01)
-    woken = threading.Event()
-    node = GossipNode(
-        local_config(2, 0, [1, 2], transport="inproc"), transport=InProcNetwork(2).transport(0)
-    )
-    node.subscribe(lambda m: True, fingerprint=FP, on_close=woken.set)
-    node.start()
-    try:
-        assert woken.wait(5)
-        with pytest.raises(GossipError, match="rank 0 stopped: detector exploded"):
-            node.send([mass(0, 1, 0)])
-        assert "failure detector failed" in caplog.text
-    finally:
-        node.close()
+    assert_stops_and_says_why(InProcNetwork(2).transport(0), "detector exploded")
+    assert "failure detector failed" in caplog.text
     assert not gossip_threads()
 
 
