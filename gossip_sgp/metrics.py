@@ -319,7 +319,9 @@ class _Collector(Collector):
                 family.add_metric([rank, str(peer)], value)
             yield family
         errors = _counter(
-            "gossip_sgp_send_errors", "Failed sends (their mass is lost), per peer", ["peer"]
+            "gossip_sgp_send_errors",
+            "Failed sends, per peer (a full queue: sent again; else lost)",
+            ["peer"],
         )
         for peer, value in sorted(dict(node.send_errors).items()):
             errors.add_metric([rank, str(peer)], value)

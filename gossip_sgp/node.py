@@ -35,7 +35,13 @@ from collections.abc import Callable, Collection, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from gossip_sgp.config import GossipConfig
-from gossip_sgp.errors import GossipError, TransportClosed, TransportError, WireError
+from gossip_sgp.errors import (
+    GossipError,
+    SendTimeout,
+    TransportClosed,
+    TransportError,
+    WireError,
+)
 from gossip_sgp.liveness import FailureDetector
 from gossip_sgp.mailbox import Receipt
 from gossip_sgp.message import Message, MessageKind
@@ -53,7 +59,7 @@ log = logging.getLogger(__name__)
 Handler = Callable[[Message], object]
 
 _MAX_UNACKED = 1024
-"""Unacknowledged messages remembered per peer; older ones are forgotten (peer is gone)."""
+"""Unacknowledged messages kept per peer; older ones are written off as lost."""
 
 _HEARTBEAT_S = 0.5
 """A neighbour that has been sent nothing for this long gets a heartbeat."""
@@ -242,7 +248,8 @@ class GossipNode:
         self.rtt: dict[int, deque[float]] = {}
         """Recent send-to-fold-in round-trip times per peer, in seconds."""
         self.send_errors: Counter[int] = Counter()
-        """Failed sends per peer (the mass of a failed send is lost with it)."""
+        """Failed sends per peer. The mass of a message whose send timed out on a full
+        queue is sent again (ZeroMQ); after any other failure it is lost."""
         self.rejected: Counter[str] = Counter()
         """Messages the node rejected after the transport accepted them, per reason."""
         self.dropped: Counter[str] = Counter()
@@ -250,9 +257,10 @@ class GossipNode:
         subscriber raised), ``early_overflow`` (more than ``_MAX_EARLY`` arrived before
         anyone subscribed), ``closed`` (still unsent when the node closed)."""
         self.lost_weight = 0.0
-        """Push-sum weight of the messages in ``dropped`` and ``send_errors``, and of those a
-        peer had not acknowledged when it was suspected down (if it was alive after all and
-        folds them later, this overcounts)."""
+        """Push-sum weight of the messages in ``dropped`` and of failed sends not sent again,
+        and of those a peer had not acknowledged when it was suspected down or that were
+        sent to it while suspected (an acknowledgement that comes after all takes a
+        message's weight back out)."""
         self.last_heard: dict[int, float] = {}
         """Monotonic time of the last message (acknowledgements included) per sender."""
         self.payload_bytes_sent = 0
@@ -477,7 +485,7 @@ class GossipNode:
                 message = q.get_nowait()
                 if message.kind == MessageKind.MASS:
                     self._count(self.dropped, "closed")
-                    self.lost_weight += message.weight
+                    self._lose(message)
         if self.dropped["closed"]:
             log.warning(
                 "rank %d closed with %d messages unsent; their mass is lost",
@@ -803,6 +811,14 @@ class GossipNode:
             meta={"skip": 1} if skip else {},
         )
 
+    def _lose(self, message: Message) -> None:
+        """Count a push-sum message that will not reach its peer as lost, once: not a copy
+        of one that was acknowledged, nor one written off already (gossip thread)."""
+        with self._lock:
+            sent = self._unacked.get(message.receiver, {}).pop(message.seq, None)
+        if sent is not None:
+            self.lost_weight += message.weight
+
     async def _sender(self, peer: int, q: asyncio.Queue[Message]) -> None:
         transport = self.transport
         while True:
@@ -812,16 +828,21 @@ class GossipNode:
             except asyncio.CancelledError:
                 if message.kind == MessageKind.MASS:
                     self._count(self.dropped, "closed")
-                    self.lost_weight += message.weight
+                    self._lose(message)
                 raise
             except Exception as exc:
                 self.send_errors[peer] += 1
-                self.lost_weight += message.weight
+                # A full queue (SendTimeout) may drain: the retransmitter sends the message
+                # again, or it is written off with the peer. Any other error would repeat.
+                again = isinstance(exc, SendTimeout) and not self.plans_rounds
+                if message.kind == MessageKind.MASS and not again:
+                    self._lose(message)
                 log.warning(
-                    "rank %d failed to send to rank %d: %s",
+                    "rank %d failed to send to rank %d: %s%s",
                     self.rank,
                     peer,
                     exc,
+                    " (it is sent again)" if again and message.kind == MessageKind.MASS else "",
                     exc_info=not isinstance(exc, GossipError),  # a bug: show where
                 )
             else:
@@ -869,21 +890,42 @@ class GossipNode:
         """Queue ``messages`` for sending (thread-safe, returns at once).
 
         Raises ``GossipError`` when the node is not running (never started, closed, or
-        stopped because it could not receive); the messages are then not sent.
+        stopped because it could not receive); the messages are then not sent. Mass sent
+        to a peer suspected down goes out but counts as lost at once (``lost_weight``,
+        :meth:`on_write_off`) until the peer acknowledges it.
         """
         now = time.monotonic()
+        late: dict[int, dict[int, _Sent]] = {}  # to peers suspected down
+        old: dict[int, dict[int, _Sent]] = {}  # beyond _MAX_UNACKED: the oldest
         with self._lock:
             loop = self._running_loop()
             for m in messages:
                 if m.kind != MessageKind.MASS:
                     continue
+                if m.receiver in self._detector.down:
+                    # Suspected since the caller looked (SGP keeps a round's mass when an
+                    # out-peer is down): the write-off of the peer's unacknowledged
+                    # messages is over, so this one is written off now. It still goes out;
+                    # an acknowledgement takes it back.
+                    late.setdefault(m.receiver, {})[m.seq] = (now, m)
+                    continue
                 unacked = self._unacked.setdefault(m.receiver, {})
                 unacked[m.seq] = (now, m)
-                if len(unacked) > _MAX_UNACKED:  # a dead peer: forget the oldest
-                    del unacked[next(iter(unacked))]
+                if len(unacked) > _MAX_UNACKED:  # a peer that takes and acknowledges nothing
+                    oldest = next(iter(unacked))
+                    old.setdefault(m.receiver, {})[oldest] = unacked.pop(oldest)
+            for written in (late, old):
+                for peer, lost in written.items():
+                    self._write_off(peer, lost)
             # Under the lock: close() cannot slip in between, so these messages are queued
             # before the loop sees the stop request and drains.
             loop.call_soon_threadsafe(self._enqueue, list(messages))
+            for written, why in (
+                (late, "is suspected down (a message sent to it since)"),
+                (old, f"has not acknowledged {_MAX_UNACKED} messages"),
+            ):
+                for peer, lost in written.items():
+                    loop.call_soon_threadsafe(self._report_write_off, peer, lost, why)
 
     def _running_loop(self) -> asyncio.AbstractEventLoop:
         """The loop, while it accepts work; else raise (call with ``_lock`` held)."""

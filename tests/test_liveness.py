@@ -3,10 +3,12 @@ dead worker (threads with their own nodes over the in-process transport)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import queue
 import statistics
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -115,13 +117,12 @@ def test_workers_detect_a_dead_peer_and_finish_without_it(staleness: int | None)
     assert any(r["kept"] > 0 for r in survivors)  # rounds routed to rank 3 kept their mass
 
 
-@pytest.mark.timeout(30)
-@pytest.mark.usefixtures("fast_liveness")
-def test_a_mistaken_suspicion_heals() -> None:
-    """Rank 1's gossip thread freezes (as on an overloaded machine) while a message from
-    rank 0 waits for its fold: rank 0 suspects rank 1 and writes the message off; rank 1,
-    waking up, does not suspect rank 0 (whose heartbeats waited for it); once rank 1 folds
-    the message and acknowledges it, rank 0 takes the write-off back."""
+@contextlib.contextmanager
+def two_nodes() -> Iterator[
+    tuple[GossipNode, GossipNode, queue.Queue[Message], list[tuple[int, int]]]
+]:
+    """Ranks 0 and 1 on an in-process network, once each has heard the other; with what
+    rank 1 is delivered, and rank 0's write-offs ``(peer, count)``."""
     net = InProcNetwork(2)
     ports = range(40000, 40002)
     configs = [GossipConfig.local(2, r, ports=ports, transport="inproc") for r in range(2)]
@@ -137,6 +138,18 @@ def test_a_mistaken_suspicion_heals() -> None:
         deadline = time.monotonic() + 10
         while len(n0.last_heard) + len(n1.last_heard) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)  # heartbeats both ways: each has heard the other
+        yield n0, n1, received, write_offs
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.usefixtures("fast_liveness")
+def test_a_mistaken_suspicion_heals() -> None:
+    """Rank 1's gossip thread freezes (as on an overloaded machine) while a message from
+    rank 0 waits for its fold: rank 0 suspects rank 1 and writes the message off; rank 1,
+    waking up, does not suspect rank 0 (whose heartbeats waited for it); once rank 1 folds
+    the message and acknowledges it, rank 0 takes the write-off back."""
+    with two_nodes() as (n0, n1, received, write_offs):
+        deadline = time.monotonic() + 10
         share = Message(
             sender=0, receiver=1, round=0, seq=0, weight=0.5,
             tensors=(torch.ones(3),), fingerprint=1,
@@ -159,3 +172,39 @@ def test_a_mistaken_suspicion_heals() -> None:
         assert n0.lost_weight == 0.0
         assert n0.acked_weight == {1: 0.5}
         assert write_offs == [(1, 1), (1, -1)]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.usefixtures("fast_liveness")
+def test_mass_sent_to_a_peer_already_suspected_counts_as_lost_at_once() -> None:
+    """SGP looks whether an out-peer is suspected before it sends; if the suspicion comes
+    between the look and the send, the write-off of that peer's messages is over already.
+    The message sent then must count as lost too (else a kill -9's ledger comes out short
+    by that share: seen as 0.09 of weight neither held nor counted), and an
+    acknowledgement still takes it back."""
+    with two_nodes() as (n0, n1, received, write_offs):
+        deadline = time.monotonic() + 10
+        assert n1._loop is not None
+        n1._loop.call_soon_threadsafe(time.sleep, 2.5)  # rank 1's gossip thread stalls
+        while not n0.is_down(1) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert n0.is_down(1)
+        assert n0.lost_weight == 0.0  # nothing was unacknowledged when it was suspected
+        assert write_offs == [(1, 0)]
+        share = Message(
+            sender=0, receiver=1, round=0, seq=0, weight=0.5,
+            tensors=(torch.ones(3),), fingerprint=1,
+        )  # fmt: skip
+        n0.send([share])
+        while len(write_offs) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert write_offs == [(1, 0), (1, 1)]
+        assert n0.lost_weight == 0.5
+        assert n0.wait_acknowledged(0.0)  # written off: nothing left to wait for
+        message = received.get(timeout=5)  # it went out all the same; rank 1 folds it
+        n1.acknowledge([(message.sender, message.seq, message.round)])
+        while n0.lost_weight and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert n0.lost_weight == 0.0
+        assert n0.acked_weight == {1: 0.5}
+        assert write_offs == [(1, 0), (1, 1), (1, -1)]

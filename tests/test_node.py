@@ -28,8 +28,9 @@ import torch
 import gossip_sgp.node as node_module
 from gossip_sgp import GossipConfig, GossipError, GossipNode, Message, PeerSpec, TransportError
 from gossip_sgp.config import ENV_PEERS, ENV_RANK
-from gossip_sgp.errors import ConfigError
+from gossip_sgp.errors import ConfigError, SendTimeout
 from gossip_sgp.launch import find_free_ports
+from gossip_sgp.message import MessageKind
 from transports import InProcNetwork, InProcTransport
 
 FP = 0x5EED
@@ -246,6 +247,64 @@ def test_no_copies_pile_up_behind_a_peer_that_takes_nothing(nodes: Nodes, silent
 
 
 # ------------------------------------------------------------------- in-process transport
+class _FailingSends(InProcTransport):
+    """Its first ``failures`` push-sum sends raise ``error`` (then it sends normally)."""
+
+    def __init__(self, net: InProcNetwork, rank: int, error: Exception, failures: int) -> None:
+        super().__init__(net, rank)
+        self.error, self.failures = error, failures
+
+    async def send(self, peer: int, message: Message) -> None:
+        if message.kind == MessageKind.MASS and self.failures:
+            self.failures -= 1
+            raise self.error
+        await super().send(peer, message)
+
+
+def two_nodes_sending_through(
+    transport: _FailingSends, nodes: Nodes
+) -> tuple[GossipNode, GossipNode, queue.Queue[Message]]:
+    """Rank 0 on ``transport``, rank 1 beside it, and the queue of what rank 1 is given."""
+    ports = [40000, 40001]
+    a = nodes(local_config(2, 0, ports, transport="inproc"), transport)
+    b = nodes(local_config(2, 1, ports, transport="inproc"), transport.network.transport(1))
+    delivered: queue.Queue[Message] = queue.Queue()
+    b.subscribe(lambda m: delivered.put(m) is None, fingerprint=FP)
+    return a, b, delivered
+
+
+@pytest.mark.timeout(20)
+def test_a_send_that_found_the_queue_full_is_sent_again_and_not_lost(nodes: Nodes) -> None:
+    # A full queue may drain (a slow peer): the message stays owed and the retransmitter
+    # sends it again. Its weight used to count as lost as well, so that the ledger of a
+    # kill -9 came out with more lost than was.
+    transport = _FailingSends(InProcNetwork(2), 0, SendTimeout("queue stayed full"), 1)
+    a, b, delivered = two_nodes_sending_through(transport, nodes)
+    a.send([mass(0, 1, 0)])
+    message = delivered.get(timeout=10)  # the copy sent again (after 1 s)
+    b.acknowledge([(message.sender, message.seq, message.round)])
+    assert wait_until(lambda: a.acked_weight == {1: 0.5})
+    assert a.send_errors == {1: 1}
+    assert a.lost_weight == 0.0
+    assert a.retransmitted >= 1
+
+
+@pytest.mark.timeout(20)
+def test_a_send_that_failed_for_good_is_lost_once(nodes: Nodes) -> None:
+    # Any other failure would repeat: the message is not sent again, and its weight is lost
+    # once (it used to stay owed too, so each copy sent again added it to the loss again).
+    transport = _FailingSends(InProcNetwork(2), 0, TransportError("cannot encode"), 5)
+    a, _, delivered = two_nodes_sending_through(transport, nodes)
+    a.send([mass(0, 1, 0)])
+    assert wait_until(lambda: a.lost_weight == 0.5)
+    assert a.wait_acknowledged(0.0)  # nothing owed: the retransmitter has nothing to send
+    time.sleep(2.5)  # a copy would go after 1-2 s
+    assert a.send_errors == {1: 1}
+    assert a.lost_weight == 0.5
+    assert a.retransmitted == 0
+    assert delivered.empty()
+
+
 @pytest.mark.timeout(20)
 def test_send_flush_and_acknowledge_after_close(inproc: Callable[[int], list[GossipNode]]) -> None:
     a, _ = inproc(2)
