@@ -961,6 +961,14 @@ class GossipNode:
         with self._lock:
             return set(self._detector.down)
 
+    def unacknowledged(self, *, before_round: int) -> int:
+        """How many push-sum messages of rounds before ``before_round`` were sent and are
+        neither acknowledged nor written off yet (thread-safe)."""
+        with self._lock:
+            return sum(
+                m.round < before_round for sent in self._unacked.values() for _, m in sent.values()
+            )
+
     def describe_peer(self, peer: int) -> str:
         """What this node knows of ``peer``, in one line for error messages (thread-safe)."""
         with self._lock:

@@ -70,6 +70,9 @@ _JOIN_SLICE = 2.0
 """Seconds ``rejoin`` waits for one neighbour's answer before it asks the next one (a
 neighbour answers at its next step)."""
 
+_DRAIN_POLL = 0.005
+"""Seconds between two looks at the acknowledgements still owed (see ``_drain``)."""
+
 _ACK_SETTLE = 1.0
 """Seconds ``mass_report`` waits for the acknowledgements of the last messages sent."""
 
@@ -472,6 +475,10 @@ class SGP:
             arrived = mailbox.wait(live, max(0.0, min(_WAIT_SLICE, left)))
             if arrived or mailbox.closed or left <= 0:
                 break
+            # Fold (and acknowledge) late shares of earlier rounds meanwhile: their sender
+            # may be waiting for that acknowledgement before it sends this round (``_drain``;
+            # else only its next copy, acknowledged at once as a duplicate, would end that).
+            self._absorb(round - 1)
         if not arrived:
             missing = sorted(s for s, r in live if not mailbox.has([(s, r)]))
             if self.protocol.mailbox.closed:
@@ -493,7 +500,9 @@ class SGP:
         """Gossip without training until the workers agree; returns the disagreement reached.
 
         Call it on every worker at the same point (for example after the last epoch); training
-        may go on afterwards. First the rounds still owed are folded in, then gossip-only
+        may go on afterwards. First the rounds still owed are folded in (in the asynchronous
+        mode: what has arrived, and then this worker waits until its peers have folded
+        every share it sent while training, folding theirs meanwhile), then gossip-only
         rounds run in blocks long enough for every worker to hear from every other. Each
         message carries the largest relative change of ``z`` in one round that its sender
         knows of from the previous block; at the end of a block all workers know the same
@@ -530,6 +539,8 @@ class SGP:
 
     def _consensus(self, max_rounds: int, tol: float) -> float:
         self._settle()
+        if self.staleness is None:
+            self._drain()
         mailbox = self.protocol.mailbox
         mailbox.take_gauge(self.round - 1)  # training messages carry no gauge
         done, disagreement, local = 0, math.inf, math.inf
@@ -550,6 +561,37 @@ class SGP:
             if disagreement <= tol:
                 break
         return disagreement
+
+    def _drain(self) -> None:
+        """Asynchronous mode, before the consensus rounds: wait until the peers have folded
+        every share this worker sent while training, folding and acknowledging theirs
+        meanwhile (a share that was lost is sent again by the node).
+
+        Without this, a share still on its way when the consensus rounds end is never
+        folded: the weights held at the end add up to less than the job's (measured once:
+        3.2954 of 4 with 10% of the messages lost). A peer that dies meanwhile is suspected
+        and its shares written off. After ``timeout`` seconds this worker goes on, with a
+        warning.
+        """
+        start, node = self.round, self.node
+        deadline = time.monotonic() + self.timeout
+        while owed := node.unacknowledged(before_round=start):
+            if self.protocol.mailbox.closed:
+                raise GossipError(
+                    f"the gossip node of rank {node.rank} stopped while {owed} shares sent "
+                    "while training were not acknowledged"
+                )
+            if time.monotonic() >= deadline:
+                log.warning(
+                    "rank %d: %d shares sent while training are not acknowledged after %g s; "
+                    "the consensus rounds go on without them",
+                    node.rank,
+                    owed,
+                    self.timeout,
+                )
+                return
+            self._absorb(start - 1)
+            time.sleep(_DRAIN_POLL)
 
     @torch.no_grad()
     def _settle(self) -> None:

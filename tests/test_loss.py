@@ -4,7 +4,7 @@ Four workers (threads with their own nodes over the in-process transport, each w
 ``FaultyTransport``) train the digits example's CNN. Every kind of message suffers: push-sum
 shares, acknowledgements and heartbeats. Lost shares are sent again until acknowledged, and
 copies are folded once, so the workers train to the usual accuracy, nobody hangs, no mass is
-created, and in the synchronous mode the push-sum weights add up to exactly 4 at the end.
+created, and the push-sum weights add up to exactly 4 at the end.
 """
 
 from __future__ import annotations
@@ -76,12 +76,8 @@ def test_training_through_loss_duplicates_and_reordering(staleness: int | None) 
     assert sum(r["dropped"] for r in results) > 50  # the faults did happen ...
     assert sum(r["duplicates_rejected"] for r in results) > 50
     assert sum(r["retransmitted"] for r in results) >= sum(r["dropped"] for r in results) // 4
-    # ... and no mass was created. In the synchronous mode none is left in flight either:
-    # the weights add up to exactly 4. In the asynchronous mode a share sent again after a
-    # loss can still be on its way when consensus() returns (it is folded only if training
-    # goes on), so there the weights held add up to at most 4 (see docs/reliability.md).
+    # ... and no mass was created or left behind: consensus() folded every share, also
+    # those sent again after a loss (the asynchronous mode waits for them before its
+    # rounds), so the weights add up to exactly 4.
     total = math.fsum(r["mass"]["weight"] for r in results)
-    if staleness is None:
-        assert total <= 4.0 + 1e-9
-    else:
-        assert total == pytest.approx(4.0, abs=1e-9)
+    assert total == pytest.approx(4.0, abs=1e-9)

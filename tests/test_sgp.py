@@ -16,9 +16,11 @@ from typing import Any
 import pytest
 import torch
 
-from gossip_sgp import SGP, GossipError, GossipNode, GossipTimeout
+from gossip_sgp import SGP, GossipError, GossipNode, GossipTimeout, Message
+from gossip_sgp import node as node_module
+from gossip_sgp.message import MessageKind
 from tests.threads import Worker, run_workers
-from transports import FaultSpec
+from transports import FaultSpec, Transport
 
 
 def quadratic_worker(
@@ -117,6 +119,66 @@ def test_gossip_moves_mass_but_never_creates_it(staleness: int | None) -> None:
     total = torch.stack([r["numerator"] for r in results]).sum(0)
     torch.testing.assert_close(total, torch.full((5,), float(sum(range(n))), dtype=torch.float64))
     assert math.fsum(r["weight"] for r in results) == pytest.approx(n, abs=1e-12)
+
+
+class _LosesOneShare:
+    """A transport that loses the first push-sum share of a round ``>= after`` it is given
+    (the node sends it again when no acknowledgement comes)."""
+
+    def __init__(self, inner: Transport, after: int) -> None:
+        self.inner, self.after = inner, after
+        self.lost: list[Message] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def send(self, peer: int, message: Message) -> None:
+        if message.kind == MessageKind.MASS and message.round >= self.after and not self.lost:
+            self.lost.append(message)
+            return
+        await self.inner.send(peer, message)
+
+
+@pytest.mark.timeout(60)
+def test_asynchronous_consensus_folds_a_share_lost_near_the_end_of_training(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Rank 0 loses one of its last training shares; the copy comes 1 s later, after the
+    # consensus rounds would be over. consensus() first waits until the shares sent while
+    # training are folded (rank 1 folds the copy while it waits for rank 0's first
+    # consensus message), so the weights add up to exactly 2 (they used to end short).
+    monkeypatch.setattr(node_module, "_RETRY_MIN_S", 1.0)
+    steps, lossy = 40, []
+
+    def wrap(rank: int, transport: Transport) -> Transport:
+        if rank:
+            return transport
+        lossy.append(_LosesOneShare(transport, after=steps // 2))
+        return lossy[0]  # type: ignore[return-value]
+
+    def fn(rank: int, node: GossipNode) -> dict[str, Any]:
+        x = torch.nn.Parameter(torch.full((5,), float(rank), dtype=torch.float64))
+        sgp = SGP([x], torch.optim.SGD([x], lr=0.0), node, staleness=None)
+        for _ in range(steps):
+            sgp.step()
+            time.sleep(0.005)  # a step's time: shares flow, and earn send credit back
+        disagreement = sgp.consensus(max_rounds=64, tol=1e-12)
+        return {
+            "numerator": sgp.state.numerator[0].clone(),
+            "weight": sgp.weight,
+            "disagreement": disagreement,
+            "x": x.detach().clone(),
+        }
+
+    results = run_workers(2, fn, wrap=wrap)
+    assert [m.round < steps for m in lossy[0].lost] == [True]  # a training share was lost
+    assert math.fsum(r["weight"] for r in results) == pytest.approx(2.0, abs=1e-12)
+    total = results[0]["numerator"] + results[1]["numerator"]
+    torch.testing.assert_close(total, torch.ones(5, dtype=torch.float64))
+    for r in results:
+        assert r["disagreement"] <= 1e-12
+        torch.testing.assert_close(r["x"], torch.full((5,), 0.5, dtype=torch.float64))
+    assert "not acknowledged after" not in caplog.text  # no wait ran into its timeout
 
 
 @pytest.mark.timeout(60)

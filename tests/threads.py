@@ -57,11 +57,13 @@ def run_workers(
     faults: FaultSpec | None = None,
     metrics_ports: list[int] | None = None,
     registries: Sequence[CollectorRegistry] | None = None,
+    wrap: Callable[[int, Transport], Transport] | None = None,
 ) -> list[Any]:
     """Run ``fn(rank, node)`` on n threads, each with its own started node; return results.
 
     The nodes gossip over one in-process network (through a ``FaultyTransport`` seeded with
-    the rank if ``faults`` is given); ``registries[rank]`` is rank's metrics registry.
+    the rank if ``faults`` is given, then through ``wrap(rank, transport)`` if given);
+    ``registries[rank]`` is rank's metrics registry.
     """
     net = InProcNetwork(n)
 
@@ -77,6 +79,8 @@ def run_workers(
         transport: Transport = net.transport(rank)
         if faults is not None:
             transport = FaultyTransport(transport, faults, seed=rank)
+        if wrap is not None:
+            transport = wrap(rank, transport)
         registry = None if registries is None else registries[rank]
         with GossipNode(config, transport=transport, registry=registry) as node:
             return fn(rank, node)
