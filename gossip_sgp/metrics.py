@@ -404,10 +404,12 @@ class _Collector(Collector):
         )
         for reason, value in sorted(dict(node.dropped).items()):
             dropped.add_metric([rank, reason], value)
-        lost = _counter(
+        # A gauge: a write-off taken back (a peer suspected by mistake acknowledges after
+        # all) lowers it, which a counter must never do (Prometheus would see a reset).
+        lost = _gauge(
             "gossip_sgp_lost_weight",
             "Push-sum weight of the messages this worker dropped, failed to send, or sent to a "
-            "peer that was suspected down before acknowledging them",
+            "peer suspected down that has not acknowledged them",
         )
         lost.add_metric([rank], node.lost_weight)
         yield from (rejected, dropped, lost)

@@ -100,7 +100,7 @@ def test_collector_reads_live_node_counters() -> None:
     transport = _StubTransport(0)
     node = GossipNode(config, transport=transport, registry=registry)  # type: ignore[arg-type]
     assert value(registry, "gossip_sgp_messages_sent_total", rank="0", peer="1") is None
-    assert value(registry, "gossip_sgp_lost_weight_total", rank="0") == 0.0
+    assert value(registry, "gossip_sgp_lost_weight", rank="0") == 0.0
     assert value(registry, "gossip_sgp_peers_down", rank="0") == 2.0  # nobody heard yet
 
     transport.stats.messages_sent[1] += 3
@@ -123,7 +123,7 @@ def test_collector_reads_live_node_counters() -> None:
     assert value(registry, rejected, rank="0", reason="bad_header") == 2
     assert value(registry, rejected, rank="0", reason="wrong_model") == 1
     assert value(registry, "gossip_sgp_dropped_messages_total", rank="0", reason="closed") == 4
-    assert value(registry, "gossip_sgp_lost_weight_total", rank="0") == 0.25
+    assert value(registry, "gossip_sgp_lost_weight", rank="0") == 0.25
     assert value(registry, "gossip_sgp_send_errors_total", rank="0", peer="2") == 1
     assert value(registry, "gossip_sgp_peer_rtt_seconds", rank="0", peer="1") == 0.020
     assert value(registry, "gossip_sgp_peer_up", rank="0", peer="2") == 1.0
@@ -190,7 +190,7 @@ def test_training_moves_the_metrics(monkeypatch: pytest.MonkeyPatch) -> None:
         rtt = value(registry, "gossip_sgp_peer_rtt_seconds", rank=r, peer=peer)
         assert rtt is not None
         assert rtt > 0
-        assert value(registry, "gossip_sgp_lost_weight_total", rank=r) == 0.0
+        assert value(registry, "gossip_sgp_lost_weight", rank=r) == 0.0
 
 
 @pytest.mark.timeout(60)
