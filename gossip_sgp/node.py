@@ -22,6 +22,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import ipaddress
 import logging
 import math
@@ -208,6 +209,8 @@ class GossipNode:
         self._start_error: BaseException | None = None
         self._stopped: asyncio.Event | None = None
         self._queues: dict[int, asyncio.Queue[Message]] = {}
+        self._queued_mass: Counter[int] = Counter()
+        """Push-sum messages per peer in its send queue or being sent (gossip thread)."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._lock = threading.Lock()
         # Under _lock: close() was called or the loop is shutting down; sends are refused.
@@ -223,6 +226,7 @@ class GossipNode:
         # peer -> seq -> (monotonic time last sent, message) of MASS messages not yet
         # acknowledged (kept for sending again: see _retransmit)
         self._unacked: dict[int, dict[int, _Sent]] = {}
+        self._overflows: Counter[int] = Counter()  # write-offs beyond _MAX_UNACKED, per peer
         self._detector = FailureDetector(floor=_SUSPECT_FLOOR_S, initial=_SUSPECT_INITIAL_S)
         self._neighbours: frozenset[int] = frozenset(range(self.world_size)) - {self.rank}
         self._last_sent: dict[int, float] = {}
@@ -678,6 +682,8 @@ class GossipNode:
                 task.add_done_callback(self._tasks.discard)
             q.put_nowait(dataclasses.replace(m, meta={**m.meta, "incarnation": self.incarnation}))
             self._last_sent[m.receiver] = time.monotonic()
+            if m.kind == MessageKind.MASS:
+                self._queued_mass[m.receiver] += 1
 
     async def _watch_peers(self) -> None:
         """Heartbeats to quiet neighbours; suspect peers that went silent (gossip thread).
@@ -733,11 +739,13 @@ class GossipNode:
                 for peer, sent in self._unacked.items():
                     if peer in self._detector.down or not sent:
                         continue
-                    q = self._queues.get(peer)
-                    if q is not None and not q.empty():
+                    if self._queued_mass[peer]:
                         # Earlier copies have not even left yet (the peer is slow to take
                         # them, or gone): more copies would only lengthen the queue that its
-                        # acknowledgements and new messages wait behind.
+                        # acknowledgements and new messages wait behind. (Heartbeats and
+                        # acknowledgements in the queue do not count: a heartbeat is queued
+                        # on the same 0.5 s tick as this look, and on a quiet link held
+                        # every copy back.)
                         self.retransmits_held += 1
                         continue
                     rtts = self.rtt.get(peer)
@@ -757,17 +765,20 @@ class GossipNode:
                 self._enqueue(due)
             await asyncio.sleep(max(wait, _RETRY_MIN_S))
 
-    def _report_write_off(self, peer: int, lost: dict[int, _Sent], why: str) -> None:
+    def _report_write_off(
+        self, peer: int, lost: dict[int, _Sent], why: str, *, loud: bool = True
+    ) -> None:
         weight = math.fsum(m.weight for _, m in lost.values())
         self.lost_weight += weight
-        log.warning(
-            "rank %d: rank %d %s; %d unacknowledged messages (weight %.4g) to it count as lost",
-            self.rank,
-            peer,
-            why,
-            len(lost),
-            weight,
-        )
+        if loud:
+            log.warning(
+                "rank %d: rank %d %s; %d unacknowledged messages (weight %.4g) to it count as lost",
+                self.rank,
+                peer,
+                why,
+                len(lost),
+                weight,
+            )
         self._written_off_changed(peer, len(lost))
 
     def _restarted(self, peer: int, incarnation: int) -> dict[int, _Sent] | None:
@@ -813,11 +824,15 @@ class GossipNode:
 
     def _lose(self, message: Message) -> None:
         """Count a push-sum message that will not reach its peer as lost, once: not a copy
-        of one that was acknowledged, nor one written off already (gossip thread)."""
+        of one that was acknowledged, nor one written off already (gossip thread). An
+        earlier copy may have arrived after all: its acknowledgement takes the loss back."""
         with self._lock:
             sent = self._unacked.get(message.receiver, {}).pop(message.seq, None)
+            if sent is not None:
+                self._write_off(message.receiver, {message.seq: sent})
         if sent is not None:
             self.lost_weight += message.weight
+            self._written_off_changed(message.receiver, 1)
 
     async def _sender(self, peer: int, q: asyncio.Queue[Message]) -> None:
         transport = self.transport
@@ -851,6 +866,8 @@ class GossipNode:
                     self.payload_raw_bytes_sent += message.meta.get("raw_bytes", message.nbytes)
             finally:
                 q.task_done()
+                if message.kind == MessageKind.MASS:
+                    self._queued_mass[peer] -= 1
 
     # ---------------------------------------------------------- training thread
     def subscribe(
@@ -920,12 +937,16 @@ class GossipNode:
             # Under the lock: close() cannot slip in between, so these messages are queued
             # before the loop sees the stop request and drains.
             loop.call_soon_threadsafe(self._enqueue, list(messages))
-            for written, why in (
-                (late, "is suspected down (a message sent to it since)"),
-                (old, f"has not acknowledged {_MAX_UNACKED} messages"),
-            ):
-                for peer, lost in written.items():
-                    loop.call_soon_threadsafe(self._report_write_off, peer, lost, why)
+            why = "is suspected down (a message sent to it since)"
+            for peer, lost in late.items():
+                loop.call_soon_threadsafe(self._report_write_off, peer, lost, why)
+            why = f"has not acknowledged {_MAX_UNACKED} messages"
+            for peer, lost in old.items():
+                self._overflows[peer] += 1
+                loud = _worth_logging(self._overflows[peer])  # a peer that takes nothing
+                loop.call_soon_threadsafe(
+                    functools.partial(self._report_write_off, peer, lost, why, loud=loud)
+                )
 
     def _running_loop(self) -> asyncio.AbstractEventLoop:
         """The loop, while it accepts work; else raise (call with ``_lock`` held)."""

@@ -541,6 +541,7 @@ class SGP:
         self._settle()
         if self.staleness is None:
             self._drain()
+            self.state.debias(out=self._flats)  # z with what the drain folded
         mailbox = self.protocol.mailbox
         mailbox.take_gauge(self.round - 1)  # training messages carry no gauge
         done, disagreement, local = 0, math.inf, math.inf

@@ -185,7 +185,8 @@ def test_mass_sent_to_a_peer_already_suspected_counts_as_lost_at_once() -> None:
     with two_nodes() as (n0, n1, received, write_offs):
         deadline = time.monotonic() + 10
         assert n1._loop is not None
-        n1._loop.call_soon_threadsafe(time.sleep, 2.5)  # rank 1's gossip thread stalls
+        # rank 1's gossip thread stalls, long enough after the suspicion (2 s) for the send
+        n1._loop.call_soon_threadsafe(time.sleep, 4.0)
         while not n0.is_down(1) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert n0.is_down(1)

@@ -143,11 +143,11 @@ class _LosesOneShare:
 def test_asynchronous_consensus_folds_a_share_lost_near_the_end_of_training(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # Rank 0 loses one of its last training shares; the copy comes 1 s later, after the
+    # Rank 0 loses one of its last training shares; the copy comes 2 s later, after the
     # consensus rounds would be over. consensus() first waits until the shares sent while
     # training are folded (rank 1 folds the copy while it waits for rank 0's first
     # consensus message), so the weights add up to exactly 2 (they used to end short).
-    monkeypatch.setattr(node_module, "_RETRY_MIN_S", 1.0)
+    monkeypatch.setattr(node_module, "_RETRY_MIN_S", 2.0)
     steps, lossy = 40, []
 
     def wrap(rank: int, transport: Transport) -> Transport:
