@@ -828,11 +828,11 @@ class GossipNode:
         earlier copy may have arrived after all: its acknowledgement takes the loss back."""
         with self._lock:
             sent = self._unacked.get(message.receiver, {}).pop(message.seq, None)
-            if sent is not None:
-                self._write_off(message.receiver, {message.seq: sent})
-        if sent is not None:
-            self.lost_weight += message.weight
-            self._written_off_changed(message.receiver, 1)
+            lost = {message.seq: sent} if sent is not None else {}
+            if lost:
+                self._write_off(message.receiver, lost)
+        if lost:  # the send's failure or the closing was logged already
+            self._report_write_off(message.receiver, lost, "was not sent", loud=False)
 
     async def _sender(self, peer: int, q: asyncio.Queue[Message]) -> None:
         transport = self.transport
@@ -849,15 +849,16 @@ class GossipNode:
                 self.send_errors[peer] += 1
                 # A full queue (SendTimeout) may drain: the retransmitter sends the message
                 # again, or it is written off with the peer. Any other error would repeat.
-                again = isinstance(exc, SendTimeout) and not self.plans_rounds
-                if message.kind == MessageKind.MASS and not again:
+                mass = message.kind == MessageKind.MASS
+                again = mass and isinstance(exc, SendTimeout) and not self.plans_rounds
+                if mass and not again:
                     self._lose(message)
                 log.warning(
                     "rank %d failed to send to rank %d: %s%s",
                     self.rank,
                     peer,
                     exc,
-                    " (it is sent again)" if again and message.kind == MessageKind.MASS else "",
+                    " (it is sent again)" if again else "",
                     exc_info=not isinstance(exc, GossipError),  # a bug: show where
                 )
             else:

@@ -501,8 +501,8 @@ class SGP:
 
         Call it on every worker at the same point (for example after the last epoch); training
         may go on afterwards. First the rounds still owed are folded in (in the asynchronous
-        mode: what has arrived, and then this worker waits until its peers have folded
-        every share it sent while training, folding theirs meanwhile), then gossip-only
+        mode: what arrives until this worker's peers have folded every share it sent while
+        training), then gossip-only
         rounds run in blocks long enough for every worker to hear from every other. Each
         message carries the largest relative change of ``z`` in one round that its sender
         knows of from the previous block; at the end of a block all workers know the same
@@ -538,10 +538,9 @@ class SGP:
         return disagreement
 
     def _consensus(self, max_rounds: int, tol: float) -> float:
-        self._settle()
         if self.staleness is None:
             self._drain()
-            self.state.debias(out=self._flats)  # z with what the drain folded
+        self._settle()  # after the drain: z with all it folded
         mailbox = self.protocol.mailbox
         mailbox.take_gauge(self.round - 1)  # training messages carry no gauge
         done, disagreement, local = 0, math.inf, math.inf
