@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from gossip_sgp import cli
-from gossip_sgp.bench import Network, emulator_problem, parse_network
+from gossip_sgp.bench import Network, emulator_problem, parse_network, summarize
 from tests.procs import Jobs, alive, descendants, drain, read_until
 
 
@@ -58,6 +60,51 @@ def test_bench_rejects_bad_numbers(tmp_path: Path) -> None:
         cli.main(["bench", "--out", str(tmp_path), "--compression", "zip"])
 
 
+def _row(algorithm: str, repeat: int, it: float, sps: float, status: str = "ok") -> dict[str, Any]:
+    return {
+        "network": "loopback",
+        "workers": 2,
+        "straggler": 1.0,
+        "algorithm": algorithm,
+        "repeat": repeat,
+        "status": status,
+        "iteration_s_median": it,
+        "samples_per_s": sps,
+        "accuracy": 0.9,
+    }
+
+
+@pytest.mark.timeout(30)
+def test_summary_ratios_are_taken_within_each_repeat() -> None:
+    """Fails if ``bench.summarize`` gets a ratio wrong: e.g. the mutation that inverts the
+    speed-up (``_paired(mine, allreduce, ...)`` instead of ``_paired(allreduce, mine, ...)``)
+    makes it fail (dpsgd's speed-up 0.25..0.5 instead of 2..4); a ratio of the medians
+    instead of a median of per-repeat ratios would too (min 3.0, not 2.0). Expected values
+    are worked out by hand from the rows below."""
+    rows = [
+        _row("allreduce", 0, 0.4, 100.0),
+        _row("dpsgd", 0, 0.2, 200.0),
+        _row("local", 0, 0.1, 400.0),
+        _row("allreduce", 1, 0.8, 50.0),
+        _row("dpsgd", 1, 0.2, 200.0),
+        _row("local", 1, 0.05, 800.0),
+        _row("allreduce", 2, math.nan, math.nan, status="timeout"),  # repeat 2: no pair
+        _row("dpsgd", 2, 0.3, 150.0),
+    ]
+    summary = {e["algorithm"]: e for e in summarize(rows)}
+    dpsgd = summary["dpsgd"]
+    assert (dpsgd["runs"], dpsgd["ok"]) == (3, 3)
+    assert dpsgd["iteration_s"] == {"median": 0.2, "min": 0.2, "max": 0.3}
+    # allreduce/dpsgd per repeat: 0.4/0.2 = 2 and 0.8/0.2 = 4 (repeat 2 has no allreduce)
+    assert dpsgd["speedup_vs_allreduce"] == {"median": 3.0, "min": 2.0, "max": 4.0}
+    assert dpsgd["throughput_vs_allreduce"] == {"median": 3.0, "min": 2.0, "max": 4.0}
+    # dpsgd/local per repeat: 0.2/0.1 = 2 and 0.2/0.05 = 4
+    assert dpsgd["time_vs_local"] == {"median": 3.0, "min": 2.0, "max": 4.0}
+    assert dpsgd["accuracy_minus_allreduce"] == {"median": 0.0, "min": 0.0, "max": 0.0}
+    # local/allreduce: 0.4/0.1 = 4 and 0.8/0.05 = 16
+    assert summary["local"]["speedup_vs_allreduce"] == {"median": 10.0, "min": 4.0, "max": 16.0}
+
+
 def _read(out: Path) -> tuple[list[dict[str, str]], dict[str, object]]:
     with open(out / "bench.csv", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
@@ -67,6 +114,11 @@ def _read(out: Path) -> tuple[list[dict[str, str]], dict[str, object]]:
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_quick_bench_on_loopback_writes_csv_and_json(jobs: Jobs, tmp_path: Path) -> None:
+    """Fails if a column of the summary is computed wrongly: e.g. the mutation that inverts
+    the speed-up in ``bench.summarize`` (``_paired(mine, allreduce, ...)`` instead of
+    ``_paired(allreduce, mine, ...)``) makes it fail at ``('dpsgd', 'speedup_vs_allreduce')``.
+    The old version compared allreduce with itself and local with itself (1.0 whatever the
+    formula) and passed under that mutation."""
     algorithms = ["allreduce", "dpsgd", "adpsgd", "sgp-async", "local"]
     out = jobs.run(
         "bench",
@@ -100,8 +152,24 @@ def test_quick_bench_on_loopback_writes_csv_and_json(jobs: Jobs, tmp_path: Path)
     assert len(runs) == len(algorithms)
     assert all(r["evaluations"] for r in runs)  # --eval-every 1: one point per epoch
     summary = {e["algorithm"]: e for e in document["summary"]}  # type: ignore[attr-defined]
-    assert summary["allreduce"]["speedup_vs_allreduce"]["median"] == 1.0
-    assert summary["local"]["time_vs_local"]["median"] == 1.0
+    # The summary's columns, recomputed from the CSV rows (one repeat: median, min and max
+    # of each ratio are the ratio of the two runs). allreduce against itself, or local
+    # against itself, would be 1.0 by construction; the other algorithms' ratios are not.
+    it = {r["algorithm"]: float(r["iteration_s_median"]) for r in rows}
+    sps = {r["algorithm"]: float(r["samples_per_s"]) for r in rows}
+    acc = {r["algorithm"]: float(r["accuracy"]) for r in rows}
+    assert it["local"] != it["allreduce"]  # else an inverted ratio would go unnoticed
+    for a in algorithms:
+        expected = {
+            "iteration_s": it[a],
+            "speedup_vs_allreduce": it["allreduce"] / it[a],
+            "throughput_vs_allreduce": sps[a] / sps["allreduce"],
+            "time_vs_local": it[a] / it["local"],
+            "accuracy_minus_allreduce": acc[a] - acc["allreduce"],
+        }
+        for column, value in expected.items():
+            near = pytest.approx(value, rel=1e-12, abs=1e-15)
+            assert summary[a][column] == {"median": near, "min": near, "max": near}, (a, column)
     assert "| loopback | 2 | x1 | adpsgd |" in out  # the table at the end
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -132,15 +133,47 @@ def test_gauge_is_tracked_per_round() -> None:
     assert box.take_gauge(5) == 0.7
 
 
+class _Watched(list[tuple[int, int]]):
+    """``expected`` for ``Mailbox.wait`` that sets ``looked`` whenever the wait checks it."""
+
+    def __init__(self, items: list[tuple[int, int]], looked: threading.Event) -> None:
+        super().__init__(items)
+        self.looked = looked
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        self.looked.set()
+        return super().__iter__()
+
+
+@pytest.mark.timeout(30)
 def test_close_wakes_a_waiter_at_once() -> None:
+    """Fails if ``close()`` does not wake a waiter: e.g. the mutation that removes
+    ``self._cond.notify_all()`` from ``Mailbox.close`` makes it fail ("the waiter is still
+    blocked 5 s after close()"). The waiter waits with no timeout at all, so only a
+    notification ends its wait (the old version waited 30 s and passed either way).
+
+    ``close()`` comes only after the waiter has checked its condition, which it does
+    holding the mailbox's lock until it blocks: so the waiter is blocked by then, and
+    cannot see ``closed`` without being woken."""
     box = Mailbox()
-    timer = threading.Timer(0.05, box.close)
-    timer.start()
+    looked = threading.Event()
+    results: list[bool] = []
+    thread = threading.Thread(
+        target=lambda: results.append(box.wait(_Watched([(3, 0)], looked), timeout=None)),
+        daemon=True,
+    )
+    thread.start()
     try:
-        assert not box.wait([(3, 0)], timeout=30.0)  # returns on close, long before 30 s
+        assert looked.wait(5), "the waiter did not start waiting"
+        box.close()
+        thread.join(5.0)
+        assert not thread.is_alive(), "the waiter is still blocked 5 s after close()"
+        assert results == [False]  # woken by close, not by an arrival
+        assert box.closed
     finally:
-        timer.cancel()
-    assert box.closed
+        if thread.is_alive():  # do not leave it blocked: an arrival ends any wait
+            box.put(msg(3, 0, 0, 1.0))
+            thread.join(5.0)
 
 
 def test_a_restarted_sender_numbers_from_zero_and_its_earlier_life_is_stale() -> None:

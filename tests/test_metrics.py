@@ -306,15 +306,31 @@ def test_metrics_port_in_use_fails_start_cleanly() -> None:
         assert _metrics_threads() == []
 
 
+def _ipv6_loopback_problem() -> str | None:
+    """Why this machine cannot serve on ``::1`` (None: it can), found with a plain socket."""
+    if not socket.has_ipv6:
+        return "Python was built without IPv6"
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+            probe.listen()
+    except OSError as exc:
+        return f"no IPv6 loopback on this machine: {exc}"
+    return None
+
+
 @pytest.mark.timeout(30)
 def test_metrics_server_on_ipv6_loopback_and_port_zero() -> None:
-    if not socket.has_ipv6:
-        pytest.skip("no IPv6 on this machine")
+    """Fails if ``MetricsServer`` cannot serve on ``::1`` where the machine can: e.g. the
+    mutation that always picks ``_IPv4Server`` in ``MetricsServer.start`` makes it fail
+    (``socket.gaierror``, an ``OSError``). The old version skipped on any ``OSError``
+    from the code under test, and so skipped under that mutation; now only a machine
+    without IPv6 loopback, found with a plain socket first, skips."""
+    problem = _ipv6_loopback_problem()
+    if problem is not None:
+        pytest.skip(problem)
     registry = CollectorRegistry()
-    try:
-        server = MetricsServer(registry, "::1", 0).start()
-    except OSError as exc:
-        pytest.skip(f"cannot bind ::1: {exc}")
+    server = MetricsServer(registry, "::1", 0).start()
     try:
         assert server.port > 0
         assert server.url == f"http://[::1]:{server.port}/metrics"

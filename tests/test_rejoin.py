@@ -1,9 +1,10 @@
 """Rejoining a running job: who gives a restarted worker its mass, and who says "too late".
 
-Real gossip nodes over the in-process transport, one thread each. The peer on the other
-side is a bare ``GossipNode`` that records what it receives, so each test controls exactly
-when a ``JOIN`` request or refusal arrives. The whole kill -9 and rejoin of a worker
-process is in tests/test_failures.py.
+Real gossip nodes over the in-process transport, one thread each. Rank 0 runs a real
+``SGP``, its consensus included; rank 1 is a bare ``GossipNode`` standing in for its peer
+(see :class:`Peer`), so each test controls exactly when a ``JOIN`` request arrives and when
+rank 0's consensus may go on. The whole kill -9 and rejoin of a worker process is in
+tests/test_failures.py.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 
 import pytest
@@ -20,6 +22,7 @@ from gossip_sgp import SGP, GossipConfig, GossipNode, RejoinRefused
 from gossip_sgp.message import Message, MessageKind
 from transports import InProcNetwork
 
+MASS = MessageKind.MASS
 pytestmark = pytest.mark.timeout(30)
 
 
@@ -42,89 +45,138 @@ def make_sgp(node: GossipNode) -> SGP:
     return SGP([x], torch.optim.SGD([x], lr=0.1), node, staleness=None)
 
 
-def record(node: GossipNode, fingerprint: int) -> tuple[list[Message], threading.Event]:
-    """Subscribe a list to ``node``'s messages; the event is set by every JOIN."""
-    got: list[Message] = []
-    join = threading.Event()
+class Peer:
+    """Rank 1 as these tests need it: a bare node that records what it receives, and plays
+    its part in rank 0's consensus rounds as a worker that keeps its own mass would.
 
-    def handler(message: Message) -> bool:
-        got.append(message)
-        if message.kind == MessageKind.JOIN:
-            join.set()
+    It acknowledges every push-sum share (as if folded in) and answers each share of a
+    gossip round with a skip notice for that round ("no mass from me this round"), which
+    is all rank 0 waits for before its next round. With ``hold`` it answers nothing until
+    :meth:`answer`: rank 0 then stays in its (real) consensus, waiting for rank 1.
+    """
+
+    def __init__(self, node: GossipNode, fingerprint: int, *, hold: bool = False) -> None:
+        self.node = node
+        self.got: list[Message] = []
+        self._changed = threading.Condition()
+        self._holding = hold
+        self._unanswered: list[int] = []
+        node.subscribe(self._handle, fingerprint=fingerprint)
+
+    def _handle(self, message: Message) -> bool:  # gossip thread of rank 1
+        answer = None
+        if message.kind == MessageKind.MASS:
+            self.node.acknowledge([(message.sender, message.seq, message.round)])
+            if not message.meta.get("join"):
+                answer = message.round
+        with self._changed:
+            self.got.append(message)
+            if answer is not None and self._holding:
+                self._unanswered.append(answer)
+                answer = None
+            self._changed.notify_all()
+        if answer is not None:
+            self.node.send_skip([message.sender], answer)
         return True
 
-    node.subscribe(handler, fingerprint=fingerprint)
-    return got, join
+    def answer(self) -> None:
+        """Answer the rounds held back, and every round from now on at once."""
+        with self._changed:
+            self._holding = False
+            rounds, self._unanswered = self._unanswered, []
+        for r in rounds:
+            self.node.send_skip([0], r)
 
+    def wait_for(self, what: Callable[[list[Message]], object], timeout: float = 5.0) -> bool:
+        """Wait until ``what(messages received so far)`` is true."""
+        with self._changed:
+            return self._changed.wait_for(lambda: what(self.got), timeout)
 
-def hold_consensus(sgp: SGP, body: Callable[[], None]) -> None:
-    """Run ``sgp.consensus()`` with its gossip rounds replaced by ``body``: so the worker
-    is in consensus, as far as anyone can see, exactly while ``body`` runs."""
-
-    def rounds(max_rounds: int, tol: float) -> float:
-        body()
-        return 0.0
-
-    sgp._consensus = rounds  # type: ignore[method-assign]
-    assert sgp.consensus() == 0.0
+    def shares(self) -> list[Message]:
+        """The push-sum shares received, one per sequence number (copies sent again left
+        out), in the order sent."""
+        with self._changed:
+            unique = {m.seq: m for m in self.got if m.kind == MessageKind.MASS}
+        return [unique[seq] for seq in sorted(unique)]
 
 
 def refusals(got: list[Message]) -> list[Message]:
     return [m for m in got if m.kind == MessageKind.JOIN and m.meta.get("refused") == 1]
 
 
+def wait_for_request(sgp: SGP) -> None:
+    """Until rank 1's JOIN request has reached rank 0, to be served at its next step. (Rank
+    0 says nothing until then, so there is no message to wait for: this looks, 100 times a
+    second, at the requests its SGP holds.)"""
+    deadline = time.monotonic() + 5
+    while not sgp._join_requests:
+        assert time.monotonic() < deadline, "the JOIN request did not arrive"
+        time.sleep(0.01)
+
+
 def test_a_join_request_during_consensus_is_refused_at_once() -> None:
-    with two_nodes() as (node0, node1):
+    """Rank 1, restarted, asks rank 0 for mass while rank 0 is in its real ``consensus()``
+    (held in round 0 until rank 1 answers): rank 0 refuses at once and gives nothing away,
+    in that round or in the consensus round after it.
+
+    Fails if a request that arrives during consensus is kept as well as refused: e.g. the
+    mutation that makes ``SGP._receive`` append ``message.sender`` to ``_join_requests``
+    whatever ``_finishing`` says makes it fail (rank 0's next consensus round gives rank 1
+    half of its mass, a share marked ``join``). The old version replaced the consensus
+    rounds with a stub (monkeypatched ``sgp._consensus``), ran no round after the request,
+    and passed under that mutation."""
+    with two_nodes() as (node0, node1), ThreadPoolExecutor(1) as pool:
         sgp = make_sgp(node0)
-        got, join = record(node1, sgp.fingerprint)
-
-        def ask() -> None:
-            node1.send_join(0)  # rank 1, restarted, asks rank 0 (in consensus) for mass
-            assert join.wait(5), "rank 0 neither refused nor answered"
-
-        hold_consensus(sgp, ask)
-        (refusal,) = refusals(got)
-        assert (refusal.sender, refusal.weight, refusal.tensors) == (0, 0.0, ())
-        assert sgp.weight == 1.0  # nothing given away
-        assert not [m for m in got if m.kind == MessageKind.MASS]
+        peer = Peer(node1, sgp.fingerprint, hold=True)
+        consensus = pool.submit(sgp.consensus, max_rounds=2)
+        # Rank 0's round-0 share: it is in consensus, waiting for rank 1's round 0.
+        assert peer.wait_for(lambda got: any(m.kind == MessageKind.MASS for m in got))
+        node1.send_join(0)
+        assert peer.wait_for(refusals), "rank 0 neither refused nor answered"
+        assert not consensus.done()  # refused while in consensus, not after it
+        peer.answer()
+        assert consensus.result(timeout=10) == 0.0  # rank 1 kept its mass: z never moved
+    (refusal,) = refusals(peer.got)
+    assert (refusal.sender, refusal.weight, refusal.tensors) == (0, 0.0, ())
+    shares = peer.shares()
+    assert [(m.round, m.meta.get("join")) for m in shares] == [(0, None), (1, None)]
+    assert sgp.weight == 0.25  # two consensus rounds, each sending half; no join share
+    assert sgp.weight + sum(m.weight for m in shares) == 1.0
 
 
 def test_a_request_still_waiting_when_consensus_begins_is_refused() -> None:
     with two_nodes() as (node0, node1):
         sgp = make_sgp(node0)
-        got, join = record(node1, sgp.fingerprint)
+        peer = Peer(node1, sgp.fingerprint)
         node1.send_join(0)
-        deadline = time.monotonic() + 5
-        while not sgp._join_requests:  # arrived, to be served at rank 0's next step
-            assert time.monotonic() < deadline, "the JOIN request did not arrive"
-            time.sleep(0.01)
-        hold_consensus(sgp, lambda: None)
-        assert join.wait(5)
-        assert len(refusals(got)) == 1
-        assert sgp.weight == 1.0
+        wait_for_request(sgp)
+        assert sgp.consensus(max_rounds=2) == 0.0
+        assert peer.wait_for(refusals)
+        assert len(refusals(peer.got)) == 1
+        shares = peer.shares()
+        assert [(m.round, m.meta.get("join")) for m in shares] == [(0, None), (1, None)]
+        assert sgp.weight + sum(m.weight for m in shares) == 1.0
 
 
 def test_after_consensus_a_request_is_served_again() -> None:
     # consensus() may be followed by more training: the refusal ends with it.
     with two_nodes() as (node0, node1):
         sgp = make_sgp(node0)
-        got, _ = record(node1, sgp.fingerprint)
-        hold_consensus(sgp, lambda: None)
+        peer = Peer(node1, sgp.fingerprint)
+        assert sgp.consensus(max_rounds=2) == 0.0
         node1.send_join(0)
-        deadline = time.monotonic() + 5
-        while not sgp._join_requests:
-            assert time.monotonic() < deadline, "the JOIN request did not arrive"
-            time.sleep(0.01)
-        sgp._serve_joins(sgp.round)  # what the next step() does first
-        deadline = time.monotonic() + 5
-        while not [m for m in got if m.kind == MessageKind.MASS]:
-            assert time.monotonic() < deadline, "no half of the mass came"
-            time.sleep(0.01)
-        (half,) = [m for m in got if m.kind == MessageKind.MASS]
-        assert half.meta.get("join") == 1
-        assert half.weight == 0.5
-        assert sgp.weight == 0.5
-        assert not refusals(got)
+        wait_for_request(sgp)
+        weight = sgp.weight
+        sgp.step()  # serves the request first, then gossips its own (asynchronous) round
+        assert peer.wait_for(lambda got: any(m.meta.get("join") for m in got)), "no half came"
+        (half,) = [m for m in peer.shares() if m.meta.get("join")]
+        assert half.meta["join"] == 1
+        assert half.weight == weight / 2
+        assert not refusals(peer.got)
+        # two consensus rounds, the join share, the step's own round
+        assert peer.wait_for(lambda got: len({m.seq for m in got if m.kind == MASS}) == 4)
+        assert sgp.weight == weight / 4
+        assert sgp.weight + sum(m.weight for m in peer.shares()) == 1.0
 
 
 def test_rejoin_raises_rejoin_refused_when_every_neighbour_refuses() -> None:

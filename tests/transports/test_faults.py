@@ -79,11 +79,35 @@ async def test_delay_holds_messages_in_flight() -> None:
     await b.close()
 
 
+@pytest.mark.timeout(30)
 @pytest.mark.asyncio
 async def test_close_cancels_pending_deliveries() -> None:
+    """A message still delayed when the sender closes is never delivered.
+
+    Fails if ``close()`` does not cancel pending deliveries: e.g. the mutation that delivers
+    them at once instead (``await self.inner.send(m.receiver, m)`` for each pending message
+    before cancelling) makes it fail (the receiver gets message 0), and so does the
+    mutation that removes the cancelling and the gather from ``FaultyTransport.close``
+    (a delivery task is left running). The old version only bounded ``close()`` and passed
+    under both.
+    """
     a, b = await pair(FaultSpec(delay=10.0))
+    tasks = asyncio.all_tasks()
     await a.send(1, msg(0))
-    await asyncio.wait_for(a.close(), 2)
+    assert [m.seq for m in a.in_flight()] == [0]
+    await asyncio.wait_for(a.close(), 2)  # long before the 10 s delay is up
+    assert asyncio.all_tasks() == tasks, "a delivery is still pending after close()"
+    # The in-process network delivers within this event loop at once: anything sent to
+    # rank 1 by now would already be waiting in its queue.
+    try:
+        got = await asyncio.wait_for(b.recv(), 0.5)
+    except asyncio.TimeoutError:
+        pass
+    else:
+        pytest.fail(f"message {got.seq} was delivered after close()")
+    # The books: never delivered in any copy, and not counted as dropped either.
+    assert [m.seq for m in a.in_flight()] == [0]
+    assert not a.dropped
     await b.close()
 
 
