@@ -1,8 +1,8 @@
 """A peer flooding garbage cannot stop training, exhaust memory or sneak mass in.
 
 Four workers train (threads of this process, each with its own GossipNode over real ZeroMQ
-sockets on loopback) while a separate process pushes random multipart frames at rank 0's
-gossip port as fast as it can for 10 seconds.
+sockets on loopback); once rank 0 has taken its first steps, a separate process pushes
+random multipart frames at rank 0's gossip port as fast as it can for 10 seconds.
 """
 
 from __future__ import annotations
@@ -24,7 +24,21 @@ pytestmark = pytest.mark.slow
 
 FLOOD_SECONDS = 10.0
 STEPS = 600
-STEP_SECONDS = 0.025  # ~15 s of training: the flood falls in the middle
+STEP_SECONDS = 0.025  # at least 15 s of training: the flood falls in the middle
+BEFORE_STEPS = 100  # rank 0's steps before the flood: its step rate on this machine now
+FLOOD_RATE_FRACTION = 0.25
+"""Rank 0's step rate during the flood, at least this part of its rate just before it.
+
+Relative, so that it does not depend on the machine's speed (it used to be 100 steps in the
+10 s: about 140-180 were measured at load average 12-15 on the 2-core machine, a margin of
+1.4-1.8). Measured, 7 runs on the 2-core machine loaded by other test runs: 0.48, 0.63
+and 0.66 at load average 12-15 (14-18 steps/s during the flood against 21-30 before),
+0.75-0.84 at load average 6-7 (24-28 against 31-33); so 0.25 leaves about half the
+lowest. A receiver that backs off after each rejected message (``await
+asyncio.sleep(0.1)`` in place of ``sleep(0)`` in ``ZmqTransport.recv``,
+transports/zmq.py) fails the test: rank 0 then ran at 0.15 of its rate before the flood
+(4.5 against 31 steps/s; the flooder also got at most 1000 messages out, which the test
+checks first)."""
 
 FLOODER = r"""
 import os, random, sys, time
@@ -66,6 +80,8 @@ def test_training_goes_on_under_a_garbage_flood() -> None:
     errors: list[BaseException] = []
     flood_window: list[float] = []
     started = threading.Barrier(n + 1)
+    stamps0: list[float] = []  # when rank 0 finished each step, as it goes
+    warmed_up = threading.Event()  # rank 0 has taken BEFORE_STEPS steps
 
     def worker(rank: int) -> None:
         try:
@@ -75,13 +91,15 @@ def test_training_goes_on_under_a_garbage_flood() -> None:
                 opt = torch.optim.SGD([x], lr=0.01)
                 sgp = SGP([x], opt, node)
                 started.wait(30)
-                stamps = []
+                stamps = stamps0 if rank == 0 else []
                 for _ in range(STEPS):
                     time.sleep(STEP_SECONDS)  # the "compute"
                     opt.zero_grad()
                     (0.5 * (x - float(rank)).pow(2).sum()).backward()
                     sgp.step()
                     stamps.append(time.monotonic())
+                    if len(stamps) == BEFORE_STEPS and rank == 0:
+                        warmed_up.set()
                 sgp.consensus(tol=1e-12)
                 results[rank] = {
                     "x": x.detach().clone(),
@@ -97,6 +115,8 @@ def test_training_goes_on_under_a_garbage_flood() -> None:
     for t in threads:
         t.start()
     started.wait(30)
+    assert warmed_up.wait(60) or errors, f"rank 0 did not get to step {BEFORE_STEPS}"
+    assert not errors, errors
     baseline = rss_bytes()
     peak = baseline
     flood_window.append(time.monotonic())
@@ -124,9 +144,17 @@ def test_training_goes_on_under_a_garbage_flood() -> None:
     rank0 = results[0]
     # every garbage message was rejected and counted ...
     assert rank0["rejected"] >= sent * 0.9, (rank0["rejected"], sent)
-    # ... while rank 0 kept training through the flood ...
-    during = [s for s in rank0["stamps"] if flood_window[0] < s < flood_window[1]]
-    assert len(during) >= 0.25 * FLOOD_SECONDS / STEP_SECONDS, len(during)
+    # ... while rank 0 kept training through the flood, at a good part of the rate it
+    # trained at just before (on the same machine, under the same load) ...
+    stamps = rank0["stamps"]
+    before = (BEFORE_STEPS - 1) / (stamps[BEFORE_STEPS - 1] - stamps[0])
+    start, end = flood_window
+    during = sum(start < s < end for s in stamps) / (end - start)
+    after = [s for s in stamps if s > end]
+    rates = f"steps/s: {before:.1f} before, {during:.1f} during the flood"
+    if len(after) > 1:
+        rates += f", {(len(after) - 1) / (after[-1] - after[0]):.1f} after"
+    assert during >= FLOOD_RATE_FRACTION * before, rates
     # ... with bounded memory (the flood pushed far more than this through) ...
     assert peak - baseline < 256 << 20, f"RSS grew by {(peak - baseline) >> 20} MiB"
     # ... and no garbage got into the model: the workers agree on the joint optimum.

@@ -7,8 +7,9 @@ import contextlib
 import math
 import queue
 import statistics
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -117,6 +118,16 @@ def test_workers_detect_a_dead_peer_and_finish_without_it(staleness: int | None)
     assert any(r["kept"] > 0 for r in survivors)  # rounds routed to rank 3 kept their mass
 
 
+def until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Poll ``predicate`` until it holds or ``timeout`` passes (for state with no event)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 @contextlib.contextmanager
 def two_nodes() -> Iterator[
     tuple[GossipNode, GossipNode, queue.Queue[Message], list[tuple[int, int]]]
@@ -135,43 +146,84 @@ def two_nodes() -> Iterator[
         n0.subscribe(lambda m: True, fingerprint=1)
         n0.on_write_off(lambda peer, count: write_offs.append((peer, count)))
         n1.subscribe(received.put, fingerprint=1)
-        deadline = time.monotonic() + 10
-        while len(n0.last_heard) + len(n1.last_heard) < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)  # heartbeats both ways: each has heard the other
+        # heartbeats both ways: each has heard the other
+        assert until(lambda: len(n0.last_heard) + len(n1.last_heard) == 2)
         yield n0, n1, received, write_offs
+
+
+@contextlib.contextmanager
+def frozen(node: GossipNode) -> Iterator[threading.Event]:
+    """Freeze ``node``'s gossip thread (as an overloaded machine would) until the event
+    yielded is set (at the latest when the block ends, or after 25 s)."""
+    release, frozen_now = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        frozen_now.set()
+        release.wait(25)
+
+    assert node._loop is not None
+    node._loop.call_soon_threadsafe(hold)
+    try:
+        assert frozen_now.wait(10), "the gossip thread did not freeze"
+        yield release
+    finally:
+        release.set()
+
+
+def checks_of(node: GossipNode, monkeypatch: pytest.MonkeyPatch) -> list[tuple[float, list[int]]]:
+    """Record every ``check(now)`` of ``node``'s failure detector: ``(now, newly down)``."""
+    detector = node._detector
+    check = detector.check
+    calls: list[tuple[float, list[int]]] = []
+
+    def spy(now: float) -> list[int]:
+        down = check(now)
+        calls.append((now, down))
+        return down
+
+    monkeypatch.setattr(detector, "check", spy)
+    return calls
 
 
 @pytest.mark.timeout(30)
 @pytest.mark.usefixtures("fast_liveness")
-def test_a_mistaken_suspicion_heals() -> None:
+def test_a_mistaken_suspicion_heals(monkeypatch: pytest.MonkeyPatch) -> None:
     """Rank 1's gossip thread freezes (as on an overloaded machine) while a message from
     rank 0 waits for its fold: rank 0 suspects rank 1 and writes the message off; rank 1,
     waking up, does not suspect rank 0 (whose heartbeats waited for it); once rank 1 folds
-    the message and acknowledges it, rank 0 takes the write-off back."""
+    the message and acknowledges it, rank 0 takes the write-off back.
+
+    No sleeps: rank 1 stays frozen until rank 0 has suspected it and rank 1's own silence
+    from rank 0 is past rank 1's timeout (so a watcher that checked on waking would suspect
+    rank 0), and after the thaw the test waits until rank 1's detector has checked again.
+    Fails if the first watcher tick after a stall checks anyway (``_watch_peers`` in
+    node.py with ``down = self._detector.check(now)``): "rank 1 blamed rank 0".
+    """
     with two_nodes() as (n0, n1, received, write_offs):
-        deadline = time.monotonic() + 10
+        checks = checks_of(n1, monkeypatch)
         share = Message(
             sender=0, receiver=1, round=0, seq=0, weight=0.5,
             tensors=(torch.ones(3),), fingerprint=1,
         )  # fmt: skip
         n0.send([share])
         message = received.get(timeout=5)
-        assert n1._loop is not None
-        n1._loop.call_soon_threadsafe(time.sleep, 2.5)  # rank 1's gossip thread stalls
-        while not n0.is_down(1) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert n0.is_down(1)
-        assert n0.lost_weight == 0.5
-        assert write_offs == [(1, 1)]
-        time.sleep(1.5)  # rank 1 is back; its watcher has ticked since
-        assert not n1.is_down(0), "rank 1 blamed rank 0 for its own stall"
-        assert not n0.is_down(1), "rank 1 was not re-admitted"
+        with frozen(n1):  # rank 1's gossip thread stalls
+            # the write-off is reported after the suspicion: wait for the report
+            assert until(lambda: write_offs == [(1, 1)]), write_offs
+            assert n0.is_down(1)
+            assert n0.lost_weight == 0.5
+            assert until(lambda: time.monotonic() - n1.last_heard[0] > n1.peer_timeout(0))
+            thawed = time.monotonic()
+        # rank 1's first tick after the stall is late and checks nothing; the next one does
+        assert until(lambda: any(now > thawed for now, _ in checks)), "rank 1 never checked"
+        assert not any(down for now, down in checks if now > thawed), "rank 1 blamed rank 0"
+        assert not n1.is_down(0)
+        assert until(lambda: not n0.is_down(1)), "rank 1 was not re-admitted"
         n1.acknowledge([(message.sender, message.seq, message.round)])  # folded after all
-        while n0.lost_weight and time.monotonic() < deadline:
-            time.sleep(0.05)
+        assert until(lambda: len(write_offs) == 2), write_offs
+        assert write_offs == [(1, 1), (1, -1)]
         assert n0.lost_weight == 0.0
         assert n0.acked_weight == {1: 0.5}
-        assert write_offs == [(1, 1), (1, -1)]
 
 
 @pytest.mark.timeout(30)
@@ -181,31 +233,29 @@ def test_mass_sent_to_a_peer_already_suspected_counts_as_lost_at_once() -> None:
     between the look and the send, the write-off of that peer's messages is over already.
     The message sent then must count as lost too (else a kill -9's ledger comes out short
     by that share: seen as 0.09 of weight neither held nor counted), and an
-    acknowledgement still takes it back."""
+    acknowledgement still takes it back.
+
+    Rank 1 stays frozen (an event, not a sleep) until rank 0 has written the message off.
+    Fails if ``GossipNode.send`` does not write off mass to a peer already suspected
+    (``if m.receiver in self._detector.down:`` made ``if False:``): no second write-off.
+    """
     with two_nodes() as (n0, n1, received, write_offs):
-        deadline = time.monotonic() + 10
-        assert n1._loop is not None
-        # rank 1's gossip thread stalls, long enough after the suspicion (2 s) for the send
-        n1._loop.call_soon_threadsafe(time.sleep, 4.0)
-        while not n0.is_down(1) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert n0.is_down(1)
-        assert n0.lost_weight == 0.0  # nothing was unacknowledged when it was suspected
-        assert write_offs == [(1, 0)]
-        share = Message(
-            sender=0, receiver=1, round=0, seq=0, weight=0.5,
-            tensors=(torch.ones(3),), fingerprint=1,
-        )  # fmt: skip
-        n0.send([share])
-        while len(write_offs) < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert write_offs == [(1, 0), (1, 1)]
-        assert n0.lost_weight == 0.5
-        assert n0.wait_acknowledged(0.0)  # written off: nothing left to wait for
+        with frozen(n1):  # rank 1's gossip thread stalls until rank 0 wrote the share off
+            assert until(lambda: write_offs == [(1, 0)]), write_offs
+            assert n0.is_down(1)
+            assert n0.lost_weight == 0.0  # nothing was unacknowledged when it was suspected
+            share = Message(
+                sender=0, receiver=1, round=0, seq=0, weight=0.5,
+                tensors=(torch.ones(3),), fingerprint=1,
+            )  # fmt: skip
+            n0.send([share])
+            assert until(lambda: len(write_offs) == 2), write_offs
+            assert write_offs == [(1, 0), (1, 1)]
+            assert n0.lost_weight == 0.5
+            assert n0.wait_acknowledged(0.0)  # written off: nothing left to wait for
         message = received.get(timeout=5)  # it went out all the same; rank 1 folds it
         n1.acknowledge([(message.sender, message.seq, message.round)])
-        while n0.lost_weight and time.monotonic() < deadline:
-            time.sleep(0.05)
+        assert until(lambda: len(write_offs) == 3), write_offs
+        assert write_offs == [(1, 0), (1, 1), (1, -1)]
         assert n0.lost_weight == 0.0
         assert n0.acked_weight == {1: 0.5}
-        assert write_offs == [(1, 0), (1, 1), (1, -1)]
