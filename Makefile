@@ -13,7 +13,7 @@ TORCH_CPU ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast lint typecheck simulate clean
+.PHONY: demo test test-fast flake-check lint typecheck simulate clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,14 @@ test: lint typecheck
 # The quick loop while developing: skips the multi-process training runs.
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# Every statistical or timing-sensitive test (marker `measured`) RUNS times beside LOAD
+# busy processes: pass rates and the measured values against each gate (docs/testing.md).
+# FLAKE_ARGS narrows it, e.g. FLAKE_ARGS="tests/test_stragglers.py" or FLAKE_ARGS="-k loss".
+RUNS ?= 10
+LOAD ?= 0
+flake-check: $(VENV)/.installed
+	$(PY) scripts/flake_check.py --runs $(RUNS) --load $(LOAD) $(FLAKE_ARGS)
 
 simulate: $(VENV)/.installed
 	$(VENV)/bin/gossip-sgp simulate --nodes 64 --rounds 20

@@ -454,9 +454,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             result["weight"] = sgp.weight
             result["skipped_rounds"] = sgp.skipped_rounds
             result["kept_rounds"] = sgp.kept_rounds  # rounds kept: an out-peer was down
+            if isinstance(sgp, baselines.ADPSGD):
+                result["exchanges"] = sgp.exchanges  # AD-PSGD: pairwise averagings completed
             assert node is not None
             # Bytes handed to the wire while training: headers, payloads and acknowledgements.
             result["bytes_sent"] = sum(node.stats.bytes_sent.values())
+            # The numerators alone, as encoded by the codec and before (copies included).
+            result["payload_bytes_sent"] = node.payload_bytes_sent
+            result["payload_raw_bytes_sent"] = node.payload_raw_bytes_sent
             sgp.consensus()  # SGP: gossip until the workers agree
             result["suspicions"] = sum(node.peers_lost.values())
             result["mass"] = sgp.mass_report()  # weight held, lost, and moved per peer

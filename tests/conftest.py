@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.procs import Jobs
+from tests.procs import DigitsRuns, Jobs
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -26,3 +26,13 @@ def jobs() -> Iterator[Jobs]:
         yield j
     finally:
         j.cleanup()
+
+
+@pytest.fixture(scope="session")
+def digits_runs() -> Iterator[DigitsRuns]:
+    """Digits training runs shared by the tests of a session (see ``DigitsRuns``)."""
+    runs = DigitsRuns()
+    try:
+        yield runs
+    finally:
+        runs.jobs.cleanup()

@@ -14,7 +14,7 @@ import torch
 
 from gossip_sgp import GossipNode
 from gossip_sgp.baselines import ADPSGD, adpsgd, dpsgd
-from tests.procs import TRAIN, Jobs, check_trained, summary
+from tests.procs import TRAIN, Jobs, Record, check_trained, summary
 from tests.threads import run_workers
 
 DIM = 64
@@ -106,12 +106,13 @@ def test_adpsgd_conserves_mass_and_reaches_consensus_with_uneven_speeds() -> Non
 
 
 @pytest.mark.slow
+@pytest.mark.measured
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("algorithm", ["dpsgd", "adpsgd"])
-def test_baseline_trains_digits(jobs: Jobs, algorithm: str) -> None:
+def test_baseline_trains_digits(jobs: Jobs, record_property: Record, algorithm: str) -> None:
     out = jobs.run(
         "launch", "--nproc", "4", *TRAIN, "--algorithm", algorithm, "--epochs", "20", timeout=500
     )
     result = summary(out)
     assert result["algorithm"] == algorithm
-    check_trained(result, workers=4)
+    check_trained(result, workers=4, prop=record_property)

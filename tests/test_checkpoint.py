@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.procs import TRAIN, Jobs, alive, children, drain, read_until, summary
+from tests.procs import TRAIN, Jobs, Record, alive, children, drain, read_until, record, summary
 
 pytestmark = pytest.mark.slow
 
@@ -39,8 +39,11 @@ def hashes(out: str) -> list[str]:
     return [w["params_sha256"] for w in workers]
 
 
+@pytest.mark.measured
 @pytest.mark.timeout(300)
-def test_sigterm_leaves_checkpoints_and_resume_is_bit_identical(jobs: Jobs, tmp_path: Path) -> None:
+def test_sigterm_leaves_checkpoints_and_resume_is_bit_identical(
+    jobs: Jobs, tmp_path: Path, record_property: Record
+) -> None:
     uninterrupted = hashes(jobs.run("launch", "--nproc", "4", *TRAIN, *ARGS, timeout=120))
     assert len(set(uninterrupted)) == 1  # consensus() made the workers agree exactly
 
@@ -87,6 +90,7 @@ def test_sigterm_leaves_checkpoints_and_resume_is_bit_identical(jobs: Jobs, tmp_
         f"{exits.get(pid, math.inf):.1f} s using {cpu_at_exit[pid] - cpu_at_signal[pid]:.2f} CPU-s"
         for pid in workers
     )
+    record(record_property, "exit_seconds < 5", exit_seconds=stopped)
     assert stopped < 5, f"workers took {stopped:.1f} s to exit after SIGTERM ({per_worker}):\n{log}"
     assert "test accuracy" not in log, "training finished before the SIGTERM"
 

@@ -20,7 +20,7 @@ from subprocess import Popen
 
 import pytest
 
-from tests.procs import Jobs, alive, children, drain, read_until
+from tests.procs import Jobs, Record, alive, children, drain, read_until, record
 
 pytestmark = pytest.mark.slow
 
@@ -54,10 +54,11 @@ def start_job(jobs: Jobs, summary_file: Path, *args: str) -> Popen[str]:
     return proc
 
 
+@pytest.mark.measured
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("staleness", ["0"])
 def test_survivors_of_a_kill_9_finish_and_account_for_its_mass(
-    jobs: Jobs, tmp_path: Path, staleness: str
+    jobs: Jobs, tmp_path: Path, record_property: Record, staleness: str
 ) -> None:
     summary_file = tmp_path / "summary.json"
     proc = start_job(jobs, summary_file, "--staleness", staleness, "--epochs", "40")
@@ -72,6 +73,12 @@ def test_survivors_of_a_kill_9_finish_and_account_for_its_mass(
     assert "rank 3 was killed by SIGKILL; the other 3 worker(s) go on" in everything, log
     summary = json.loads(summary_file.read_text())
     assert summary["dead_ranks"] == [3], log
+    record(
+        record_property,
+        "min_accuracy >= 0.95",
+        min_accuracy=min(summary["accuracies"]),
+        lost_weight=summary["lost_weight"],
+    )
     assert min(summary["accuracies"]) >= 0.95, summary["accuracies"]
     assert summary["consensus_error"] <= 1e-3
     for worker in summary["per_worker"]:
@@ -103,9 +110,10 @@ under a second whatever the machine's load, and the others are still training wh
 asks to rejoin (a cold start under load took longer than their whole run)."""
 
 
+@pytest.mark.measured
 @pytest.mark.timeout(300)
 def test_a_killed_worker_restarted_with_rejoin_catches_up_and_finishes(
-    jobs: Jobs, tmp_path: Path
+    jobs: Jobs, tmp_path: Path, record_property: Record
 ) -> None:
     summary_file, go = tmp_path / "summary.json", tmp_path / "go.json"
     args = ["--staleness", "none", "--epochs", "100"]
@@ -137,6 +145,12 @@ def test_a_killed_worker_restarted_with_rejoin_catches_up_and_finishes(
     summary = json.loads(summary_file.read_text())
     assert summary["dead_ranks"] == [], log[-4000:]
     assert len(summary["accuracies"]) == 4
+    record(
+        record_property,
+        "min_accuracy >= 0.95",
+        min_accuracy=min(summary["accuracies"]),
+        lost_weight=summary["lost_weight"],
+    )
     assert min(summary["accuracies"]) >= 0.95, summary["accuracies"]
     assert summary["consensus_error"] <= 1e-3
     rejoined = summary["per_worker"][3]

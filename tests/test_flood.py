@@ -19,6 +19,7 @@ import torch
 
 from gossip_sgp import SGP, GossipConfig, GossipNode
 from gossip_sgp.launch import find_free_ports
+from tests.procs import Record, record
 
 pytestmark = pytest.mark.slow
 
@@ -72,8 +73,9 @@ def rss_bytes() -> int:
     raise AssertionError("no VmRSS in /proc/self/status")
 
 
+@pytest.mark.measured
 @pytest.mark.timeout(120)
-def test_training_goes_on_under_a_garbage_flood() -> None:
+def test_training_goes_on_under_a_garbage_flood(record_property: Record) -> None:
     n = 4
     ports = find_free_ports("127.0.0.1", n)
     results: list[Any] = [None] * n
@@ -154,6 +156,12 @@ def test_training_goes_on_under_a_garbage_flood() -> None:
     rates = f"steps/s: {before:.1f} before, {during:.1f} during the flood"
     if len(after) > 1:
         rates += f", {(len(after) - 1) / (after[-1] - after[0]):.1f} after"
+    record(
+        record_property,
+        f"rate_ratio >= {FLOOD_RATE_FRACTION}",
+        rate_ratio=during / before,
+        rss_growth_mib=(peak - baseline) / 2**20,
+    )
     assert during >= FLOOD_RATE_FRACTION * before, rates
     # ... with bounded memory (the flood pushed far more than this through) ...
     assert peak - baseline < 256 << 20, f"RSS grew by {(peak - baseline) >> 20} MiB"

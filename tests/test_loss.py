@@ -18,6 +18,7 @@ from torch.nn import functional as F
 
 from examples.train_digits import SmallCNN, accuracy, load_digits_split
 from gossip_sgp import SGP, GossipNode
+from tests.procs import Record, record
 from tests.threads import run_workers
 from transports import FaultSpec, FaultyTransport
 
@@ -62,12 +63,21 @@ def train(rank: int, node: GossipNode, staleness: int | None) -> dict[str, Any]:
     }
 
 
+@pytest.mark.measured
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("staleness", [0, None], ids=["synchronous", "asynchronous"])
-def test_training_through_loss_duplicates_and_reordering(staleness: int | None) -> None:
+def test_training_through_loss_duplicates_and_reordering(
+    record_property: Record, staleness: int | None
+) -> None:
     faults = FaultSpec(drop=0.1, duplicate=0.1, reorder=0.1)
     results = run_workers(
         4, lambda rank, node: train(rank, node, staleness), faults=faults, join=200
+    )
+    record(
+        record_property,
+        "min_accuracy >= 0.95",
+        min_accuracy=min(r["accuracy"] for r in results),
+        dropped=sum(r["dropped"] for r in results),
     )
     for r in results:
         assert r["accuracy"] >= 0.95, [r["accuracy"] for r in results]
