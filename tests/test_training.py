@@ -55,7 +55,7 @@ def test_synchronous_sgp_over_zeromq_trains_and_agrees(
 def test_sgp_modes_are_within_a_point_of_allreduce(
     digits_runs: DigitsRuns, record_property: Record, nproc: int
 ) -> None:
-    """Every SGP mode ends within a point of AllReduce, same script, seeds and epochs.
+    """SGP ends within a point of AllReduce: same script, seeds and epochs.
 
     The same number of steps per worker at both sizes (40 epochs of a quarter of the data,
     80 of an eighth: 480 steps). At 8 workers and 40 epochs (240 steps) on 2 cores,
@@ -64,9 +64,10 @@ def test_sgp_modes_are_within_a_point_of_allreduce(
 
     AllReduce, synchronous SGP and overlap SGP are deterministic for a seed (bit-identical
     parameters run after run), so those are trained once per seed per session, and the two
-    SGP modes are compared with AllReduce on the same seed. Asynchronous SGP is not
-    deterministic (what arrives before each fold depends on timing): the mean of its three
-    seeds is compared with AllReduce's mean.
+    SGP modes are compared with AllReduce on the same seed, at 4 workers (at 8 they are
+    measured by ``benchmarks/accuracy.py``, docs/training.md). Asynchronous SGP is not
+    deterministic (what arrives before each fold depends on timing): at both sizes the mean
+    of its three seeds is compared with AllReduce's mean.
     """
     epochs = ("--epochs", str(10 * nproc))
     allreduce = {
@@ -77,10 +78,14 @@ def test_sgp_modes_are_within_a_point_of_allreduce(
         )
         for seed in SEEDS
     }
-    sync = accuracy(digits_runs.deterministic(nproc, *synchronous(nproc, SEEDS[0])))
-    overlap = accuracy(
-        digits_runs.deterministic(nproc, "--staleness", "1", *epochs, "--seed", str(SEEDS[0]))
-    )
+    deterministic = {}
+    if nproc == 4:
+        deterministic = {
+            "synchronous": accuracy(digits_runs.deterministic(nproc, *synchronous(nproc, 1))),
+            "overlap": accuracy(
+                digits_runs.deterministic(nproc, "--staleness", "1", *epochs, "--seed", "1")
+            ),
+        }
     asynchronous = [
         accuracy(digits_runs.fresh(nproc, "--staleness", "none", *epochs, "--seed", str(seed)))
         for seed in SEEDS
@@ -89,16 +94,15 @@ def test_sgp_modes_are_within_a_point_of_allreduce(
     record(
         record_property,
         "sync, overlap >= allreduce(seed 1) - 0.01; mean(async) >= mean(allreduce) - 0.01",
-        allreduce_seed1=allreduce[SEEDS[0]],
-        synchronous=sync,
-        overlap=overlap,
+        allreduce_seed1=allreduce[1],
         allreduce_mean=expected,
         asynchronous_mean=statistics.mean(asynchronous),
         asynchronous_min=min(asynchronous),
+        **deterministic,
     )
-    for mode, acc in (("synchronous", sync), ("overlap", overlap)):
-        assert acc >= allreduce[SEEDS[0]] - 0.01, (
-            f"{mode} SGP {acc:.4f} vs AllReduce {allreduce[SEEDS[0]]:.4f} (seed {SEEDS[0]})"
+    for mode, acc in deterministic.items():
+        assert acc >= allreduce[1] - 0.01, (
+            f"{mode} SGP {acc:.4f} vs AllReduce {allreduce[1]:.4f} (seed 1)"
         )
     mean = statistics.mean(asynchronous)
     assert mean >= expected - 0.01, (
