@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import os
 import signal
@@ -69,6 +70,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="pytest -m expression (default: 'measured', the statistical and timing tests)",
     )
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    p.add_argument(
+        "--jsonl",
+        type=Path,
+        help="append one JSON line per test per run (outcome, measured values) to this file",
+    )
     args = p.parse_args(argv)
     if args.runs < 1:
         p.error("--runs must be at least 1")
@@ -125,14 +131,17 @@ def one_run(args: argparse.Namespace, index: int, outcomes: dict[str, Outcome]) 
                 f"run {index}: pytest wrote no report (exit {proc.returncode}):\n"
                 f"{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
             )
-        read_report(report, outcomes)
+        read_report(report, outcomes, args.jsonl, index)
     return seconds
 
 
-def read_report(report: Path, outcomes: dict[str, Outcome]) -> None:
+def read_report(report: Path, outcomes: dict[str, Outcome], jsonl: Path | None, run: int) -> None:
     for case in ET.parse(report).getroot().iter("testcase"):
         name = f"{case.get('classname', '')}::{case.get('name', '')}"
         outcome = outcomes[name]
+        if jsonl is not None:
+            with jsonl.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(row(case, name, run)) + "\n")
         if case.find("skipped") is not None:
             outcome.skipped += 1
             continue
@@ -143,7 +152,7 @@ def read_report(report: Path, outcomes: dict[str, Outcome]) -> None:
             outcome.passed += 1
         else:
             outcome.failed += 1
-            outcome.failures.append((trouble.get("message") or "").splitlines()[0][:160])
+            outcome.failures.append(first_line(trouble))
         outcome.seconds.append(float(case.get("time", "nan")))
         for prop in case.iter("property"):
             key, value = prop.get("name", ""), prop.get("value", "")
@@ -152,6 +161,29 @@ def read_report(report: Path, outcomes: dict[str, Outcome]) -> None:
                 continue
             with contextlib.suppress(ValueError):
                 outcome.values[key].append(float(value))
+
+
+def first_line(trouble: ET.Element) -> str:
+    lines = (trouble.get("message") or "").splitlines()
+    return lines[0][:2000] if lines else ""
+
+
+def row(case: ET.Element, name: str, run: int) -> dict[str, object]:
+    """One test's outcome in one run, for ``--jsonl``."""
+    trouble = case.find("failure")
+    if trouble is None:
+        trouble = case.find("error")
+    outcome = "skipped" if case.find("skipped") is not None else "passed"
+    if trouble is not None:
+        outcome = "failed"
+    return {
+        "run": run,
+        "test": name,
+        "outcome": outcome,
+        "seconds": float(case.get("time", "nan")),
+        "measured": {p.get("name"): p.get("value") for p in case.iter("property")},
+        "failure": first_line(trouble) if trouble is not None else None,
+    }
 
 
 def spread(values: list[float]) -> str:

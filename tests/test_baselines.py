@@ -115,4 +115,8 @@ def test_baseline_trains_digits(jobs: Jobs, record_property: Record, algorithm: 
     )
     result = summary(out)
     assert result["algorithm"] == algorithm
+    if algorithm == "adpsgd":  # pairwise averagings completed, per worker
+        workers = result["per_worker"]
+        assert isinstance(workers, list)
+        record_property("min_exchanges", min(w["exchanges"] for w in workers))
     check_trained(result, workers=4, prop=record_property)
