@@ -241,9 +241,9 @@ class Jobs:
 
 
 def synchronous(nproc: int, seed: int) -> tuple[str, ...]:
-    """``launch`` arguments of a synchronous SGP run with the training tests' epochs (the same
-    number of steps per worker at every size: 10 epochs per worker). Tests that share a run
-    through :class:`DigitsRuns` build its arguments here, so that they match."""
+    """``launch`` arguments of a synchronous SGP run with the training tests' epochs: 10 per
+    worker in the job, so every world size takes the same steps per worker. Tests that share
+    a run through :class:`DigitsRuns` build its arguments here, so that they match."""
     return ("--staleness", "0", "--epochs", str(10 * nproc), "--seed", str(seed))
 
 
