@@ -4,12 +4,13 @@ dead worker (threads with their own nodes over the in-process transport)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import queue
 import statistics
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -18,7 +19,7 @@ import torch
 from gossip_sgp import SGP, GossipConfig, GossipNode, Message
 from gossip_sgp import node as node_module
 from gossip_sgp.liveness import FailureDetector
-from tests.threads import run_workers
+from tests.threads import run_workers, wait_until
 from transports import InProcNetwork
 
 
@@ -118,14 +119,8 @@ def test_workers_detect_a_dead_peer_and_finish_without_it(staleness: int | None)
     assert any(r["kept"] > 0 for r in survivors)  # rounds routed to rank 3 kept their mass
 
 
-def until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    """Poll ``predicate`` until it holds or ``timeout`` passes (for state with no event)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
+until = functools.partial(wait_until, timeout=10.0)
+"""Poll a predicate for up to 10 s (for state with no event)."""
 
 
 @contextlib.contextmanager

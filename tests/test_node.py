@@ -31,6 +31,7 @@ from gossip_sgp.config import ENV_PEERS, ENV_RANK
 from gossip_sgp.errors import ConfigError, SendTimeout
 from gossip_sgp.launch import find_free_ports
 from gossip_sgp.message import MessageKind
+from tests.threads import wait_until
 from transports import InProcNetwork, InProcTransport
 
 FP = 0x5EED
@@ -67,16 +68,6 @@ def tcp_ports_in_use() -> set[int]:
                     ports.add(int(fields[1].rsplit(":", 1)[1], 16))
                     ports.add(int(fields[2].rsplit(":", 1)[1], 16))
     return ports
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
-    """Poll ``predicate`` until it holds or ``timeout`` passes (for state with no event)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 class VirtualClock:
