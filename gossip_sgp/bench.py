@@ -36,8 +36,6 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from gossip_sgp.compression import parse_codec
-
 __all__ = ["ALGORITHMS", "Network", "add_parser", "parse_network", "run_bench"]
 
 ALGORITHMS: dict[str, list[str]] = {
@@ -261,6 +259,8 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         raise SystemExit(f"gossip-sgp bench: --eval-every must be >= 0, got {args.eval_every}")
     if not timeout > 0:
         raise SystemExit(f"gossip-sgp bench: --run-timeout must be > 0, got {timeout}")
+    from gossip_sgp.compression import parse_codec  # torch: only where a bench runs
+
     try:
         parse_codec(args.compression)
     except ValueError as exc:
