@@ -7,6 +7,7 @@ tests/test_training.py.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import re
 import threading
@@ -19,7 +20,7 @@ import torch
 from gossip_sgp import SGP, GossipError, GossipNode, GossipTimeout, Message
 from gossip_sgp import node as node_module
 from gossip_sgp.message import MessageKind
-from tests.threads import Worker, run_workers
+from tests.threads import Worker, run_workers, wait_until
 from transports import FaultSpec, Transport
 
 
@@ -344,6 +345,88 @@ def test_first_rounds_wait_for_late_peers_in_every_mode(staleness: int | None) -
     began = time.monotonic()
     for rank, times in enumerate(run_workers(n, fn)):
         assert times[1] - began >= late - 0.05, f"rank {rank} left the barrier early"
+
+
+class _HeldLink:
+    """Holds every message to ``peer`` until :meth:`release`: a link that carries nothing
+    yet, as a ZeroMQ connection does while it waits out its reconnect back-off."""
+
+    def __init__(self, inner: Transport, peer: int) -> None:
+        self.inner, self.peer = inner, peer
+        self.released = threading.Event()
+        self._lock = threading.Lock()
+        self._held: list[Message] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def send(self, peer: int, message: Message) -> None:
+        with self._lock:
+            if peer == self.peer and not self.released.is_set():
+                self._loop = asyncio.get_running_loop()
+                self._held.append(message)
+                return
+        await self.inner.send(peer, message)
+
+    def release(self) -> None:
+        with self._lock:
+            self.released.set()
+            held, self._held = self._held, []
+        for message in held:
+            assert self._loop is not None
+            sent = asyncio.run_coroutine_threadsafe(self.inner.send(self.peer, message), self._loop)
+            sent.result(5)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("staleness", [1, None])
+def test_the_start_up_barrier_waits_until_every_link_has_carried_a_message(
+    staleness: int | None,
+) -> None:
+    """Every rank starts at once, but rank 2's link to rank 3 (used in round 0 on the
+    exponential graph of 4) carries nothing until it is released. Rank 3 has sent its round-0
+    messages, so everyone soon knows that it started; yet nobody may finish the barrier's last
+    round (round 3: the period, 2, plus the 2 rounds that carry every rank's round-2 message,
+    which rank 3 sends only after it received round 0) before the release.
+
+    Fails in the asynchronous mode with the barrier that ended once every rank had heard of
+    every rank's round 0
+    (2 rounds): ranks 0-2 trained on alone while rank 3 waited for its first message
+    (AD-PSGD on the digits averaged 2 to 10 times in 240 steps instead of about 40)."""
+    n, barrier, links = 4, 4, []
+
+    def wrap(rank: int, transport: Transport) -> Transport:
+        if rank != 2:
+            return transport
+        links.append(_HeldLink(transport, peer=3))
+        return links[0]  # type: ignore[return-value]
+
+    def fn(rank: int, node: GossipNode) -> list[bool]:
+        x = torch.nn.Parameter(torch.zeros(2))
+        sgp = SGP([x], torch.optim.SGD([x], lr=0.1), node, staleness=staleness)
+        released = []
+        for _ in range(barrier + 2):
+            sgp.step()
+            released.append(links[0].released.is_set())
+        sgp.consensus()
+        return released
+
+    # The release comes from a timer; workers that do not wait would finish every step of
+    # this tiny model in well under the 0.5 s, so a broken barrier shows as steps done early.
+    def release() -> None:
+        assert wait_until(lambda: bool(links), timeout=30.0)
+        links[0].release()
+
+    timer = threading.Timer(0.5, release)
+    timer.start()
+    try:
+        results = run_workers(n, fn, wrap=wrap)
+    finally:
+        timer.cancel()
+    for rank, released in enumerate(results):
+        early = released.count(False)
+        assert released[barrier - 1], f"rank {rank} finished {early} rounds before the release"
 
 
 @pytest.mark.timeout(30)
