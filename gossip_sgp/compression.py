@@ -42,6 +42,7 @@ import torch
 
 from gossip_sgp.errors import WireError
 from gossip_sgp.message import Message
+from gossip_sgp.wire import all_finite
 
 __all__ = ["CODECS", "Codec", "Layout", "References", "compress_share", "parse_codec"]
 
@@ -167,12 +168,17 @@ class Codec:
                 )
             if part.dim() != 1 or part.numel() != length:
                 raise WireError("size_mismatch", f"tensor {i} has shape {tuple(part.shape)}")
-        out = []
+        out: list[torch.Tensor] = []
         i = 0
         for (numel, dtype, device), specs in zip(layout, expected, strict=True):
             own = [p.to(device, non_blocking=True) for p in parts[i : i + len(specs)]]
             i += len(specs)
-            out.append(self._decode_one(own, numel, dtype))
+            dense = self._decode_one(own, numel, dtype)
+            if self.name != "none" and not all_finite(dense):
+                # Finite parts can still decode to infinity: an int8 block scale near 3e38
+                # times 127, or a float32 value beyond float16's range for a float16 model.
+                raise WireError("non_finite", f"tensor {len(out)} decodes to NaN or infinity")
+            out.append(dense)
         return tuple(out)
 
     def _decode_one(
@@ -362,6 +368,8 @@ class References:
                 )
             delta = codec.decode(message.tensors, layout, meta)
             tensors = tuple(h + d for h, d in zip(link.tensors, delta, strict=True))
+            if not all(all_finite(t) for t in tensors):  # before it becomes the reference
+                raise WireError("non_finite", "reference plus difference overflows")
         if commit:
             self.inbound[message.sender] = _Link(tensors, start, seq + 1)
         return tensors

@@ -143,12 +143,18 @@ class PushSumProtocol:
             codec = _codec(message.codec)
         except ValueError as exc:
             raise WireError("bad_codec", str(exc)) from None
-        if codec.reference:
-            if self._references.applied(message):
-                return message
-            tensors = self._references.decode(codec, message, self.layout, commit=commit)
-        else:
-            tensors = codec.decode(message.tensors, self.layout, message.meta)
+        if codec.reference and self._references.applied(message):
+            return message
+        try:
+            if codec.reference:
+                tensors = self._references.decode(codec, message, self.layout, commit=commit)
+            else:
+                tensors = codec.decode(message.tensors, self.layout, message.meta)
+        except WireError:
+            raise
+        except Exception as exc:  # nothing a peer sends may raise anything but a WireError
+            why = f"{type(exc).__name__}: {exc}"
+            raise WireError("malformed", f"payload does not decode ({why})") from None
         if len(tensors) == len(message.tensors) and all(
             a is b for a, b in zip(tensors, message.tensors, strict=True)
         ):

@@ -26,8 +26,10 @@ __all__ = [
     "PROTOCOL_VERSION",
     "REJECT_REASONS",
     "FrameBuffer",
+    "all_finite",
     "decode",
     "encode",
+    "tensor_spec",
 ]
 
 PROTOCOL_VERSION = 1
@@ -74,6 +76,8 @@ MAX_DIMS = 8
 MAX_META = 32
 MAX_STR = 64
 """Header limits: tensors per message, dimensions per tensor, meta entries, string length."""
+_WEIGHT_SLACK = 1.0 + 1e-9
+"""Rounding room above the world size: the weights of a job add up to ``n`` up to rounding."""
 _INT64 = (-(1 << 63), (1 << 63) - 1)
 _UINT63 = (0, (1 << 63) - 1)
 _DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
@@ -117,13 +121,16 @@ def encode(message: Message) -> list[bytes | memoryview]:
     return [_header(message, weight, specs), *payload]
 
 
-def _check_weight(kind: int, weight: float, n_tensors: int) -> None:
-    """MASS carries a finite weight > 0; the other kinds carry weight 0 and no tensors."""
+def _check_weight(kind: int, weight: float, n_tensors: int, world_size: int | None = None) -> None:
+    """MASS carries a finite weight > 0 (at most the world size, the job's whole weight, when
+    known); the other kinds carry weight 0 and no tensors."""
     if kind != MessageKind.MASS:
         if weight != 0.0 or n_tensors:
             raise WireError("bad_weight", f"a {MessageKind(kind).name} has weight 0, no tensors")
     elif not math.isfinite(weight) or weight <= 0.0:
         raise WireError("bad_weight", f"weight {weight!r} is not a finite float > 0")
+    elif world_size is not None and weight > world_size * _WEIGHT_SLACK:
+        raise WireError("bad_weight", f"weight {weight!r} exceeds the job's {world_size}")
 
 
 def _header(message: Message, weight: float, specs: list[list[Any]]) -> bytes:
@@ -205,7 +212,7 @@ def decode(
     if type(weight) is not float:
         raise WireError("bad_weight", f"weight {weight!r} is not a float")
     tensor_specs = header["tensors"]
-    _check_weight(kind, weight, len(tensor_specs) if type(tensor_specs) is list else 0)
+    _check_weight(kind, weight, len(tensor_specs) if type(tensor_specs) is list else 0, world_size)
     sent_at = header["sent_at"]
     if type(sent_at) is not float or not math.isfinite(sent_at):
         raise WireError("malformed", f"sent_at {sent_at!r}")
@@ -226,9 +233,14 @@ def decode(
         if view.nbytes != nbytes:
             raise WireError("size_mismatch", f"tensor {i}: {view.nbytes} bytes, {shape} {dtype}")
     # Only now, with every field and size checked, are the payload buffers read.
-    tensors = tuple(_tensor(view, dtype, shape) for view, (dtype, shape, _) in pairs)
+    try:
+        tensors = tuple(_tensor(view, dtype, shape) for view, (dtype, shape, _) in pairs)
+    except Exception as exc:  # nothing a peer sends may raise anything but a WireError
+        raise WireError(
+            "malformed", f"tensors do not build ({type(exc).__name__}: {exc})"
+        ) from None
     for i, tensor in enumerate(tensors):
-        if tensor.is_floating_point() and not _all_finite(tensor):
+        if not all_finite(tensor):
             raise WireError("non_finite", f"tensor {i} holds NaN or infinity")
     return Message(
         sender=sender,
@@ -271,22 +283,32 @@ def _tensor_specs(
     checked = []
     total = 0
     for spec in specs:
-        if type(spec) is not list or len(spec) != 2 or type(spec[0]) is not str:
-            raise WireError("malformed", f"tensor spec {spec!r}")
-        name, shape = spec
-        if name not in DTYPES:
-            raise WireError("bad_dtype", f"dtype {name!r}")
-        if type(shape) is not list or len(shape) > MAX_DIMS:
-            raise WireError("malformed", f"shape {shape!r}")
-        if not all(type(d) is int and 0 <= d <= _UINT63[1] for d in shape):
-            raise WireError("malformed", f"shape {shape!r}")
-        dtype = DTYPES[name]
-        nbytes = math.prod(shape) * dtype.itemsize
+        dtype, shape, nbytes = tensor_spec(spec, max_bytes)
         total += nbytes
         if total > max_bytes:
             raise WireError("oversized", f"payload over {max_bytes} bytes")
-        checked.append((dtype, tuple(shape), nbytes))
+        checked.append((dtype, shape, nbytes))
     return checked
+
+
+def tensor_spec(spec: Any, max_bytes: int) -> tuple[torch.dtype, tuple[int, ...], int]:
+    """``(dtype, shape, bytes)`` of one header tensor spec ``[dtype name, shape]``; raises
+    ``WireError`` unless a tensor of that spec can be built within ``max_bytes``."""
+    if type(spec) is not list or len(spec) != 2 or type(spec[0]) is not str:
+        raise WireError("malformed", f"tensor spec {spec!r}")
+    name, shape = spec
+    if name not in DTYPES:
+        raise WireError("bad_dtype", f"dtype {name!r}")
+    if type(shape) is not list or len(shape) > MAX_DIMS:
+        raise WireError("malformed", f"shape {shape!r}")
+    if not all(type(d) is int and 0 <= d <= _UINT63[1] for d in shape):
+        raise WireError("malformed", f"shape {shape!r}")
+    dtype = DTYPES[name]
+    # Strides as well as the size must stay within the limit: torch refuses to build even
+    # an empty tensor of shape (0, 2**31, 2**31, 2**31), as its strides overflow.
+    if math.prod(max(d, 1) for d in shape) * dtype.itemsize > max_bytes:
+        raise WireError("oversized", f"shape {shape} spans over {max_bytes} bytes")
+    return dtype, tuple(shape), math.prod(shape) * dtype.itemsize
 
 
 def _tensor(view: memoryview, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
@@ -301,7 +323,10 @@ def _tensor(view: memoryview, dtype: torch.dtype, shape: tuple[int, ...]) -> tor
     return tensor.view(shape)
 
 
-def _all_finite(tensor: torch.Tensor) -> bool:
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` holds no NaN or infinity (integer tensors always do)."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return True
     # A sum is finite only if every term is, and it runs at memory speed (about 2 ms for
     # 64 MiB here, against 20-70 ms for isfinite().all()). A non-finite sum may still be an
     # overflow of finite values (float16 overflows at 65504), so that case checks exactly.

@@ -188,10 +188,37 @@ def test_decoders_reject_corrupt_payloads() -> None:
         bad = scales.clone()
         bad[7] = value
         _reject(int8, [q, bad], meta, "non_finite")
+    # A finite scale whose block decodes to infinity (127 * 3e38 > float32's 3.4e38): this
+    # decoded and was folded into the receiver's model.
+    huge = scales.clone()
+    huge[7] = 3e38
+    _reject(int8, [torch.full_like(q, 127), huge], meta, "non_finite")
 
     fp16 = parse_codec("fp16")
     _reject(fp16, [x], meta, "bad_dtype")
     _reject(fp16, [x.half(), x.half()], meta, "size_mismatch")
+
+
+def test_protocol_turns_any_decoding_error_into_a_wire_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Whatever a decoder raises for a peer's payload is a counted reject (``WireError``),
+    never another exception, which the node would count as its own failure. The decoder is
+    made to fail here as torch does on input its checks did not foresee."""
+
+    def fails(*_: object) -> torch.Tensor:
+        raise RuntimeError("Stride calculation overflowed")
+
+    sender = PushSumProtocol(
+        1, topologies.get("ring", 2), PushSumState([torch.ones(10)]), compression="int8"
+    )
+    receiver = PushSumProtocol(0, topologies.get("ring", 2), PushSumState([torch.zeros(10)]))
+    (message,) = sender.emit(0)
+    monkeypatch.setattr(Codec, "_decode_one", fails)
+    with pytest.raises(WireError) as exc:
+        receiver.decode(message)
+    assert exc.value.reason == "malformed"
+    assert "Stride calculation overflowed" in str(exc.value)
 
 
 def test_protocol_rejects_unknown_codec() -> None:

@@ -16,11 +16,12 @@ import sys
 import time
 from pathlib import Path
 
+import msgpack
 import pytest
 import torch
 import torch.distributed as dist
 
-from gossip_sgp import SGP, GossipConfig, GossipNode
+from gossip_sgp import SGP, GossipConfig, GossipNode, wire
 from gossip_sgp.errors import ConfigError, TransportError, WireError
 from gossip_sgp.launch import find_free_ports
 from gossip_sgp.message import Message, MessageKind
@@ -102,7 +103,16 @@ def test_unreadable_header_stops_the_transport() -> None:
     header = TorchDistTransport(1, 4, device="cpu")._header(huge)
     with pytest.raises(TransportError, match="payload over"):
         receiver._parse_header(header, 1, 3)
-    assert receiver.stats.rejected["malformed"] == 2
+    # An empty tensor whose strides overflow: torch's view() raised RuntimeError, not this.
+    fields = msgpack.unpackb(bytes(wire.encode(_message(tensors=(torch.ones(1),)))[0]))
+    fields["tensors"] = [["float32", [0, 1 << 31, 1 << 31, 1 << 31]]]
+    packed = msgpack.packb(fields)
+    raw = len(packed).to_bytes(4, "little") + packed
+    header = torch.zeros(HEADER_BYTES, dtype=torch.uint8)
+    header[: len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    with pytest.raises(TransportError, match="payload over"):
+        receiver._parse_header(header, 1, 3)
+    assert receiver.stats.rejected["malformed"] == 3
 
 
 @pytest.mark.asyncio

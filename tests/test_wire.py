@@ -215,6 +215,8 @@ HEADER_CASES: list[tuple[str, Callable[[dict[str, Any]], Any], str]] = [
     ("weight inf", setter("weight", math.inf), "bad_weight"),
     ("weight as int", setter("weight", 1), "bad_weight"),
     ("weight as str", setter("weight", "0.5"), "bad_weight"),
+    ("weight over the world size", setter("weight", WORLD * 1.001), "bad_weight"),
+    ("weight 1e308", setter("weight", 1e308), "bad_weight"),
     ("round negative", setter("round", -1), "malformed"),
     ("round too large", setter("round", 1 << 63), "malformed"),
     ("seq as float", setter("seq", 3.0), "malformed"),
@@ -329,7 +331,7 @@ def check_decoded(frames: list[bytes], **kw: Any) -> None:
     ):
         assert tensor.dtype == wire.DTYPES[name]
         assert list(tensor.shape) == shape
-        assert tensor.contiguous().view(torch.uint8).numpy().tobytes() == bytes(frame)
+        assert tensor.reshape(-1).view(torch.uint8).numpy().tobytes() == bytes(frame)
 
 
 @FUZZ
@@ -363,6 +365,40 @@ def test_fuzz_replaced_header_field(data: st.DataObject) -> None:
     check_decoded(
         [msgpack.packb(header), *frames[1:]], fingerprint=data.draw(st.none() | st.just(FP))
     )
+
+
+def test_weight_of_the_whole_job_passes() -> None:
+    sent = message(torch.ones(2), weight=float(WORLD))  # a worker holding all the mass
+    assert decode(writable(wire.encode(sent))).weight == WORLD
+
+
+def test_an_empty_tensor_with_overflowing_strides_is_a_wire_error() -> None:
+    """``torch.empty((0, 2**31, 2**31, 2**31))`` raises RuntimeError (its strides overflow):
+    such a message passed every check and raised it out of decode, stopping the worker."""
+    header, frames = valid_frames()
+    header["tensors"][0][1] = [0, 1 << 31, 1 << 31, 1 << 31]
+    with pytest.raises(WireError) as info:
+        decode([msgpack.packb(header), b"", *frames[2:]])
+    assert info.value.reason == "oversized"
+
+
+dims = st.sampled_from([0, 1, 2, 3]) | st.integers(0, (1 << 63) - 1)
+
+
+@FUZZ
+@given(st.data())
+def test_fuzz_well_formed_headers_with_any_shapes(data: st.DataObject) -> None:
+    """Headers that pass every field check, tensors of any dtype and shape, each frame the
+    size its spec claims (when that is small): decode builds them or raises WireError."""
+    header, _ = valid_frames()
+    specs, payload = [], []
+    for _ in range(data.draw(st.integers(1, 3))):
+        name = data.draw(st.sampled_from(sorted(wire.DTYPES)))
+        shape = data.draw(st.lists(dims, max_size=wire.MAX_DIMS))
+        specs.append([name, shape])
+        payload.append(bytes(min(math.prod(shape) * wire.DTYPES[name].itemsize, 256)))
+    header["tensors"] = specs
+    check_decoded([msgpack.packb(header), *payload])
 
 
 @FUZZ

@@ -366,7 +366,7 @@ class TorchDistTransport:
         ):
             tensors = tuple(b.view(shape) for b, (_, shape) in zip(bufs, specs, strict=True))
             if error is None:
-                bad = next((i for i, t in enumerate(tensors) if not _all_finite(t)), None)
+                bad = next((i for i, t in enumerate(tensors) if not wire.all_finite(t)), None)
                 if bad is not None:
                     error = WireError("non_finite", f"tensor {bad} holds NaN or infinity")
             if error is not None or message is None:
@@ -458,20 +458,16 @@ class TorchDistTransport:
         checked = []
         total = 0
         for spec in specs:
-            ok = type(spec) is list and len(spec) == 2 and spec[0] in wire.DTYPES
-            shape: list[int] = spec[1] if ok else []
-            if not (
-                ok
-                and type(shape) is list
-                and len(shape) <= wire.MAX_DIMS
-                and all(type(d) is int and 0 <= d < 1 << 62 for d in shape)
-            ):
-                self._fail_link(src, f"tensor spec {spec!r}")
-            dtype = wire.DTYPES[spec[0]]
-            total += math.prod(shape) * dtype.itemsize
+            try:
+                dtype, shape, nbytes = wire.tensor_spec(spec, self.max_message_bytes)
+            except WireError as exc:
+                over = exc.reason == "oversized"
+                why = f"payload over {self.max_message_bytes} bytes" if over else str(exc)
+                self._fail_link(src, f"tensor spec {spec!r}: {why}")
+            total += nbytes
             if total > self.max_message_bytes:
                 self._fail_link(src, f"payload over {self.max_message_bytes} bytes")
-            checked.append((dtype, tuple(shape)))
+            checked.append((dtype, shape))
         return checked
 
     def _fail_link(self, src: int, detail: str) -> NoReturn:
@@ -533,14 +529,6 @@ def _delivered(message: Message) -> Message:
         fingerprint=message.fingerprint,
         kind=MessageKind.ACK,
     )
-
-
-def _all_finite(tensor: torch.Tensor) -> bool:
-    if not tensor.is_floating_point() or tensor.numel() == 0:
-        return True
-    if math.isfinite(tensor.sum().item()):
-        return True
-    return bool(torch.isfinite(tensor).all())
 
 
 async def _in_thread(fn: Any) -> Any:
