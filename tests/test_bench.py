@@ -173,6 +173,7 @@ def test_quick_bench_on_loopback_writes_csv_and_json(jobs: Jobs, tmp_path: Path)
     assert "| loopback | 2 | x1 | adpsgd |" in out  # the table at the end
 
 
+@pytest.mark.slow  # a bench run: training worker processes (5 s each)
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_stops_the_workers(jobs: Jobs, tmp_path: Path, signum: int) -> None:
