@@ -314,6 +314,14 @@ class References:
         self.inbound: dict[int, _Link] = {}
         """Links from in-peers (receiver side)."""
 
+    def forget_outbound(self, peer: int) -> None:
+        """Drop the reference of the link to ``peer``: its next message is a key frame."""
+        self.out.pop(peer, None)
+
+    def forget_inbound(self, peer: int) -> None:
+        """Drop the reference of the link from ``peer``: only a key frame is placed next."""
+        self.inbound.pop(peer, None)
+
     def encode(
         self,
         codec: Codec,

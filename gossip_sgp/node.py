@@ -1011,6 +1011,11 @@ class GossipNode:
         with self._lock:
             return {peer for peer, count in self.peers_restarted.items() if count}
 
+    def restarts(self) -> dict[int, int]:
+        """How often each peer was heard with a new incarnation (thread-safe copy)."""
+        with self._lock:
+            return {peer: count for peer, count in self.peers_restarted.items() if count}
+
     def peer_timeout(self, peer: int) -> float:
         """Seconds of silence after which ``peer`` is suspected (adapts; thread-safe)."""
         with self._lock:

@@ -116,6 +116,16 @@ class PushSumProtocol:
             **fields,
         )
 
+    def peer_restarted(self, peer: int, *, inbound: bool = True, outbound: bool = True) -> None:
+        """``peer`` is a new life of its worker, with no references (codec option ``ref``):
+        forget this node's references of the links to it (``outbound``: the next message to
+        it is a key frame) and from it (``inbound``: its own first message is one). Call
+        ``outbound`` from the thread that emits, ``inbound`` from the one that decodes."""
+        if outbound:
+            self._references.forget_outbound(peer)
+        if inbound:
+            self._references.forget_inbound(peer)
+
     def give_half(self, peer: int, round: int) -> Message:
         """Split off half of this node's mass for ``peer`` (a worker that rejoins the job),
         as one uncompressed message of ``round`` marked ``meta["join"] = 1``."""

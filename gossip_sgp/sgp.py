@@ -179,6 +179,10 @@ class SGP:
         if self._metrics is not None:
             self._metrics.watch(self)
         self._folded_through = -1  # every round <= this has been waited for and folded in
+        # Per peer, the restarts whose codec references were reset: by the gossip thread for
+        # links from the peer, by the training thread for links to it.
+        self._inbound_lives: dict[int, int] = {}
+        self._outbound_lives: dict[int, int] = {}
         self.skipped_rounds = 0
         """Asynchronous rounds in which this worker kept its mass (no send credit)."""
         self._initial_credit = _INITIAL_CREDIT * max(
@@ -246,6 +250,12 @@ class SGP:
             self._join_round = max(self._join_round, message.round)
             self._joined.set()
             return fresh
+        restarts = self.node.restarts().get(message.sender, 0)
+        if restarts > self._inbound_lives.get(message.sender, 0):
+            # A new life of the sender (the node saw its incarnation before handing the
+            # message over): its references start afresh, so must ours of its link.
+            self._inbound_lives[message.sender] = restarts
+            self.protocol.peer_restarted(message.sender, outbound=False)
         message = self.protocol.decode(message)
         metrics = self._metrics
         if metrics is None:
@@ -317,6 +327,10 @@ class SGP:
     @torch.no_grad()
     def _round(self, staleness: int | None, *, gauge: float) -> None:
         k = self.round
+        for peer, restarts in self.node.restarts().items():
+            if restarts > self._outbound_lives.get(peer, 0):  # see _receive
+                self._outbound_lives[peer] = restarts
+                self.protocol.peer_restarted(peer, inbound=False)
         if self._join_requests:
             self._serve_joins(k)
         if self.node.world_size > 1:

@@ -18,7 +18,7 @@ from contextlib import ExitStack, contextmanager
 import pytest
 import torch
 
-from gossip_sgp import SGP, GossipConfig, GossipNode, RejoinRefused
+from gossip_sgp import SGP, GossipConfig, GossipNode, PushSumProtocol, PushSumState, RejoinRefused
 from gossip_sgp.message import Message, MessageKind
 from transports import InProcNetwork
 
@@ -216,3 +216,63 @@ def test_a_neighbour_that_restarts_during_the_start_up_barrier_is_not_waited_for
         assert time.monotonic() - started < 5
         assert node0.restarted_peers() == {1}
         assert sgp.round == 1
+
+
+def test_codec_references_start_afresh_with_a_restarted_peer() -> None:
+    """With a difference codec (``int8,ref``) both ends of a link hold the same reference.
+    A restarted peer holds none: rank 0 must forget its references of both links when it
+    hears rank 1's new life. Without that (SGP not calling ``peer_restarted``), rank 1's
+    first message of its new life (a key frame, seq 0) was taken for an old, already applied
+    one, and its raw int8 parts were queued to be folded in as if they were the mass; and
+    rank 0 went on sending differences against a reference rank 1 no longer has (rejected as
+    ``no_reference`` for good, without periodic key frames)."""
+    with two_nodes() as (node0, node1):
+        x = torch.nn.Parameter(torch.arange(1024, dtype=torch.float64))  # int8 compresses it
+        sgp = SGP(
+            [x],
+            torch.optim.SGD([x], lr=0.0),
+            node0,
+            staleness=None,
+            compression="int8,ref",
+            timeout=8.0,
+        )
+        peer = Peer(node1, sgp.fingerprint)
+
+        def protocol() -> PushSumProtocol:  # rank 1's side of the links, one per life
+            state = PushSumState([torch.full((1024,), 10.0, dtype=torch.float64)])
+            return PushSumProtocol(
+                1, sgp.topology, state, fingerprint=sgp.fingerprint, compression="int8,ref"
+            )
+
+        first_life = protocol()
+        for r in range(3):  # its start-up rounds: a key frame, then differences
+            node1.send(first_life.emit(r))
+        for _ in range(3):
+            sgp.step()
+        assert peer.wait_for(lambda got: len([m for m in got if m.kind == MASS]) >= 3)
+        assert [m.meta["key"] for m in peer.shares()] == [1, 0, 0]
+
+        node1.incarnation += 1  # rank 1 restarts
+        second_life = protocol()
+        deadline = time.monotonic() + 5
+        while node0.restarted_peers() != {1}:  # heard its new life (a heartbeat)
+            assert time.monotonic() < deadline, "rank 0 never heard rank 1's new life"
+            time.sleep(0.01)
+        (share,) = second_life.emit(3)
+        assert (share.seq, share.meta["key"]) == (0, 1)
+        received = sgp.protocol.mailbox.received
+        node1.send([share])
+        deadline = time.monotonic() + 5
+        while sgp.protocol.mailbox.received == received and not (node0.dropped or node0.rejected):
+            assert time.monotonic() < deadline, "rank 1's share did not arrive"
+            time.sleep(0.01)
+        assert not node0.dropped
+        assert not node0.rejected
+        ((tensors, weight),) = sgp.protocol.mailbox.pending()  # what rank 0 will fold
+        expected = protocol().decode(share).tensors  # a fresh end of the link decodes it
+        assert weight == share.weight
+        torch.testing.assert_close(tensors, list(expected), rtol=0, atol=0)
+        sgp.step()  # folds the new life's share, sends rank 1 a share of its own
+        assert torch.isfinite(x).all()
+        assert peer.wait_for(lambda got: len({m.seq for m in got if m.kind == MASS}) >= 4)
+        assert peer.shares()[-1].meta["key"] == 1  # a key frame for rank 1's new life
