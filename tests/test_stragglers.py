@@ -13,7 +13,7 @@ asynchronous test's gate. Measured (scripts/flake_check.py, docs/testing.md): as
 the others at 1.17-1.28x their pace without the straggler and the straggler at 0.28-0.33x
 theirs (3 runs); synchronous, the others at 0.41-0.52x (5 runs).
 
-Both use a 6x straggler. A 3x straggler ran at 0.41-0.66x the others' pace (10 runs), too
+Both use a 6x straggler. A 3x straggler ran at 0.41-0.66x the others' pace (7 runs), too
 close to the 0.75 gate that shows it did straggle, and in the synchronous control the others
 kept 0.58-0.82x of their pace, too close to the asynchronous gate to tell the modes apart.
 """
