@@ -1008,8 +1008,7 @@ class GossipNode:
 
     def restarted_peers(self) -> set[int]:
         """The peers heard with a new incarnation since this node started (thread-safe)."""
-        with self._lock:
-            return {peer for peer, count in self.peers_restarted.items() if count}
+        return set(self.restarts())
 
     def restarts(self) -> dict[int, int]:
         """How often each peer was heard with a new incarnation (thread-safe copy)."""
