@@ -77,9 +77,45 @@ _RETRY_MIN_S = 0.01
 _RETRY_RTTS = 4
 """A message is sent again when it has not been acknowledged within this many median
 round trips to its peer (send to fold-in: the peer's step time included)."""
+_RETRY_FIRST_S = 2 * _HEARTBEAT_S
+"""The wait before a first copy while no round trip to the peer is known, plus the time
+the message takes at ``_ASSUMED_BYTES_PER_S``."""
+_ASSUMED_BYTES_PER_S = 12.5e6
+"""The rate assumed for a link before any round trip on it is known: 100 Mbit/s. A 64 MB
+message then gets about 6 s, not the 1 s that made copies of every message on slow links."""
+_RETRY_MAX_S = 120.0
+"""The longest wait between two copies of a message (after exponential back-off)."""
 
-_Sent = tuple[float, Message]
-"""(monotonic time last sent, message) of a MASS message not acknowledged yet."""
+
+def retry_after(rtts: Sequence[float], nbytes: int, copies: int) -> float:
+    """Seconds without an acknowledgement after which a message of ``nbytes`` bytes that
+    was sent ``copies`` times again already is sent once more.
+
+    ``rtts`` are the link's recent round trips, timed from messages never sent again
+    (Karn's rule: an acknowledgement of a message sent twice does not say which copy it
+    answers). Each copy doubles the wait (exponential back-off), so a slow link gets a few
+    copies, not a storm, and a dead one ever fewer until it is suspected.
+    """
+    first: float
+    if rtts:
+        first = max(_RETRY_MIN_S, _RETRY_RTTS * statistics.median(rtts))
+    else:
+        first = _RETRY_FIRST_S + nbytes / _ASSUMED_BYTES_PER_S
+    return min(_RETRY_MAX_S, math.ldexp(first, min(copies, 32)))
+
+
+@dataclasses.dataclass(slots=True)
+class _Sent:
+    """A MASS message sent and not acknowledged yet."""
+
+    message: Message
+    first_sent: float
+    """Monotonic time of the first send (round trips are timed from it)."""
+    last_sent: float
+    """Monotonic time of the latest copy (the next copy is due ``retry_after`` later)."""
+    copies: int = 0
+    """Times it was sent again."""
+
 
 _MAX_EARLY = 4096
 """Messages kept for a subscriber that has not subscribed yet; beyond that the oldest go."""
@@ -634,8 +670,9 @@ class GossipNode:
         sent = self._unacked.get(peer, {}).pop(ack.seq, None)
         if sent is not None:
             rtts = self.rtt.setdefault(peer, deque(maxlen=64))
-            rtts.append(now - sent[0])
-            weight = sent[1].weight
+            if not sent.copies:  # Karn's rule: see retry_after
+                rtts.append(now - sent.first_sent)
+            weight = sent.message.weight
         else:
             weight = self._written_off.get(peer, {}).pop(ack.seq, math.nan)
             if math.isnan(weight):
@@ -725,9 +762,10 @@ class GossipNode:
                 )
 
     async def _retransmit(self) -> None:
-        """Send again what a live peer has not acknowledged within ``_RETRY_RTTS`` median
-        round trips (at least ``_RETRY_MIN_S``; 1 s before any round trip is known): the
-        message or its acknowledgement was lost on the way. The receiver folds a message
+        """Send again what a live peer has not acknowledged in time (``retry_after``: 4
+        median round trips, at least ``_RETRY_MIN_S``; before any round trip is known 1 s
+        plus the message's size at 100 Mbit/s; doubled for every copy): the message or its
+        acknowledgement was lost on the way. The receiver folds a message
         once, whatever the number of copies (sequence numbers), and acknowledges every copy.
         So a lost message costs a synchronous worker a few round trips of waiting instead of
         a ``GossipTimeout``, and an asynchronous link gets its window back."""
@@ -748,18 +786,14 @@ class GossipNode:
                         # every copy back.)
                         self.retransmits_held += 1
                         continue
-                    rtts = self.rtt.get(peer)
-                    after = (
-                        max(_RETRY_MIN_S, _RETRY_RTTS * statistics.median(rtts))
-                        if rtts
-                        else 2 * _HEARTBEAT_S
-                    )
-                    for seq, (at, message) in sent.items():
-                        if now - at >= after:
-                            due.append(message)
-                            sent[seq] = (now, message)
+                    rtts = self.rtt.get(peer, ())
+                    for entry in sent.values():
+                        after = retry_after(rtts, entry.message.nbytes, entry.copies)
+                        if now - entry.last_sent >= after:
+                            due.append(entry.message)
+                            entry.last_sent, entry.copies = now, entry.copies + 1
                         else:
-                            wait = min(wait, at + after - now)
+                            wait = min(wait, entry.last_sent + after - now)
             if due:
                 self.retransmitted += len(due)
                 self._enqueue(due)
@@ -768,7 +802,7 @@ class GossipNode:
     def _report_write_off(
         self, peer: int, lost: dict[int, _Sent], why: str, *, loud: bool = True
     ) -> None:
-        weight = math.fsum(m.weight for _, m in lost.values())
+        weight = math.fsum(s.message.weight for s in lost.values())
         self.lost_weight += weight
         if loud:
             log.warning(
@@ -798,7 +832,7 @@ class GossipNode:
     def _write_off(self, peer: int, lost: dict[int, _Sent]) -> None:
         """Remember messages written off as lost (call with ``_lock`` held), bounded."""
         kept = self._written_off.setdefault(peer, {})
-        kept.update((seq, m.weight) for seq, (_, m) in lost.items())
+        kept.update((seq, s.message.weight) for seq, s in lost.items())
         while len(kept) > _MAX_UNACKED:
             del kept[next(iter(kept))]
 
@@ -925,10 +959,10 @@ class GossipNode:
                     # out-peer is down): the write-off of the peer's unacknowledged
                     # messages is over, so this one is written off now. It still goes out;
                     # an acknowledgement takes it back.
-                    late.setdefault(m.receiver, {})[m.seq] = (now, m)
+                    late.setdefault(m.receiver, {})[m.seq] = _Sent(m, now, now)
                     continue
                 unacked = self._unacked.setdefault(m.receiver, {})
-                unacked[m.seq] = (now, m)
+                unacked[m.seq] = _Sent(m, now, now)
                 if len(unacked) > _MAX_UNACKED:  # a peer that takes and acknowledges nothing
                     oldest = next(iter(unacked))
                     old.setdefault(m.receiver, {})[oldest] = unacked.pop(oldest)
@@ -988,7 +1022,9 @@ class GossipNode:
         neither acknowledged nor written off yet (thread-safe)."""
         with self._lock:
             return sum(
-                m.round < before_round for sent in self._unacked.values() for _, m in sent.values()
+                s.message.round < before_round
+                for sent in self._unacked.values()
+                for s in sent.values()
             )
 
     def describe_peer(self, peer: int) -> str:

@@ -148,6 +148,41 @@ def inproc(nodes: Nodes) -> Callable[[int], list[GossipNode]]:
     return start
 
 
+def test_retry_after_waits_for_the_size_at_first_and_backs_off() -> None:
+    retry_after = node_module.retry_after
+    assert retry_after([], 0, 0) == 1.0  # before any round trip: 1 s ...
+    assert retry_after([], 64_000_000, 0) == pytest.approx(1.0 + 5.12)  # ... + 64 MB at 100 Mbit/s
+    assert retry_after([0.1, 0.3, 0.2], 64_000_000, 0) == pytest.approx(0.8)  # 4 median RTTs
+    assert retry_after([0.0001], 0, 0) == node_module._RETRY_MIN_S
+    assert [retry_after([0.1], 0, c) for c in range(4)] == pytest.approx([0.4, 0.8, 1.6, 3.2])
+    assert retry_after([], 0, 10**6) == node_module._RETRY_MAX_S  # capped, no overflow
+
+
+@pytest.mark.timeout(30)
+def test_round_trips_are_not_timed_from_messages_sent_again(
+    inproc: Callable[[int], list[GossipNode]],
+) -> None:
+    """Karn's rule: the acknowledgement of a message sent twice does not say which copy it
+    answers, so it gives no round-trip sample (timed from the first send it would count the
+    copy's wait; from the latest, a late answer to the first copy as a short trip)."""
+    a, b = inproc(2)
+    received: queue.Queue[Message] = queue.Queue()
+    b.subscribe(received.put, fingerprint=FP)
+    a.send([mass(0, 1, 0)])
+    first = received.get(timeout=10)
+    assert wait_until(lambda: a.retransmitted >= 1, timeout=10)  # no acknowledgement: a copy
+    b.acknowledge([(first.sender, first.seq, first.round)])
+    assert wait_until(lambda: a.outstanding(1) == 0)
+    assert not a.rtt.get(1)
+    a.send([mass(0, 1, 1)])
+    second = received.get(timeout=10)
+    while second.seq != 1:  # the copy of seq 0 came first
+        second = received.get(timeout=10)
+    b.acknowledge([(second.sender, second.seq, second.round)])
+    assert wait_until(lambda: a.outstanding(1) == 0)
+    assert len(a.rtt[1]) == 1
+
+
 # ----------------------------------------------------------------------- ZeroMQ, in process
 @pytest.mark.timeout(20)
 def test_two_nodes_exchange_a_message_and_its_acknowledgement(nodes: Nodes) -> None:
