@@ -768,7 +768,7 @@ class GossipNode:
         acknowledgement was lost on the way. The receiver folds a message
         once, whatever the number of copies (sequence numbers), and acknowledges every copy.
         So a lost message costs a synchronous worker a few round trips of waiting instead of
-        a ``GossipTimeout``, and an asynchronous link gets its window back."""
+        a ``GossipTimeout``, and an asynchronous one gets its send credit back."""
         while True:
             due: list[Message] = []
             wait = _HEARTBEAT_S

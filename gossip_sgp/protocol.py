@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import time
 from typing import Any
 
@@ -52,33 +51,16 @@ class PushSumProtocol:
         self._next_seq: dict[int, int] = {}
         self._references = References()
 
-    def shares(self, round: int) -> dict[int, float]:
-        """The fraction of this node's mass each out-peer of ``round`` gets (the topology's
-        mixing weights, damped by the codec's ``step``)."""
-        out = self.topology.mixing(self.rank, round).out
-        if self.codec.step != 1.0:  # a damped consensus step keeps more of the mass
-            out = {peer: p * self.codec.step for peer, p in out.items()}
-        return dict(out)
-
-    def emit(
-        self, round: int, *, gauge: float = 0.0, out: dict[int, float] | None = None
-    ) -> list[Message]:
+    def emit(self, round: int, *, gauge: float = 0.0) -> list[Message]:
         """Split this node's mass for ``round`` and return one message per out-peer.
 
-        ``out`` gives the fraction of the mass per receiver (default: :meth:`shares` of the
-        round); the node keeps the rest, which must be more than nothing. ``gauge`` is a
-        scalar piggybacked on every message (see ``SGP.consensus``).
+        ``gauge`` is a scalar piggybacked on every message (see ``SGP.consensus``).
         """
-        if out is None:
-            mixing = self.topology.mixing(self.rank, round)
-            self_weight, out = mixing.self_weight, mixing.out
-            if self.codec.step != 1.0:
-                out = self.shares(round)
-                self_weight = 1.0 - sum(out.values())
-        else:
-            self_weight = 1.0 - math.fsum(out.values())
-            if not (self_weight > 0.0 and all(0.0 < p < 1.0 for p in out.values())):
-                raise ValueError(f"shares {out} must be in (0, 1) and leave the node some mass")
+        mixing = self.topology.mixing(self.rank, round)
+        self_weight, out = mixing.self_weight, mixing.out
+        if self.codec.step != 1.0:  # a damped consensus step keeps more of the mass
+            out = {peer: p * self.codec.step for peer, p in out.items()}
+            self_weight = 1.0 - sum(out.values())
         shares = self.state.split(self_weight, out)
         now = time.time()
         messages = []

@@ -58,35 +58,12 @@ __all__ = ["SGP"]
 
 log = logging.getLogger(__name__)
 
-_WINDOW = 2
-"""Asynchronous mode: push-sum messages one link may have on the way (sent, not yet folded
-in by the receiver, as its acknowledgements tell). A share for a link whose window is full
-stays with the sender as mass owed to that link (see ``SGP._async_round``). Two, not one,
-so that a slow link (a model that takes seconds to send) carries the next message while the
-receiver folds the last one.
+_INITIAL_CREDIT = 1
+"""Asynchronous mode: rounds a worker may gossip ahead of what it has received.
 
-Measured on 4 digits workers (40 epochs, seeds 1-5, 2 cores), with ``_ASYNC_SHARE`` 0.5:
-window 1 0.9844 mean accuracy, 58-70% of rounds sending nothing; window 2 0.9833, 43-53%
-(the global send credit it replaced: 0.9861, 73-78%; 8 workers, 80 epochs, seeds 1-3:
-window 2 0.9833 with 26-32% of rounds sending nothing, send credit 0.9852 with 56-64%)."""
-
-_ASYNC_SHARE = 0.5
-"""Asynchronous mode: the part of the topology's share of a round (a half on the
-exponential graph) that is added to the mass owed to the link. Smaller shares keep less of
-the mass in flight, where gradient steps cannot act on it: with the whole share, windows of
-1 and 2 ended at 0.9788 and 0.9744 mean accuracy in the measurement above."""
-
-_OWED_CAP = 0.5
-"""Asynchronous mode: the largest fraction of a worker's mass owed to one link. Beyond it,
-further shares for a link that does not deliver stay with the worker for good."""
-
-_FULL_WEIGHT = 1.0
-"""Asynchronous mode: a worker holding a smaller push-sum weight sends proportionally
-smaller shares. A worker whose peers have stopped sending to it (they are in ``consensus()``
-while it still trains, or are faster) would otherwise give away a quarter of what it holds
-every step: its weight would shrink geometrically, its gradient steps count for nothing and
-its numerator underflow (the 1e-40 weights measured before send credit existed); this way it
-shrinks only like 1/steps."""
+Measured on 4 CPU workers: more credit lets more gossip flow while messages are on the way,
+but puts more of the mass in flight, where the workers' gradient steps cannot act on it
+(``x += w * delta`` scales with the weight a worker holds), and accuracy dropped."""
 
 _WAIT_SLICE = 0.25
 """Seconds between two looks at which peers are suspected down while waiting."""
@@ -208,11 +185,12 @@ class SGP:
         self._inbound_lives: dict[int, int] = {}
         self._outbound_lives: dict[int, int] = {}
         self.skipped_rounds = 0
-        """Asynchronous rounds in which this worker sent nothing: every link it owed mass to
-        had a full window (its earlier messages not folded in yet)."""
-        self._owed: dict[int, float] = {}
-        """Asynchronous mode: per out-peer, the fraction of this worker's mass owed to it
-        (shares that could not leave yet; they stay in ``x`` and ``w`` meanwhile)."""
+        """Asynchronous rounds in which this worker kept its mass (no send credit)."""
+        self._initial_credit = _INITIAL_CREDIT * max(
+            (len(self.topology.out_peers(node.rank, r)) for r in range(self.topology.period)),
+            default=0,
+        )
+        self._credit = self._initial_credit
         self._start_rounds = _start_rounds(self.topology) if node.world_size > 1 else 0
         """The first rounds are synchronous in every mode: a dissemination barrier (on the
         exponential graph exactly Hensgen et al.'s), after which every worker has heard,
@@ -222,7 +200,8 @@ class SGP:
         0.98)."""
         self.kept_rounds = 0
         """Rounds in which this worker kept its mass because an out-peer was suspected down."""
-        self._join_lock = threading.Lock()  # guards _join_requests, _refused_by, _finishing
+        self._refund = 0  # send credit given back for messages lost to a dead peer
+        self._refund_lock = threading.Lock()  # guards _refund and _join_requests
         self._join_requests: list[int] = []  # restarted peers asking for half of our mass
         self._joined = threading.Event()  # rejoin(): a donor's half has arrived
         self._join_round = -1
@@ -240,6 +219,7 @@ class SGP:
                 )
             }
         )
+        node.on_write_off(self._written_off)
         node.subscribe(
             self._receive,
             fingerprint=self.fingerprint,
@@ -256,10 +236,10 @@ class SGP:
             return True
         if message.kind == MessageKind.JOIN:  # served by the training thread, see _round
             if message.meta.get("refused"):  # a neighbour's "too late": see rejoin()
-                with self._join_lock:
+                with self._refund_lock:
                     self._refused_by.add(message.sender)
                 return True
-            with self._join_lock:
+            with self._refund_lock:
                 finishing = self._finishing
                 if not finishing:
                     self._join_requests.append(message.sender)
@@ -286,6 +266,13 @@ class SGP:
         if not fresh:
             metrics.rejected(message, token)
         return fresh
+
+    def _written_off(self, peer: int, lost_messages: int) -> None:
+        """Gossip thread: messages to a dead peer will never be folded; their send credit
+        comes back, so the other workers' gossip does not dry up (asynchronous mode). A
+        message acknowledged after all (-1: the suspicion was a mistake) takes it back."""
+        with self._refund_lock:
+            self._refund += lost_messages
 
     @staticmethod
     def _resolve_topology(topology: str | Topology, peers: int, world_size: int) -> Topology:
@@ -361,7 +348,7 @@ class SGP:
 
     def _serve_joins(self, k: int) -> None:
         """Give each restarted peer that asked (``rejoin``) half of this worker's mass."""
-        with self._join_lock:
+        with self._refund_lock:
             peers, self._join_requests = list(dict.fromkeys(self._join_requests)), []
         for peer in peers:
             if self.staleness is not None:
@@ -411,7 +398,7 @@ class SGP:
         asked = 0
         while not self._joined.is_set():
             left = deadline - time.monotonic()
-            with self._join_lock:
+            with self._refund_lock:
                 refused = set(self._refused_by)
             if refused >= set(donors):
                 raise RejoinRefused(
@@ -443,49 +430,22 @@ class SGP:
             self._folded_through = r
 
     def _async_round(self, k: int) -> None:
-        """Asynchronous round: fold what has arrived, then send what each open link is owed.
+        """Asynchronous round: fold what has arrived, then gossip if this worker may.
 
-        The round's share ``p`` for out-peer ``j`` (the topology's times ``_ASYNC_SHARE``,
-        less while this worker holds less than ``_FULL_WEIGHT``) is first added to the mass
-        owed to that link, ``owed_j <- 1 - (1 - owed_j)(1 - p)`` (at most ``_OWED_CAP``):
-        what ``j`` would have got had every earlier share left. Every link with owed mass and
-        fewer than ``_WINDOW`` messages on the way then gets it in one message; a link whose
-        window is full keeps it owed, and the owed mass stays in this worker's ``x`` and
-        ``w`` (it keeps taking gradient steps) until the link opens. So a worker gives mass
-        to a peer no faster than the peer folds it in, a slow, dead or rejecting peer blocks
-        only its own link, and memory stays a few messages per link. A peer suspected down
-        is owed nothing: its share stays here. (This replaced one send credit per worker,
-        earned by folding and spent by sending: below the round trip's worth of messages,
-        it left 73-78% of the rounds without a send, and a link that stopped folding drained
-        it: one kill -9 cost the survivors 2.3-3.4 of the 4 units of weight.)
+        Every folded message earns a send credit (see ``_absorb``) and every message sent
+        costs one (see ``_send``), so no worker gives away mass faster than it receives mass
+        (each starts with enough credit for one round). Without that, a fast worker would halve its
+        weight every step while a slow one hoards the mass: the fast worker's steps would
+        count for almost nothing, and its numerator would underflow. A worker without
+        credit keeps its mass this round and just trains.
         """
         self._absorb(k)
         self._folded_through = k
-        node, owed = self.node, self._owed
-        if node.closed:  # before splitting: a share for a stopped node would be lost
-            raise GossipError(f"the gossip node of rank {node.rank} has stopped")
-        down = node.down_peers()
-        kept = False
-        scale = _ASYNC_SHARE * min(1.0, self.state.weight / _FULL_WEIGHT)
-        for peer, p in self.protocol.shares(k).items():
-            if peer in down:
-                kept = True
-                continue
-            owed[peer] = min(_OWED_CAP, 1.0 - (1.0 - owed.get(peer, 0.0)) * (1.0 - p * scale))
-        self.kept_rounds += kept
-        ready: dict[int, float] = {}
-        for peer in list(owed):
-            if peer in down:
-                del owed[peer]
-            elif node.outstanding(peer) < _WINDOW:
-                ready[peer] = owed.pop(peer)
-        if not ready:
+        peers = len(self.topology.out_peers(self.node.rank, k))
+        if self._credit >= peers:
+            self._send(k, 0.0)
+        else:
             self.skipped_rounds += 1
-            return
-        total, most = math.fsum(ready.values()), len(ready) / (len(ready) + 1)
-        if total > most:  # several links at once: this worker keeps at least an equal part
-            ready = {peer: f * most / total for peer, f in ready.items()}
-        node.send(self.protocol.emit(k, out=ready))
 
     def _send(self, k: int, gauge: float) -> None:
         if self.node.closed:  # before splitting: a share for a stopped node would be lost
@@ -498,14 +458,18 @@ class SGP:
             self.node.send_skip(out_peers, k)
             self.kept_rounds += 1
             return
+        self._credit -= len(out_peers)
         self.node.plan_round(k, self.topology.in_peers(self.node.rank, k), out_peers)
         self.node.send(self.protocol.emit(k, gauge=gauge))
 
     def _absorb(self, max_round: int) -> None:
-        """Fold received mass of rounds ``<= max_round`` and acknowledge it."""
+        """Fold received mass of rounds ``<= max_round``; each message earns a send credit."""
         self.protocol.absorb(max_round)
         receipts = self.protocol.mailbox.pop_receipts()
         self.node.acknowledge(receipts)
+        with self._refund_lock:
+            refund, self._refund = self._refund, 0
+        self._credit += len(receipts) + refund
         if self._metrics is not None and receipts:  # self._flats: z before this fold
             coalesced = self.protocol.mailbox.coalesce
             self._metrics.folded_in(receipts, self.round, self._flats, coalesced=coalesced)
@@ -570,20 +534,23 @@ class SGP:
         mailbox.set_coalesce(False)  # gossip-only rounds fold round by round, in every mode
         # The job is finishing: a restarted worker asking for mass now is refused (it could
         # not take part in the rounds its neighbours have planned).
-        with self._join_lock:
+        with self._refund_lock:
             self._finishing = True
             late, self._join_requests = list(dict.fromkeys(self._join_requests)), []
         for peer in late:
             self.node.send_join(peer, refused=True)
-        # Mass owed to links while training stays here: the consensus rounds are
-        # synchronous and split this worker's mass by the topology alone.
-        self._owed.clear()
         try:
             disagreement = self._consensus(max_rounds, tol)
         finally:
             mailbox.set_coalesce(self.staleness is None)
-            with self._join_lock:
+            with self._refund_lock:
                 self._finishing = False
+        # The consensus rounds waited for every message they sent, and links deliver in
+        # order, so (short of lost messages or a cut-short consensus) no credit is in flight
+        # now: everyone starts again with an even share. Without this, the credit could sit
+        # unevenly, and a worker with none would skip its first asynchronous rounds.
+        with self._refund_lock:  # a refund for messages sent before now is void too
+            self._credit, self._refund = self._initial_credit, 0
         return disagreement
 
     def _consensus(self, max_rounds: int, tol: float) -> float:
@@ -687,7 +654,7 @@ class SGP:
 
     # --------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """Numerator, weight, round, sequence numbers, owed shares and the optimizer's state.
+        """Numerator, weight, round, sequence numbers, send credit and the optimizer's state.
 
         Call it on every worker at the same step. It first folds in every round sent so far
         (overlap mode: waits for the last ``staleness`` rounds), so the workers' checkpoints
@@ -700,7 +667,7 @@ class SGP:
             "weight": self.state.weight,
             "numerator": [x.detach().clone() for x in self.state.numerator],
             "next_seq": self.protocol.sequence_numbers(),
-            "owed": {str(peer): fraction for peer, fraction in self._owed.items()},
+            "credit": self._credit,
             "fingerprint": self.fingerprint,
             "optimizer": self.optimizer.state_dict(),
         }
@@ -710,7 +677,6 @@ class SGP:
         """Restore what :meth:`state_dict` saved (same model layout required)."""
         if state.get("fingerprint") != self.fingerprint:
             raise GossipError("checkpoint is for another model layout (fingerprint differs)")
-        owed = _owed(state.get("owed", {}), self.node.world_size)  # checked before any change
         numerator = state["numerator"]
         if len(numerator) != len(self.state.numerator):
             raise GossipError("checkpoint has a different number of parameter groups")
@@ -721,31 +687,10 @@ class SGP:
         self.state.weight = float(state["weight"])
         self.round = int(state["round"])
         self._folded_through = self.round - 1
-        self._owed = owed
+        self._credit = int(state.get("credit", self._credit))
         self.protocol.restore_sequence_numbers(state["next_seq"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.state.debias(out=self._flats)
-
-
-def _owed(saved: object, world_size: int) -> dict[int, float]:
-    """The owed fractions of a checkpoint (``SGP.state_dict``), checked."""
-    if not isinstance(saved, dict):
-        raise GossipError(f"checkpoint's 'owed' must be a mapping, not {type(saved).__name__}")
-    owed: dict[int, float] = {}
-    for peer, fraction in saved.items():
-        try:
-            rank, value = int(peer), float(fraction)
-        except (TypeError, ValueError):
-            bad = f"{peer!r}: {fraction!r}"
-            raise GossipError(f"checkpoint's 'owed' has a bad entry {bad}") from None
-        if not (0 <= rank < world_size and 0.0 <= value <= _OWED_CAP):
-            raise GossipError(
-                f"checkpoint's 'owed' entry {peer!r}: {fraction!r} is out of range (a rank "
-                f"below {world_size}, a fraction in [0, {_OWED_CAP}])"
-            )
-        if value:
-            owed[rank] = value
-    return owed
 
 
 def _relative_change(before: list[torch.Tensor], after: list[torch.Tensor]) -> float:

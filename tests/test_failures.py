@@ -56,7 +56,7 @@ def start_job(jobs: Jobs, summary_file: Path, *args: str) -> Popen[str]:
 
 @pytest.mark.measured
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("staleness", ["0", "none"])
+@pytest.mark.parametrize("staleness", ["0"])
 def test_survivors_of_a_kill_9_finish_and_account_for_its_mass(
     jobs: Jobs, tmp_path: Path, record_property: Record, staleness: str
 ) -> None:

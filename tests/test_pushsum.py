@@ -5,9 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gossip_sgp import PushSumProtocol
 from gossip_sgp.pushsum import PushSumState
-from topologies import get
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
@@ -77,17 +75,3 @@ def test_fold_rejects_wrong_group_count() -> None:
     state = PushSumState([torch.zeros(2), torch.zeros(3)])
     with pytest.raises(ValueError, match="expected 2 tensors"):
         state.fold([torch.zeros(2)], 1.0)
-
-
-def test_emit_splits_the_given_shares_and_refuses_ones_that_leave_nothing() -> None:
-    state = PushSumState([torch.ones(4, dtype=torch.float64)])
-    protocol = PushSumProtocol(0, get("exponential", 8), state)
-    assert protocol.shares(0) == {1: 0.5}  # the topology's own
-    messages = protocol.emit(0, out={1: 0.25, 2: 0.125})
-    assert {m.receiver: m.weight for m in messages} == {1: 0.25, 2: 0.125}
-    assert state.weight == 0.625
-    assert [m.seq for m in messages] == [0, 0]
-    for bad in ({1: 0.5, 2: 0.5}, {1: 0.0}, {1: -0.1, 2: 0.5}, {1: 1.0}):
-        with pytest.raises(ValueError, match="leave the node some mass"):
-            protocol.emit(1, out=bad)
-    assert state.weight == 0.625  # a refused split changes nothing
