@@ -482,6 +482,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             result["payload_raw_bytes_sent"] = node.payload_raw_bytes_sent
             sgp.consensus()  # SGP: gossip until the workers agree
             result["suspicions"] = sum(node.peers_lost.values())
+            # Push-sum messages sent (training and consensus), and copies of them sent again.
+            result["shares_sent"] = sum(sgp.protocol.sequence_numbers().values())
+            result["copies_sent"] = node.retransmitted
             result["mass"] = sgp.mass_report()  # weight held, lost, and moved per peer
         seconds = time.perf_counter() - started
         result["accuracy"] = accuracy(model, x_test, y_test)

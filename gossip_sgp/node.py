@@ -1051,6 +1051,11 @@ class GossipNode:
         with self._lock:
             return {peer: count for peer, count in self.peers_restarted.items() if count}
 
+    def restarts_of(self, peer: int) -> int:
+        """How often ``peer`` was heard with a new incarnation (thread-safe; no copy)."""
+        with self._lock:
+            return self.peers_restarted[peer]
+
     def peer_timeout(self, peer: int) -> float:
         """Seconds of silence after which ``peer`` is suspected (adapts; thread-safe)."""
         with self._lock:
