@@ -87,18 +87,18 @@ _RETRY_MAX_S = 120.0
 """The longest wait between two copies of a message (after exponential back-off)."""
 
 
-def retry_after(rtts: Sequence[float], nbytes: int, copies: int) -> float:
+def retry_after(rtt: float | None, nbytes: int, copies: int) -> float:
     """Seconds without an acknowledgement after which a message of ``nbytes`` bytes that
     was sent ``copies`` times again already is sent once more.
 
-    ``rtts`` are the link's recent round trips, timed from messages never sent again
-    (Karn's rule: an acknowledgement of a message sent twice does not say which copy it
-    answers). Each copy doubles the wait (exponential back-off), so a slow link gets a few
-    copies, not a storm, and a dead one ever fewer until it is suspected.
+    ``rtt`` is the median of the link's recent round trips (None while none is known),
+    timed from messages never sent again (Karn's rule: an acknowledgement of a message sent
+    twice does not say which copy it answers). Each copy doubles the wait (exponential
+    back-off), so a slow link gets a few copies, not a storm, and a dead one ever fewer until
+    it is suspected.
     """
-    first: float
-    if rtts:
-        first = max(_RETRY_MIN_S, _RETRY_RTTS * statistics.median(rtts))
+    if rtt is not None:
+        first = max(_RETRY_MIN_S, _RETRY_RTTS * rtt)
     else:
         first = _RETRY_FIRST_S + nbytes / _ASSUMED_BYTES_PER_S
     return min(_RETRY_MAX_S, math.ldexp(first, min(copies, 32)))
@@ -786,9 +786,10 @@ class GossipNode:
                         # every copy back.)
                         self.retransmits_held += 1
                         continue
-                    rtts = self.rtt.get(peer, ())
+                    rtts = self.rtt.get(peer)
+                    rtt = statistics.median(rtts) if rtts else None  # once per peer
                     for entry in sent.values():
-                        after = retry_after(rtts, entry.message.nbytes, entry.copies)
+                        after = retry_after(rtt, entry.message.nbytes, entry.copies)
                         if now - entry.last_sent >= after:
                             due.append(entry.message)
                             entry.last_sent, entry.copies = now, entry.copies + 1
