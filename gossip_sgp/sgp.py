@@ -781,20 +781,23 @@ def _broadcast_rounds_cached(topology: Topology, start: int, down: frozenset[int
 
 
 @functools.lru_cache(maxsize=256)
-def _heard_from(topology: Topology, down: frozenset[int]) -> list[list[list[int]]]:
+def _heard_from(
+    topology: Topology, down: frozenset[int]
+) -> tuple[tuple[tuple[int, ...], ...], ...]:
     """Per phase of the topology's period, per live node, the nodes it hears from: not one
-    that is down or keeps its mass in that round because an out-peer is (see SGP._send)."""
+    that is down or keeps its mass in that round because an out-peer is (see SGP._send).
+    Tuples: the cache hands the same value to every caller."""
     n = topology.world_size
-    heard_from = []
+    phases = []
     for t in range(topology.period):
         keeps = {
             j for j in range(n) if j in down or any(p in down for p in topology.out_peers(j, t))
         }
-        heard_from.append(
-            [
-                [j for j in topology.in_peers(i, t) if j not in keeps]
+        phases.append(
+            tuple(
+                tuple(j for j in topology.in_peers(i, t) if j not in keeps)
                 for i in range(n)
                 if i not in down
-            ]
+            )
         )
-    return heard_from
+    return tuple(phases)
