@@ -72,11 +72,32 @@ def _sum(shares: list[Share]) -> Share:
 
 
 class Mailbox:
-    """Thread-safe store of received push-sum mass."""
+    """Thread-safe store of received push-sum mass.
 
-    def __init__(self, *, coalesce: bool = False, window: int = 4096) -> None:
+    Memory is bounded whatever peers send (see :meth:`admit`): in the coalescing mode by one
+    running sum, otherwise by ``max_pending`` stored messages for rounds ahead of the
+    receiver's own plus ``per_round`` per peer for its own round.
+    """
+
+    def __init__(
+        self,
+        *,
+        coalesce: bool = False,
+        window: int = 4096,
+        horizon: int = 64,
+        beyond: int = 16,
+        max_pending: int = 1024,
+        per_round: int = 4,
+    ) -> None:
+        if min(window, horizon, max_pending, per_round) < 1 or beyond < 0:
+            raise ValueError("window, horizon, max_pending, per_round must be >= 1, beyond >= 0")
         self.coalesce = coalesce
         self._window = window
+        self.horizon = horizon
+        self.beyond = beyond
+        self.max_pending = max_pending
+        self.per_round = per_round
+        self._stored = 0  # messages kept per round (not coalesced), not yet taken
         self._cond = threading.Condition()
         self._seqs: dict[int, SequenceWindow] = {}
         self._incarnations: dict[int, int] = {}  # sender -> latest incarnation heard
@@ -93,6 +114,44 @@ class Mailbox:
         self.last_arrival: dict[int, float] = {}
         self.weight_from: dict[int, float] = {}
         """Push-sum weight accepted from each sender so far."""
+
+    def admit(self, message: Message, round_now: int) -> None:
+        """Raise ``WireError`` (counted) unless there is room to store ``message`` for a
+        receiver at round ``round_now``; call it before decoding (gossip thread).
+
+        Kept per round, a share waits until the receiver reaches its round, so a peer (or a
+        forger) sending rounds far ahead could fill the memory. The receiver keeps at most
+        ``per_round`` messages of one sender and round; for rounds after its own at most
+        ``max_pending`` messages in all, of which at most ``beyond`` for rounds ``horizon``
+        or more ahead (a synchronous peer is never that far ahead; a restarted or resumed
+        worker hears a few of those before its own round is set). A refused message is not
+        acknowledged, so its sender sends it again later: nothing is lost, and forged rounds
+        ahead can neither fill the memory nor crowd out a real peer's message of the
+        receiver's own round (reasons ``full`` and ``ahead``).
+        """
+        with self._cond:
+            if self.coalesce:
+                return  # one running sum, whatever the round
+            r = message.round
+            if len(self._by_round.get(r, {}).get(message.sender, ())) >= self.per_round:
+                self.rejected["full"] += 1
+                raise WireError(
+                    "full", f"{self.per_round} messages of rank {message.sender}, round {r}"
+                )
+            if r <= round_now:
+                return
+            if self._stored >= self.max_pending:
+                self.rejected["full"] += 1
+                raise WireError("full", f"{self._stored} unfolded messages stored")
+            far = round_now + self.horizon
+            if r >= far and self.beyond <= sum(
+                len(entries)
+                for stored, senders in self._by_round.items()
+                if stored >= far
+                for entries in senders.values()
+            ):
+                self.rejected["ahead"] += 1
+                raise WireError("ahead", f"round {r} is {self.horizon}+ rounds after {round_now}")
 
     def put(self, message: Message) -> bool:
         """Store a message's mass; False (and counted) when it is a duplicate or replay.
@@ -130,6 +189,7 @@ class Mailbox:
             else:
                 senders = self._by_round.setdefault(message.round, {})
                 senders.setdefault(message.sender, []).append((share, receipt))
+                self._stored += 1
             self._arrived.add((message.sender, message.round))
             if message.gauge:
                 r = message.round
@@ -139,6 +199,12 @@ class Mailbox:
             self.weight_from[message.sender] = self.weight_from.get(message.sender, 0.0) + share[1]
             self._cond.notify_all()
             return True
+
+    def count_reject(self, reason: str) -> int:
+        """Count a message refused after it was stored (e.g. at fold-in); the new count."""
+        with self._cond:
+            self.rejected[reason] += 1
+            return self.rejected[reason]
 
     def mark_arrived(self, sender: int, round: int) -> None:
         """Count ``(sender, round)`` as arrived without mass (the sender kept it)."""
@@ -188,6 +254,7 @@ class Mailbox:
                     for share, receipt in senders[sender]:
                         shares.append(share)
                         self._receipts.append(receipt)
+                        self._stored -= 1
             self._arrived = {a for a in self._arrived if max_round is not None and a[1] > max_round}
             return _sum(shares) if shares else None
 

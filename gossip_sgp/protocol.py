@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import time
 from typing import Any
 
@@ -20,6 +21,8 @@ from gossip_sgp.mailbox import Mailbox
 from gossip_sgp.message import Message
 from gossip_sgp.pushsum import PushSumState
 from topologies import Topology
+
+log = logging.getLogger(__name__)
 
 __all__ = ["PushSumProtocol"]
 
@@ -43,7 +46,13 @@ class PushSumProtocol:
         self.topology = topology
         self.state = state
         self.fingerprint = fingerprint
-        self.mailbox = Mailbox(coalesce=coalesce)
+        in_degree = max(
+            (len(topology.in_peers(rank, r)) for r in range(topology.period)), default=0
+        )
+        mailbox = Mailbox(coalesce=coalesce)
+        # Rounds ahead: room for a whole horizon of in-peers' shares, and those beyond it.
+        mailbox.max_pending = max(1, mailbox.horizon * in_degree + mailbox.beyond)
+        self.mailbox = mailbox
         self.codec = compression if isinstance(compression, Codec) else parse_codec(compression)
         """Codec of outgoing numerator shares (received messages name their own)."""
         self.layout: Layout = [(x.numel(), x.dtype, x.device) for x in state.numerator]
@@ -179,6 +188,20 @@ class PushSumProtocol:
         """Fold received mass of rounds ``<= max_round`` (all when None); True if any."""
         share = self.mailbox.take(max_round)
         if share is None:
+            return False
+        if not self.state.fits(share[0]):
+            # Only shares with values near the dtype's largest get here (a forger's, or a
+            # diverged peer's): folding them would make x infinite for good.
+            count = self.mailbox.count_reject("non_finite")
+            if count & (count - 1) == 0:  # 1, 2, 4, ...
+                log.warning(
+                    "rank %d: received mass of rounds <= %s would overflow the model; not "
+                    "folded in (weight %.4g lost, %d times so far)",
+                    self.rank,
+                    max_round,
+                    share[1],
+                    count,
+                )
             return False
         self.state.fold(*share)
         return True

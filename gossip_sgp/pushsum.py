@@ -15,6 +15,7 @@ job stays n to within double rounding.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -57,6 +58,24 @@ class PushSumState:
                 x.mul_(self_weight)
             self.weight *= self_weight
         return shares
+
+    def fits(self, tensors: Sequence[torch.Tensor]) -> bool:
+        """Whether folding ``tensors`` in keeps ``x`` finite, checked without changing it.
+
+        Every received share is finite, but the sum of finite values can still overflow (two
+        float32 values near 3e38): ``max|x| + max|r|`` below the dtype's largest value rules
+        that out (two reads of each tensor; no real share comes anywhere near).
+        """
+        if len(tensors) != len(self.numerator):
+            return False
+        for x, r in zip(self.numerator, tensors, strict=True):
+            if x.numel() == 0:
+                continue
+            x_max = float(torch.linalg.vector_norm(x, math.inf, dtype=torch.float64))
+            r_max = float(torch.linalg.vector_norm(r, math.inf, dtype=torch.float64))
+            if not x_max + r_max < torch.finfo(x.dtype).max:  # also False for NaN
+                return False
+        return True
 
     def fold(self, tensors: Sequence[torch.Tensor], weight: float) -> None:
         """Add received mass ``(tensors, weight)`` into the state."""

@@ -257,6 +257,8 @@ class SGP:
             # message over): its references start afresh, so must ours of its link.
             self._inbound_lives[message.sender] = restarts
             self.protocol.peer_restarted(message.sender, outbound=False)
+        # Room first, before a codec reference moves: a message refused for room comes again.
+        self.protocol.mailbox.admit(message, self.round)
         message = self.protocol.decode(message)
         metrics = self._metrics
         if metrics is None:

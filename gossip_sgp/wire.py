@@ -49,11 +49,14 @@ REJECT_REASONS = (
     "bad_codec",
     "no_reference",
     "stale",
+    "full",
+    "ahead",
 )
 """Every ``WireError.reason`` that :func:`decode` and the codec decoders
 (:mod:`gossip_sgp.compression`: ``bad_codec`` for an unknown codec, ``no_reference`` for a
 difference-coded message out of sequence; the mailbox ``stale`` for a message from an
-earlier incarnation of a restarted sender) can raise:
+earlier incarnation of a restarted sender; ``full`` and ``ahead`` when the mailbox has no
+room for a round ahead, see ``Mailbox.admit``) can raise:
 the rejected-messages labels."""
 
 DTYPES: dict[str, torch.dtype] = {

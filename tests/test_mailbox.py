@@ -190,3 +190,54 @@ def test_a_restarted_sender_numbers_from_zero_and_its_earlier_life_is_stale() ->
     assert box.rejected == {"duplicate": 1, "stale": 1}
     assert box.weight_from == {1: 1.5}
     assert box.pending_weight() == 1.5
+
+
+def admitted(box: Mailbox, message: Message, round_now: int) -> bool:
+    """Admit and store ``message`` as the gossip thread does; False when refused for room."""
+    refused = sum(box.rejected[r] for r in ("full", "ahead"))
+    try:
+        box.admit(message, round_now)
+    except WireError:
+        assert sum(box.rejected[r] for r in ("full", "ahead")) == refused + 1
+        return False
+    assert box.put(message)
+    return True
+
+
+def test_rounds_far_ahead_cannot_fill_the_memory_or_crowd_out_the_next_round() -> None:
+    """Forged rounds far ahead take at most ``beyond`` places; a real share of the next
+    round still gets in, and so does one far ahead once the receiver has caught up. Fails
+    with an ``admit`` that does not look at the round (every forged message is stored)."""
+    box = Mailbox(horizon=8, beyond=3, max_pending=100)
+    forged = [msg(1, seq, 10**9 + seq, 1.0) for seq in range(100, 110)]
+    assert [admitted(box, m, round_now=0) for m in forged] == [True] * 3 + [False] * 7
+    assert box.rejected["ahead"] == 7
+    assert admitted(box, msg(1, 0, 1, 2.0), round_now=0)  # the real next round
+    assert admitted(box, msg(2, 0, 7, 2.0), round_now=0)  # within the horizon
+    assert not admitted(box, msg(2, 1, 8, 2.0), round_now=0)  # beyond it: no room left
+    assert admitted(box, msg(2, 1, 8, 2.0), round_now=1)  # sent again later: in
+    share = box.take(8)
+    assert share is not None
+    assert share[1] == pytest.approx(1.5)  # rounds 1, 7, 8
+    assert box.pending_weight() == pytest.approx(1.5)  # the three forged ones wait
+
+
+def test_the_mailbox_holds_at_most_max_pending_rounds_ahead_but_always_its_own_round() -> None:
+    """Fails if ``max_pending`` also refused the receiver's own round (a forger filling the
+    mailbox with future rounds would then stall a synchronous worker)."""
+    box = Mailbox(horizon=64, beyond=0, max_pending=5, per_round=2)
+    assert all(admitted(box, msg(1, seq, 1 + seq, 1.0), round_now=0) for seq in range(5))
+    assert not admitted(box, msg(2, 0, 1, 1.0), round_now=0)
+    assert box.rejected["full"] == 1
+    assert admitted(box, msg(2, 0, 0, 1.0), round_now=0)  # its own round
+    assert admitted(box, msg(2, 1, 0, 1.0), round_now=0)
+    assert not admitted(box, msg(2, 2, 0, 1.0), round_now=0)  # per_round=2 of (2, 0)
+    box.take(1)  # rounds 0 and 1: three messages
+    assert admitted(box, msg(2, 2, 6, 1.0), round_now=2)  # taking made room
+    assert not admitted(box, msg(2, 3, 7, 1.0), round_now=2)
+
+
+def test_coalescing_keeps_one_running_sum_whatever_the_round() -> None:
+    box = Mailbox(coalesce=True, horizon=1, beyond=0, max_pending=1)
+    assert all(admitted(box, msg(1, seq, 10**6 * seq, 1.0), round_now=0) for seq in range(10))
+    assert box.pending_weight() == pytest.approx(5.0)

@@ -75,3 +75,15 @@ def test_fold_rejects_wrong_group_count() -> None:
     state = PushSumState([torch.zeros(2), torch.zeros(3)])
     with pytest.raises(ValueError, match="expected 2 tensors"):
         state.fold([torch.zeros(2)], 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.bfloat16, torch.float64])
+def test_fits_refuses_a_share_whose_sum_with_x_would_overflow(dtype: torch.dtype) -> None:
+    """Finite plus finite can be infinite: ``fits`` says so before ``x`` changes."""
+    top = torch.finfo(dtype).max
+    state = PushSumState([torch.full((4,), top / 2, dtype=dtype)], weight=1.0)
+    assert state.fits([torch.full((4,), top / 4, dtype=dtype)])
+    assert not state.fits([torch.full((4,), top * 0.75, dtype=dtype)])
+    assert not state.fits([torch.full((4,), float("inf"), dtype=torch.float64)])
+    assert not state.fits([])  # the wrong number of tensors
+    assert torch.equal(state.numerator[0], torch.full((4,), top / 2, dtype=dtype))
