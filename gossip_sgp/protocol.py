@@ -189,21 +189,19 @@ class PushSumProtocol:
         share = self.mailbox.take(max_round)
         if share is None:
             return False
-        if not self.state.fits(share[0]):
-            # Only shares with values near the dtype's largest get here (a forger's, or a
-            # diverged peer's): folding them would make x infinite for good.
+        if not self.state.fold_finite(*share):
+            # Only shares with values near the dtype's largest get here (a forger's): x
+            # would have become infinite for good.
             count = self.mailbox.count_reject("non_finite")
             if count & (count - 1) == 0:  # 1, 2, 4, ...
                 log.warning(
-                    "rank %d: received mass of rounds <= %s would overflow the model; not "
-                    "folded in (weight %.4g lost, %d times so far)",
+                    "rank %d: received mass of rounds <= %s overflowed the model; taken "
+                    "out again (weight %.4g lost, %d times so far)",
                     self.rank,
                     max_round,
                     share[1],
                     count,
                 )
-            return False
-        self.state.fold(*share)
         return True
 
     def sequence_numbers(self) -> dict[int, int]:

@@ -15,10 +15,11 @@ job stays n to within double rounding.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
 import torch
+
+from gossip_sgp.wire import all_finite
 
 __all__ = ["PushSumState", "Share"]
 
@@ -59,23 +60,25 @@ class PushSumState:
             self.weight *= self_weight
         return shares
 
-    def fits(self, tensors: Sequence[torch.Tensor]) -> bool:
-        """Whether folding ``tensors`` in keeps ``x`` finite, checked without changing it.
+    def fold_finite(self, tensors: Sequence[torch.Tensor], weight: float) -> bool:
+        """Fold ``(tensors, weight)`` in as :meth:`fold` does, unless that makes ``x``
+        non-finite: then take it out again and return False.
 
-        Every received share is finite, but the sum of finite values can still overflow (two
-        float32 values near 3e38): ``max|x| + max|r|`` below the dtype's largest value rules
-        that out (two reads of each tensor; no real share comes anywhere near).
+        Every received share is finite, but a sum of finite values can still overflow (two
+        float32 values near 3e38). The check after the fold is one summing read of ``x``
+        (``all_finite``), a fraction of the fold's own cost. Taking the share out again
+        restores ``x`` up to rounding where the sum did not overflow; where it did (only
+        shares with values near the dtype's largest, a forger's, get there) ``x`` cannot be
+        recovered and is set to 0, so that it stays finite.
         """
-        if len(tensors) != len(self.numerator):
-            return False
+        self.fold(tensors, weight)
+        if all(all_finite(x) for x in self.numerator):
+            return True
         for x, r in zip(self.numerator, tensors, strict=True):
-            if x.numel() == 0:
-                continue
-            x_max = float(torch.linalg.vector_norm(x, math.inf, dtype=torch.float64))
-            r_max = float(torch.linalg.vector_norm(r, math.inf, dtype=torch.float64))
-            if not x_max + r_max < torch.finfo(x.dtype).max:  # also False for NaN
-                return False
-        return True
+            x.sub_(r.to(device=x.device, dtype=x.dtype, non_blocking=True))
+            torch.nan_to_num_(x, nan=0.0, posinf=0.0, neginf=0.0)
+        self.weight -= weight
+        return False
 
     def fold(self, tensors: Sequence[torch.Tensor], weight: float) -> None:
         """Add received mass ``(tensors, weight)`` into the state."""

@@ -78,12 +78,17 @@ def test_fold_rejects_wrong_group_count() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.bfloat16, torch.float64])
-def test_fits_refuses_a_share_whose_sum_with_x_would_overflow(dtype: torch.dtype) -> None:
-    """Finite plus finite can be infinite: ``fits`` says so before ``x`` changes."""
+def test_a_fold_that_would_overflow_is_taken_out_again(dtype: torch.dtype) -> None:
+    """Finite plus finite can be infinite: ``fold_finite`` leaves ``x`` finite and ``w`` as
+    it was. Where the sum did not overflow ``x`` comes back up to rounding (exactly here),
+    where it did it is 0. Fails with ``fold`` in its place (x holds inf)."""
     top = torch.finfo(dtype).max
-    state = PushSumState([torch.full((4,), top / 2, dtype=dtype)], weight=1.0)
-    assert state.fits([torch.full((4,), top / 4, dtype=dtype)])
-    assert not state.fits([torch.full((4,), top * 0.75, dtype=dtype)])
-    assert not state.fits([torch.full((4,), float("inf"), dtype=torch.float64)])
-    assert not state.fits([])  # the wrong number of tensors
-    assert torch.equal(state.numerator[0], torch.full((4,), top / 2, dtype=dtype))
+    x = torch.tensor([top / 2, 1.0, -top / 2, 2.0], dtype=dtype)
+    state = PushSumState([x.clone()], weight=1.0)
+    assert state.fold_finite([torch.full((4,), top / 4, dtype=dtype)], 0.5)
+    assert state.weight == 1.5
+    state = PushSumState([x.clone()], weight=1.0)
+    share = torch.tensor([top * 0.75, 0.0, -top * 0.75, 0.0], dtype=dtype)
+    assert not state.fold_finite([share], 0.5)
+    assert state.weight == 1.0
+    assert torch.equal(state.numerator[0], torch.tensor([0.0, 1.0, 0.0, 2.0], dtype=dtype))
