@@ -117,6 +117,9 @@ class _Sent:
     """Times it was sent again."""
 
 
+_MAX_SKIPS = 64
+"""Skip notices awaiting acknowledgement kept per peer; older ones are not sent again."""
+
 _MAX_EARLY = 4096
 """Messages kept for a subscriber that has not subscribed yet; beyond that the oldest go."""
 
@@ -271,6 +274,8 @@ class GossipNode:
         # suspected; an acknowledgement that comes after all takes one back
         self._written_off: dict[int, dict[int, float]] = {}
         self._incarnations: dict[int, int] = {}  # peer -> the latest incarnation heard
+        # peer -> round -> skip notices not yet acknowledged (sent again like shares)
+        self._skips: dict[int, dict[int, _Sent]] = {}
         self.retransmitted = 0
         """Messages sent again because no acknowledgement came (see ``_retransmit``)."""
         self.retransmits_held = 0
@@ -605,7 +610,9 @@ class GossipNode:
         with self._lock:  # one lock per message on this hot path
             back = self._detector.heard(message.sender, now)
             previous_life = self._restarted(message.sender, incarnation)
-            if message.kind == MessageKind.ACK:
+            if message.kind == MessageKind.ACK and message.meta.get("skip"):
+                self._skips.get(message.sender, {}).pop(message.round, None)
+            elif message.kind == MessageKind.ACK:
                 taken_back = self._acknowledged(message, now)
             elif for_subscriber:
                 handler, fp = self._handler, self._fingerprint
@@ -641,6 +648,12 @@ class GossipNode:
         if fresh is False and message.kind == MessageKind.MASS:
             # a duplicate: our acknowledgement may have been lost
             self.acknowledge([(message.sender, message.seq, message.round)])
+        elif message.kind == MessageKind.HEARTBEAT and not self.plans_rounds:
+            # a skip notice, noted (or a copy of one): say so, or it comes again
+            ack = self._heartbeat(message.sender, message.round, skip=True)
+            ack = dataclasses.replace(ack, kind=MessageKind.ACK)
+            with self._lock, contextlib.suppress(GossipError):  # stopped: nobody to tell
+                self._running_loop().call_soon_threadsafe(self._enqueue, [ack])
 
     def _acks(self, receipts: Sequence[Receipt]) -> list[Message]:
         return [
@@ -786,19 +799,31 @@ class GossipNode:
                         # every copy back.)
                         self.retransmits_held += 1
                         continue
-                    rtts = self.rtt.get(peer)
-                    rtt = statistics.median(rtts) if rtts else None  # once per peer
-                    for entry in sent.values():
-                        after = retry_after(rtt, entry.message.nbytes, entry.copies)
-                        if now - entry.last_sent >= after:
-                            due.append(entry.message)
-                            entry.last_sent, entry.copies = now, entry.copies + 1
-                        else:
-                            wait = min(wait, entry.last_sent + after - now)
+                    wait = min(wait, self._copies_due(peer, sent.values(), now, due))
+                for peer, skips in self._skips.items():  # (a skip notice is no payload)
+                    if peer not in self._detector.down and not self._queued_mass[peer]:
+                        wait = min(wait, self._copies_due(peer, skips.values(), now, due))
             if due:
                 self.retransmitted += len(due)
                 self._enqueue(due)
             await asyncio.sleep(max(wait, _RETRY_MIN_S))
+
+    def _copies_due(
+        self, peer: int, entries: Collection[_Sent], now: float, due: list[Message]
+    ) -> float:
+        """Add to ``due`` the messages to ``peer`` whose acknowledgement is overdue (call
+        with ``_lock`` held); returns the time until the next one is."""
+        rtts = self.rtt.get(peer)
+        rtt = statistics.median(rtts) if rtts else None  # once per peer
+        wait = math.inf
+        for entry in entries:
+            after = retry_after(rtt, entry.message.nbytes, entry.copies)
+            if now - entry.last_sent >= after:
+                due.append(entry.message)
+                entry.last_sent, entry.copies = now, entry.copies + 1
+            else:
+                wait = min(wait, entry.last_sent + after - now)
+        return wait
 
     def _report_write_off(
         self, peer: int, lost: dict[int, _Sent], why: str, *, loud: bool = True
@@ -826,6 +851,7 @@ class GossipNode:
         if not known:
             return None
         self.peers_restarted[peer] += 1
+        self._skips.pop(peer, None)  # its new life waits for no round of the old one
         lost = self._unacked.pop(peer, {})
         self._write_off(peer, lost)
         return lost
@@ -1087,8 +1113,22 @@ class GossipNode:
         self.send([join])
 
     def send_skip(self, peers: Sequence[int], round: int) -> None:
-        """Tell ``peers`` that this node sends them no mass in ``round`` (thread-safe)."""
-        self.send([self._heartbeat(peer, round, skip=True) for peer in peers])
+        """Tell ``peers`` that this node sends them no mass in ``round`` (thread-safe).
+
+        A synchronous peer waits for this notice as it would for a share, so it is sent
+        again, as a share is, until the peer acknowledges it (at most ``_MAX_SKIPS`` rounds
+        kept per peer).
+        """
+        notices = [self._heartbeat(peer, round, skip=True) for peer in peers]
+        if not self.plans_rounds:  # round-by-round transports: no retries
+            now = time.monotonic()
+            with self._lock:
+                for notice in notices:
+                    skips = self._skips.setdefault(notice.receiver, {})
+                    skips[round] = _Sent(notice, now, now)
+                    while len(skips) > _MAX_SKIPS:
+                        del skips[next(iter(skips))]
+        self.send(notices)
 
     @property
     def plans_rounds(self) -> bool:

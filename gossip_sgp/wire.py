@@ -32,7 +32,7 @@ __all__ = [
     "tensor_spec",
 ]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 """Bumped on any incompatible change of the header or the frame layout."""
 
 REJECT_REASONS = (

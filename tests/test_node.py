@@ -331,6 +331,39 @@ def two_nodes_sending_through(
     return a, b, delivered
 
 
+class _LosesFirstSkip(InProcTransport):
+    """Loses the first skip notice it is given to send."""
+
+    lost = 0
+
+    async def send(self, peer: int, message: Message) -> None:
+        if message.kind == MessageKind.HEARTBEAT and message.meta.get("skip") and not self.lost:
+            self.lost += 1
+            return
+        await super().send(peer, message)
+
+
+@pytest.mark.timeout(20)
+def test_a_lost_skip_notice_is_sent_again_until_acknowledged(nodes: Nodes) -> None:
+    """A synchronous peer waits for a skip notice as for a share: one lost on the way made
+    it wait out its whole timeout. Fails when skip notices are sent once (nothing of round
+    7 arrives) or are never acknowledged (rank 0 keeps it)."""
+    net = InProcNetwork(2)
+    transport = _LosesFirstSkip(net, 0)
+    ports = [40000, 40001]
+    a = nodes(local_config(2, 0, ports, transport="inproc"), transport)
+    b = nodes(local_config(2, 1, ports, transport="inproc"), net.transport(1))
+    delivered: queue.Queue[Message] = queue.Queue()
+    b.subscribe(lambda m: delivered.put(m) is None, fingerprint=FP)
+    a.subscribe(lambda m: True, fingerprint=FP)  # its notices name the model, as SGP's do
+    a.send_skip([1], 7)
+    notice = delivered.get(timeout=10)  # the copy sent again (after 1 s: no round trip yet)
+    assert (notice.kind, notice.round, notice.meta.get("skip")) == (MessageKind.HEARTBEAT, 7, 1)
+    assert transport.lost == 1
+    assert a.retransmitted >= 1
+    assert wait_until(lambda: not a._skips.get(1))  # acknowledged: not sent again
+
+
 @pytest.mark.timeout(20)
 def test_a_send_that_found_the_queue_full_is_sent_again_and_not_lost(nodes: Nodes) -> None:
     # A full queue may drain (a slow peer): the message stays owed and the retransmitter
