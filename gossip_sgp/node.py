@@ -27,7 +27,6 @@ import ipaddress
 import logging
 import math
 import signal
-import statistics
 import threading
 import time
 import types
@@ -43,6 +42,7 @@ from gossip_sgp.errors import (
     TransportError,
     WireError,
 )
+from gossip_sgp.link import MAX_UNACKED, RETRY_MIN_S, OutLink, Written
 from gossip_sgp.liveness import FailureDetector
 from gossip_sgp.mailbox import Receipt
 from gossip_sgp.message import Message, MessageKind
@@ -59,9 +59,6 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[Message], object]
 
-_MAX_UNACKED = 1024
-"""Unacknowledged messages kept per peer; older ones are written off as lost."""
-
 _HEARTBEAT_S = 0.5
 """A neighbour that has been sent nothing for this long gets a heartbeat."""
 _SUSPECT_FLOOR_S = 10 * _HEARTBEAT_S
@@ -71,54 +68,6 @@ observed); ten missed heartbeats, so a worker whose gossip thread stalls for a f
 on an overloaded machine is not taken for dead."""
 _SUSPECT_INITIAL_S = 3 * _SUSPECT_FLOOR_S
 """The timeout while too few gaps have been observed to adapt it."""
-
-_RETRY_MIN_S = 0.01
-"""Shortest time before a message not acknowledged is sent again (see ``_retransmit``)."""
-_RETRY_RTTS = 4
-"""A message is sent again when it has not been acknowledged within this many median
-round trips to its peer (send to fold-in: the peer's step time included)."""
-_RETRY_FIRST_S = 2 * _HEARTBEAT_S
-"""The wait before a first copy while no round trip to the peer is known, plus the time
-the message takes at ``_ASSUMED_BYTES_PER_S``."""
-_ASSUMED_BYTES_PER_S = 12.5e6
-"""The rate assumed for a link before any round trip on it is known: 100 Mbit/s. A 64 MB
-message then gets about 6 s, not the 1 s that made copies of every message on slow links."""
-_RETRY_MAX_S = 120.0
-"""The longest wait between two copies of a message (after exponential back-off)."""
-
-
-def retry_after(rtt: float | None, nbytes: int, copies: int) -> float:
-    """Seconds without an acknowledgement after which a message of ``nbytes`` bytes that
-    was sent ``copies`` times again already is sent once more.
-
-    ``rtt`` is the median of the link's recent round trips (None while none is known),
-    timed from messages never sent again (Karn's rule: an acknowledgement of a message sent
-    twice does not say which copy it answers). Each copy doubles the wait (exponential
-    back-off), so a slow link gets a few copies, not a storm, and a dead one ever fewer until
-    it is suspected.
-    """
-    if rtt is not None:
-        first = max(_RETRY_MIN_S, _RETRY_RTTS * rtt)
-    else:
-        first = _RETRY_FIRST_S + nbytes / _ASSUMED_BYTES_PER_S
-    return min(_RETRY_MAX_S, math.ldexp(first, min(copies, 32)))
-
-
-@dataclasses.dataclass(slots=True)
-class _Sent:
-    """A MASS message sent and not acknowledged yet."""
-
-    message: Message
-    first_sent: float
-    """Monotonic time of the first send (round trips are timed from it)."""
-    last_sent: float
-    """Monotonic time of the latest copy (the next copy is due ``retry_after`` later)."""
-    copies: int = 0
-    """Times it was sent again."""
-
-
-_MAX_SKIPS = 64
-"""Skip notices awaiting acknowledgement kept per peer; older ones are not sent again."""
 
 _MAX_EARLY = 4096
 """Messages kept for a subscriber that has not subscribed yet; beyond that the oldest go."""
@@ -262,36 +211,23 @@ class GossipNode:
         self._early: deque[Message] = deque(maxlen=_MAX_EARLY)
         self._sigterm_installed = False
         self._hurry = False
-        # peer -> seq -> (monotonic time last sent, message) of MASS messages not yet
-        # acknowledged (kept for sending again: see _retransmit)
-        self._unacked: dict[int, dict[int, _Sent]] = {}
-        self._overflows: Counter[int] = Counter()  # write-offs beyond _MAX_UNACKED, per peer
+        # What this node sent to each peer and has not had acknowledged, its write-offs,
+        # round trips and incarnation: one state machine per link (gossip_sgp/link.py).
+        self._links: dict[int, OutLink] = {}
         self._detector = FailureDetector(floor=_SUSPECT_FLOOR_S, initial=_SUSPECT_INITIAL_S)
         self._neighbours: frozenset[int] = frozenset(range(self.world_size)) - {self.rank}
         self._last_sent: dict[int, float] = {}
         self._write_off_handlers: list[Callable[[int, int], object]] = []
-        # peer -> seq -> weight of MASS messages written off as lost when the peer was
-        # suspected; an acknowledgement that comes after all takes one back
-        self._written_off: dict[int, dict[int, float]] = {}
-        self._incarnations: dict[int, int] = {}  # peer -> the latest incarnation heard
-        # peer -> round -> skip notices not yet acknowledged (sent again like shares)
-        self._skips: dict[int, dict[int, _Sent]] = {}
         self.retransmitted = 0
         """Messages sent again because no acknowledgement came (see ``_retransmit``)."""
         self.retransmits_held = 0
         """Times a peer's retransmissions were put off because its send queue was not empty
         (earlier copies still waiting to leave: the peer is slow, or dead and not yet
         suspected)."""
-        self.acked_weight: dict[int, float] = {}
-        """Push-sum weight of the messages each peer acknowledged (folded in): with the
-        weight received from a peer, the net weight that moved to it (see docs/reliability.md:
-        what a dead worker held)."""
         self.peers_lost: Counter[int] = Counter()
         """How often each peer was suspected down (a peer heard again is re-admitted)."""
         self.peers_restarted: Counter[int] = Counter()
         """Per peer, how often it was heard with a new incarnation (a restarted worker)."""
-        self.rtt: dict[int, deque[float]] = {}
-        """Recent send-to-fold-in round-trip times per peer, in seconds."""
         self.send_errors: Counter[int] = Counter()
         """Failed sends per peer. The mass of a message whose send timed out on a full
         queue is sent again (ZeroMQ); after any other failure it is lost."""
@@ -321,6 +257,27 @@ class GossipNode:
         if registry is not None or config.metrics_port:
             self.metrics = GossipMetrics(self, registry)
         self._metrics_server: MetricsServer | None = None
+
+    def _link(self, peer: int) -> OutLink:
+        """The state machine of the link to ``peer`` (call with ``_lock`` held)."""
+        link = self._links.get(peer)
+        if link is None:
+            link = self._links[peer] = OutLink(peer)
+        return link
+
+    @property
+    def acked_weight(self) -> dict[int, float]:
+        """Push-sum weight of the messages each peer acknowledged (folded in): with the
+        weight received from a peer, the net weight that moved to it (see docs/reliability.md:
+        what a dead worker held). A copy, thread-safe."""
+        with self._lock:
+            return {peer: link.acked_weight for peer, link in self._links.items() if link.acks}
+
+    @property
+    def rtt(self) -> dict[int, list[float]]:
+        """Recent send-to-fold-in round-trip times per peer, in seconds (a copy)."""
+        with self._lock:
+            return {peer: list(link.rtts) for peer, link in self._links.items() if link.rtts}
 
     # ----------------------------------------------------------------- lifecycle
     def __enter__(self) -> GossipNode:
@@ -435,7 +392,7 @@ class GossipNode:
         deadline = time.monotonic() + timeout
         while not self._closed:
             with self._lock:
-                if not any(self._unacked.values()):
+                if not any(link.unacked for link in self._links.values()):
                     return True
             if time.monotonic() >= deadline:
                 return False
@@ -609,11 +566,17 @@ class GossipNode:
         incarnation = message.meta.get("incarnation", 0)
         with self._lock:  # one lock per message on this hot path
             back = self._detector.heard(message.sender, now)
-            previous_life = self._restarted(message.sender, incarnation)
+            link = self._link(message.sender)
+            previous_life = link.heard(incarnation)
+            if previous_life is not None:
+                self.peers_restarted[message.sender] += 1
             if message.kind == MessageKind.ACK and message.meta.get("skip"):
-                self._skips.get(message.sender, {}).pop(message.round, None)
+                link.skip_acked(message.round)
             elif message.kind == MessageKind.ACK:
-                taken_back = self._acknowledged(message, now)
+                acked = link.acked(message.seq, now)
+                if acked is not None and acked[1]:  # written off by mistake: taken back
+                    taken_back = True
+                    self.lost_weight -= acked[0]
             elif for_subscriber:
                 handler, fp = self._handler, self._fingerprint
                 if handler is None:
@@ -673,26 +636,8 @@ class GossipNode:
     def rtt_medians(self) -> dict[int, float]:
         """Median of the recent round-trip times per peer, in seconds (thread-safe)."""
         with self._lock:
-            recent = {peer: list(times) for peer, times in self.rtt.items() if times}
-        return {peer: statistics.median(times) for peer, times in recent.items()}
-
-    def _acknowledged(self, ack: Message, now: float) -> bool:
-        """Book an acknowledgement (call with ``_lock`` held); True when it takes back a
-        message written off as lost (the peer was suspected by mistake)."""
-        peer = ack.sender
-        sent = self._unacked.get(peer, {}).pop(ack.seq, None)
-        if sent is not None:
-            rtts = self.rtt.setdefault(peer, deque(maxlen=64))
-            if not sent.copies:  # Karn's rule: see retry_after
-                rtts.append(now - sent.first_sent)
-            weight = sent.message.weight
-        else:
-            weight = self._written_off.get(peer, {}).pop(ack.seq, math.nan)
-            if math.isnan(weight):
-                return False
-            self.lost_weight -= weight
-        self.acked_weight[peer] = self.acked_weight.get(peer, 0.0) + weight
-        return sent is None
+            medians = {peer: link.rtt_median() for peer, link in self._links.items()}
+        return {peer: m for peer, m in medians.items() if m is not None}
 
     def _count(self, counter: Counter[str], reason: str) -> int:
         """Add one to ``counter[reason]`` (thread-safe); returns the new count."""
@@ -751,9 +696,7 @@ class GossipNode:
             stalled, previous = now - previous > 2 * _HEARTBEAT_S, now
             with self._lock:
                 down = [] if stalled else self._detector.check(now)
-                lost = {peer: self._unacked.pop(peer, {}) for peer in down}
-                for peer in down:
-                    self._write_off(peer, lost[peer])
+                lost = {peer: self._link(peer).suspected() for peer in down}
             # Suspected peers too: one suspected by mistake hears from us and does not
             # suspect us in turn (the queue check keeps a dead peer's backlog at one).
             beats = [
@@ -776,7 +719,7 @@ class GossipNode:
 
     async def _retransmit(self) -> None:
         """Send again what a live peer has not acknowledged in time (``retry_after``: 4
-        median round trips, at least ``_RETRY_MIN_S``; before any round trip is known 1 s
+        median round trips, at least ``RETRY_MIN_S``; before any round trip is known 1 s
         plus the message's size at 100 Mbit/s; doubled for every copy): the message or its
         acknowledgement was lost on the way. The receiver folds a message
         once, whatever the number of copies (sequence numbers), and acknowledges every copy.
@@ -787,8 +730,8 @@ class GossipNode:
             wait = _HEARTBEAT_S
             with self._lock:
                 now = time.monotonic()
-                for peer, sent in self._unacked.items():
-                    if peer in self._detector.down or not sent:
+                for peer, link in self._links.items():
+                    if peer in self._detector.down or not (link.unacked or link.skips):
                         continue
                     if self._queued_mass[peer]:
                         # Earlier copies have not even left yet (the peer is slow to take
@@ -799,35 +742,15 @@ class GossipNode:
                         # every copy back.)
                         self.retransmits_held += 1
                         continue
-                    wait = min(wait, self._copies_due(peer, sent.values(), now, due))
-                for peer, skips in self._skips.items():  # (a skip notice is no payload)
-                    if peer not in self._detector.down and not self._queued_mass[peer]:
-                        wait = min(wait, self._copies_due(peer, skips.values(), now, due))
+                    copies, until = link.due(now)
+                    due.extend(copies)
+                    wait = min(wait, until)
             if due:
                 self.retransmitted += len(due)
                 self._enqueue(due)
-            await asyncio.sleep(max(wait, _RETRY_MIN_S))
+            await asyncio.sleep(max(wait, RETRY_MIN_S))
 
-    def _copies_due(
-        self, peer: int, entries: Collection[_Sent], now: float, due: list[Message]
-    ) -> float:
-        """Add to ``due`` the messages to ``peer`` whose acknowledgement is overdue (call
-        with ``_lock`` held); returns the time until the next one is."""
-        rtts = self.rtt.get(peer)
-        rtt = statistics.median(rtts) if rtts else None  # once per peer
-        wait = math.inf
-        for entry in entries:
-            after = retry_after(rtt, entry.message.nbytes, entry.copies)
-            if now - entry.last_sent >= after:
-                due.append(entry.message)
-                entry.last_sent, entry.copies = now, entry.copies + 1
-            else:
-                wait = min(wait, entry.last_sent + after - now)
-        return wait
-
-    def _report_write_off(
-        self, peer: int, lost: dict[int, _Sent], why: str, *, loud: bool = True
-    ) -> None:
+    def _report_write_off(self, peer: int, lost: Written, why: str, *, loud: bool = True) -> None:
         weight = math.fsum(s.message.weight for s in lost.values())
         self.lost_weight += weight
         if loud:
@@ -840,28 +763,6 @@ class GossipNode:
                 weight,
             )
         self._written_off_changed(peer, len(lost))
-
-    def _restarted(self, peer: int, incarnation: int) -> dict[int, _Sent] | None:
-        """When ``peer`` speaks with a new incarnation: the unacknowledged messages to its
-        previous life, now written off (call with ``_lock`` held); else None."""
-        known = self._incarnations.get(peer, 0)
-        if incarnation <= known:
-            return None
-        self._incarnations[peer] = incarnation
-        if not known:
-            return None
-        self.peers_restarted[peer] += 1
-        self._skips.pop(peer, None)  # its new life waits for no round of the old one
-        lost = self._unacked.pop(peer, {})
-        self._write_off(peer, lost)
-        return lost
-
-    def _write_off(self, peer: int, lost: dict[int, _Sent]) -> None:
-        """Remember messages written off as lost (call with ``_lock`` held), bounded."""
-        kept = self._written_off.setdefault(peer, {})
-        kept.update((seq, s.message.weight) for seq, s in lost.items())
-        while len(kept) > _MAX_UNACKED:
-            del kept[next(iter(kept))]
 
     def _written_off_changed(self, peer: int, count: int) -> None:
         for handler in list(self._write_off_handlers):
@@ -888,10 +789,7 @@ class GossipNode:
         of one that was acknowledged, nor one written off already (gossip thread). An
         earlier copy may have arrived after all: its acknowledgement takes the loss back."""
         with self._lock:
-            sent = self._unacked.get(message.receiver, {}).pop(message.seq, None)
-            lost = {message.seq: sent} if sent is not None else {}
-            if lost:
-                self._write_off(message.receiver, lost)
+            lost = self._link(message.receiver).lost(message.seq)
         if lost:  # the send's failure or the closing was logged already
             self._report_write_off(message.receiver, lost, "was not sent", loud=False)
 
@@ -974,38 +872,30 @@ class GossipNode:
         :meth:`on_write_off`) until the peer acknowledges it.
         """
         now = time.monotonic()
-        late: dict[int, dict[int, _Sent]] = {}  # to peers suspected down
-        old: dict[int, dict[int, _Sent]] = {}  # beyond _MAX_UNACKED: the oldest
+        late: dict[int, Written] = {}  # to peers suspected down
+        old: dict[int, Written] = {}  # beyond MAX_UNACKED: the oldest
         with self._lock:
             loop = self._running_loop()
             for m in messages:
                 if m.kind != MessageKind.MASS:
                     continue
-                if m.receiver in self._detector.down:
-                    # Suspected since the caller looked (SGP keeps a round's mass when an
-                    # out-peer is down): the write-off of the peer's unacknowledged
-                    # messages is over, so this one is written off now. It still goes out;
-                    # an acknowledgement takes it back.
-                    late.setdefault(m.receiver, {})[m.seq] = _Sent(m, now, now)
-                    continue
-                unacked = self._unacked.setdefault(m.receiver, {})
-                unacked[m.seq] = _Sent(m, now, now)
-                if len(unacked) > _MAX_UNACKED:  # a peer that takes and acknowledges nothing
-                    oldest = next(iter(unacked))
-                    old.setdefault(m.receiver, {})[oldest] = unacked.pop(oldest)
-            for written in (late, old):
-                for peer, lost in written.items():
-                    self._write_off(peer, lost)
+                # To a peer suspected since the caller looked (SGP keeps a round's mass when
+                # an out-peer is down), the write-off of the peer's unacknowledged messages
+                # is over: this one is written off now. It still goes out; an
+                # acknowledgement takes it back.
+                down = m.receiver in self._detector.down
+                written = self._link(m.receiver).sent(m, now, down=down)
+                if written:
+                    (late if down else old).setdefault(m.receiver, {}).update(written)
             # Under the lock: close() cannot slip in between, so these messages are queued
             # before the loop sees the stop request and drains.
             loop.call_soon_threadsafe(self._enqueue, list(messages))
             why = "is suspected down (a message sent to it since)"
             for peer, lost in late.items():
                 loop.call_soon_threadsafe(self._report_write_off, peer, lost, why)
-            why = f"has not acknowledged {_MAX_UNACKED} messages"
+            why = f"has not acknowledged {MAX_UNACKED} messages"
             for peer, lost in old.items():
-                self._overflows[peer] += 1
-                loud = _worth_logging(self._overflows[peer])  # a peer that takes nothing
+                loud = _worth_logging(self._links[peer].overflows)  # a peer that takes nothing
                 loop.call_soon_threadsafe(
                     functools.partial(self._report_write_off, peer, lost, why, loud=loud)
                 )
@@ -1048,17 +938,13 @@ class GossipNode:
         """How many push-sum messages of rounds before ``before_round`` were sent and are
         neither acknowledged nor written off yet (thread-safe)."""
         with self._lock:
-            return sum(
-                s.message.round < before_round
-                for sent in self._unacked.values()
-                for s in sent.values()
-            )
+            return sum(link.unacknowledged(before_round) for link in self._links.values())
 
     def describe_peer(self, peer: int) -> str:
         """What this node knows of ``peer``, in one line for error messages (thread-safe)."""
         with self._lock:
             heard = self.last_heard.get(peer)
-            unacked = len(self._unacked.get(peer, ()))
+            unacked = self._link(peer).outstanding()
             suspected = peer in self._detector.down
         q = self._queues.get(peer)
         queued = q.qsize() if q is not None else 0
@@ -1116,7 +1002,7 @@ class GossipNode:
         """Tell ``peers`` that this node sends them no mass in ``round`` (thread-safe).
 
         A synchronous peer waits for this notice as it would for a share, so it is sent
-        again, as a share is, until the peer acknowledges it (at most ``_MAX_SKIPS`` rounds
+        again, as a share is, until the peer acknowledges it (at most ``MAX_SKIPS`` rounds
         kept per peer).
         """
         notices = [self._heartbeat(peer, round, skip=True) for peer in peers]
@@ -1124,10 +1010,7 @@ class GossipNode:
             now = time.monotonic()
             with self._lock:
                 for notice in notices:
-                    skips = self._skips.setdefault(notice.receiver, {})
-                    skips[round] = _Sent(notice, now, now)
-                    while len(skips) > _MAX_SKIPS:
-                        del skips[next(iter(skips))]
+                    self._link(notice.receiver).skip_sent(notice, now)
         self.send(notices)
 
     @property
@@ -1161,7 +1044,7 @@ class GossipNode:
     def outstanding(self, peer: int) -> int:
         """Messages sent to ``peer`` whose mass it has not folded in yet (thread-safe)."""
         with self._lock:
-            return len(self._unacked.get(peer, ()))
+            return self._link(peer).outstanding()
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every queued message has been handed to the transport.

@@ -18,7 +18,6 @@ import sys
 import threading
 import time
 import urllib.request
-from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -113,7 +112,7 @@ def test_collector_reads_live_node_counters() -> None:
     node.lost_weight += 0.25
     node.send_errors[2] += 1
     node.last_heard[2] = time.monotonic()
-    node.rtt[1] = deque([0.010, 0.030, 0.020])
+    node._link(1).rtts.extend([0.010, 0.030, 0.020])
 
     assert value(registry, "gossip_sgp_messages_sent_total", rank="0", peer="1") == 3
     assert value(registry, "gossip_sgp_sent_bytes_total", rank="0", peer="1") == 300

@@ -251,6 +251,12 @@ def test_codec_references_start_afresh_with_a_restarted_peer() -> None:
             sgp.step()
         assert peer.wait_for(lambda got: len([m for m in got if m.kind == MASS]) >= 3)
         assert [m.meta["key"] for m in peer.shares()] == [1, 0, 0]
+        # Its first life's shares folded (acknowledged) first: a copy of one sent after the
+        # "restart" below would carry the new incarnation, which a real restart never does.
+        deadline = time.monotonic() + 10
+        while node1.outstanding(0):
+            assert time.monotonic() < deadline, "rank 0 did not acknowledge rank 1's shares"
+            time.sleep(0.01)
 
         node1.incarnation += 1  # rank 1 restarts
         second_life = protocol()

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from gossip_sgp import SGP, GossipError, GossipNode, GossipTimeout, Message
-from gossip_sgp import node as node_module
+from gossip_sgp import link as link_module
 from gossip_sgp.message import MessageKind
 from tests.threads import Worker, run_workers, wait_until
 from transports import FaultSpec, Transport
@@ -148,7 +148,7 @@ def test_asynchronous_consensus_folds_a_share_lost_near_the_end_of_training(
     # consensus rounds would be over. consensus() first waits until the shares sent while
     # training are folded (rank 1 folds the copy while it waits for rank 0's first
     # consensus message), so the weights add up to exactly 2 (they used to end short).
-    monkeypatch.setattr(node_module, "_RETRY_MIN_S", 2.0)
+    monkeypatch.setattr(link_module, "RETRY_MIN_S", 2.0)
     steps, lossy = 40, []
 
     def wrap(rank: int, transport: Transport) -> Transport:

@@ -1,0 +1,227 @@
+"""The sending side of one directed gossip link, as a state machine with no I/O.
+
+Everything a worker knows about what it sent to one peer lives in an :class:`OutLink`: the
+push-sum shares not acknowledged yet, the skip notices not acknowledged yet, the shares
+written off as lost (an acknowledgement that comes after all takes one back), the round-trip
+times (Karn's rule) and the retransmission timing (:func:`retry_after`), the weight the peer
+acknowledged, and the incarnation of the peer last heard. Its methods take the time ``now``
+(monotonic seconds) as an argument and return what to do - which messages to send again,
+which shares are now written off - as :class:`~gossip_sgp.liveness.FailureDetector` does for
+liveness. :class:`~gossip_sgp.node.GossipNode` drives one per peer under its lock: it owns
+the event loop, the transport, the timers, the logging and the weight ledger. So the rules
+of a link are tested in one process, without threads or sockets
+(``tests/test_link.py``: hypothesis schedules of sends, losses, duplicate and late
+acknowledgements, suspicions and restarts against an exact ledger).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+from collections import deque
+
+from gossip_sgp.message import Message, MessageKind
+
+__all__ = ["MAX_SKIPS", "MAX_UNACKED", "OutLink", "Sent", "retry_after"]
+
+MAX_UNACKED = 1024
+"""Unacknowledged shares kept per link; older ones are written off as lost."""
+MAX_SKIPS = 64
+"""Skip notices awaiting acknowledgement kept per link; older ones are not sent again."""
+RETRY_MIN_S = 0.01
+"""The shortest wait before a message is sent again, however short the round trips."""
+RETRY_RTTS = 4
+"""A message is sent again after this many median round trips without an acknowledgement."""
+RETRY_FIRST_S = 1.0
+"""Before any round trip is known: this long, plus the message's size at the assumed rate."""
+ASSUMED_BYTES_PER_S = 12.5e6
+"""The rate assumed for a link whose round trip is not known yet (100 Mbit/s)."""
+RETRY_MAX_S = 120.0
+"""The longest wait between two copies of a message (after exponential back-off)."""
+
+
+def retry_after(rtt: float | None, nbytes: int, copies: int) -> float:
+    """Seconds without an acknowledgement after which a message of ``nbytes`` bytes that
+    was sent ``copies`` times again already is sent once more.
+
+    ``rtt`` is the median of the link's recent round trips (None while none is known),
+    timed from messages never sent again (Karn's rule: an acknowledgement of a message sent
+    twice does not say which copy it answers). Each copy doubles the wait (exponential
+    back-off), so a slow link gets a few copies, not a storm, and a dead one ever fewer until
+    it is suspected.
+    """
+    if rtt is not None:
+        first = max(RETRY_MIN_S, RETRY_RTTS * rtt)
+    else:
+        first = RETRY_FIRST_S + nbytes / ASSUMED_BYTES_PER_S
+    return min(RETRY_MAX_S, math.ldexp(first, min(copies, 32)))
+
+
+@dataclasses.dataclass(slots=True)
+class Sent:
+    """A message sent and not acknowledged yet."""
+
+    message: Message
+    first_sent: float
+    """Monotonic time of the first send (round trips are timed from it)."""
+    last_sent: float
+    """Monotonic time of the latest copy (the next copy is due ``retry_after`` later)."""
+    copies: int = 0
+    """Times it was sent again."""
+
+
+Written = dict[int, Sent]
+"""Shares written off as lost, by sequence number."""
+
+
+class OutLink:
+    """What one worker knows of the link to one peer (see the module docstring).
+
+    Not thread-safe: its driver calls it under one lock.
+    """
+
+    def __init__(
+        self,
+        peer: int,
+        *,
+        max_unacked: int = MAX_UNACKED,
+        max_skips: int = MAX_SKIPS,
+        max_rtts: int = 64,
+    ) -> None:
+        if min(max_unacked, max_skips, max_rtts) < 1:
+            raise ValueError("max_unacked, max_skips and max_rtts must be >= 1")
+        self.peer = peer
+        self.max_unacked = max_unacked
+        self.max_skips = max_skips
+        self.unacked: dict[int, Sent] = {}
+        """Shares sent and neither acknowledged nor written off, by sequence number."""
+        self.skips: dict[int, Sent] = {}
+        """Skip notices sent and not acknowledged, by round."""
+        self.written_off: dict[int, float] = {}
+        """Weight of the shares written off (at most ``max_unacked`` remembered), by
+        sequence number: an acknowledgement that comes after all takes one back."""
+        self.rtts: deque[float] = deque(maxlen=max_rtts)
+        """Recent send-to-fold-in round trips, in seconds, of shares never sent again."""
+        self.acked_weight = 0.0
+        """Push-sum weight of the shares the peer acknowledged."""
+        self.acks = 0
+        """Shares the peer acknowledged (copies of an acknowledgement count once)."""
+        self.incarnation = 0
+        """The peer's incarnation last heard (0: none yet)."""
+        self.overflows = 0
+        """Times a share was written off because ``max_unacked`` were outstanding."""
+
+    # ------------------------------------------------------------------ sending
+    def sent(self, share: Message, now: float, *, down: bool = False) -> Written:
+        """Book a push-sum share handed over for sending; returns the shares this writes off.
+
+        To a peer suspected ``down`` the share still goes out but is written off at once (an
+        acknowledgement takes it back). Beyond ``max_unacked`` outstanding shares, the
+        oldest is written off (a peer that takes and acknowledges nothing).
+        """
+        if share.kind != MessageKind.MASS or share.receiver != self.peer:
+            raise ValueError("OutLink.sent takes push-sum shares to its own peer")
+        entry = Sent(share, now, now)
+        if down:
+            return self._write_off({share.seq: entry})
+        self.unacked[share.seq] = entry
+        if len(self.unacked) <= self.max_unacked:
+            return {}
+        self.overflows += 1
+        oldest = next(iter(self.unacked))
+        return self._write_off({oldest: self.unacked.pop(oldest)})
+
+    def skip_sent(self, notice: Message, now: float) -> None:
+        """Book a skip notice ("no mass from me in ``notice.round``"), sent again until
+        acknowledged; beyond ``max_skips`` the oldest is no longer sent."""
+        self.skips[notice.round] = Sent(notice, now, now)
+        while len(self.skips) > self.max_skips:
+            del self.skips[next(iter(self.skips))]
+
+    def due(self, now: float) -> tuple[list[Message], float]:
+        """The messages whose acknowledgement is overdue (each now counts one more copy),
+        and the seconds until the next one is."""
+        rtt = self.rtt_median()
+        due: list[Message] = []
+        wait = math.inf
+        for entry in (*self.unacked.values(), *self.skips.values()):
+            after = retry_after(rtt, entry.message.nbytes, entry.copies)
+            if now - entry.last_sent >= after:
+                due.append(entry.message)
+                entry.last_sent, entry.copies = now, entry.copies + 1
+            else:
+                wait = min(wait, entry.last_sent + after - now)
+        return due, wait
+
+    def lost(self, seq: int) -> Written:
+        """A share that will not reach the peer (its send failed for good, or the node
+        closed before sending it): written off, unless acknowledged or written off already."""
+        entry = self.unacked.pop(seq, None)
+        return {} if entry is None else self._write_off({seq: entry})
+
+    # ---------------------------------------------------------------- receiving
+    def acked(self, seq: int, now: float) -> tuple[float, bool] | None:
+        """The peer acknowledged share ``seq``: ``(weight, taken_back)``, ``taken_back``
+        when the share had been written off (the peer was suspected by mistake); None when
+        ``seq`` is neither outstanding nor remembered as written off (a copy of an
+        acknowledgement already counted, or a forged one)."""
+        entry = self.unacked.pop(seq, None)
+        if entry is not None:
+            if not entry.copies:  # Karn's rule: see retry_after
+                self.rtts.append(now - entry.first_sent)
+            weight, taken_back = entry.message.weight, False
+        elif seq in self.written_off:
+            weight, taken_back = self.written_off.pop(seq), True
+        else:
+            return None
+        self.acked_weight += weight
+        self.acks += 1
+        return weight, taken_back
+
+    def skip_acked(self, round: int) -> None:
+        """The peer acknowledged the skip notice of ``round``: not sent again."""
+        self.skips.pop(round, None)
+
+    def suspected(self) -> Written:
+        """The peer is suspected down: every outstanding share is written off (returned);
+        skip notices wait, in case it is alive after all."""
+        lost, self.unacked = self.unacked, {}
+        return self._write_off(lost)
+
+    def heard(self, incarnation: int) -> Written | None:
+        """The peer spoke with ``incarnation``: when that is a new life of a peer heard
+        before, the shares sent to its previous life are written off (returned) and its skip
+        notices dropped; otherwise None."""
+        known = self.incarnation
+        if incarnation <= known:
+            return None
+        self.incarnation = incarnation
+        if not known:
+            return None
+        self.skips.clear()
+        lost, self.unacked = self.unacked, {}
+        return self._write_off(lost)
+
+    # ------------------------------------------------------------------- reading
+    def outstanding(self) -> int:
+        """Shares sent and neither acknowledged nor written off."""
+        return len(self.unacked)
+
+    def outstanding_weight(self) -> float:
+        """Their push-sum weight."""
+        return math.fsum(entry.message.weight for entry in self.unacked.values())
+
+    def unacknowledged(self, before_round: int) -> int:
+        """Outstanding shares of rounds before ``before_round``."""
+        return sum(entry.message.round < before_round for entry in self.unacked.values())
+
+    def rtt_median(self) -> float | None:
+        """The median of the recent round trips (None while none is known)."""
+        return statistics.median(self.rtts) if self.rtts else None
+
+    def _write_off(self, lost: Written) -> Written:
+        self.written_off.update((seq, entry.message.weight) for seq, entry in lost.items())
+        while len(self.written_off) > self.max_unacked:
+            del self.written_off[next(iter(self.written_off))]
+        return lost
