@@ -121,8 +121,9 @@ def test_the_ledger_closes_exactly_under_any_schedule(events: list[tuple[Any, ..
     back), after every event; an acknowledgement counts once; copies are only of messages
     still owed, spaced by the back-off; round trips only from messages never copied; write-
     offs only from a send to a suspected peer, the window, a failed send, a suspicion or a
-    restart. Fails, for example, if a late acknowledgement of a written-off share is not
-    taken back (the ledger is short), or counted twice."""
+    restart. Fails (checked) when a late acknowledgement of a written-off share does not
+    forget the write-off (a second copy of it counts twice), and when round trips are also
+    timed from copied shares (Karn's rule)."""
     link = OutLink(PEER, max_unacked=4, max_skips=3)
     now, seq, incarnation = 0.0, 0, 1
     sent = acked = written = 0.0
