@@ -19,6 +19,8 @@ import time
 from collections import Counter
 from collections.abc import Collection
 
+import torch
+
 from gossip_sgp.errors import WireError
 from gossip_sgp.message import Message
 from gossip_sgp.pushsum import Share
@@ -199,6 +201,17 @@ class Mailbox:
             self.weight_from[message.sender] = self.weight_from.get(message.sender, 0.0) + share[1]
             self._cond.notify_all()
             return True
+
+    def give_back(self, tensors: tuple[torch.Tensor, ...], weight: float) -> None:
+        """Add mass of this worker's own that never left (see ``GossipNode.on_take_back``):
+        folded at the next :meth:`take`, whatever its round, and acknowledged to nobody."""
+        with self._cond:
+            if self._acc is None:
+                self._acc = _sum([(tensors, weight)])
+            else:
+                for acc, t in zip(self._acc[0], tensors, strict=True):
+                    acc.add_(t)
+                self._acc = (self._acc[0], self._acc[1] + weight)
 
     def count_reject(self, reason: str) -> int:
         """Count a message refused after it was stored (e.g. at fold-in); the new count."""

@@ -218,6 +218,11 @@ class GossipNode:
         self._neighbours: frozenset[int] = frozenset(range(self.world_size)) - {self.rank}
         self._last_sent: dict[int, float] = {}
         self._write_off_handlers: list[Callable[[int, int], object]] = []
+        self._take_back: Callable[[Message], bool] | None = None
+        self.returned = 0
+        """Shares taken back unsent when their peer was suspected (see ``on_take_back``)."""
+        self.returned_weight = 0.0
+        """Their push-sum weight (not lost: back in the sender's own mass)."""
         self.retransmitted = 0
         """Messages sent again because no acknowledgement came (see ``_retransmit``)."""
         self.retransmits_held = 0
@@ -696,6 +701,9 @@ class GossipNode:
             stalled, previous = now - previous > 2 * _HEARTBEAT_S, now
             with self._lock:
                 down = [] if stalled else self._detector.check(now)
+            for peer in down:
+                self._return_unsent(peer)
+            with self._lock:
                 lost = {peer: self._link(peer).suspected() for peer in down}
             # Suspected peers too: one suspected by mistake hears from us and does not
             # suspect us in turn (the queue check keeps a dead peer's backlog at one).
@@ -749,6 +757,49 @@ class GossipNode:
                 self.retransmitted += len(due)
                 self._enqueue(due)
             await asyncio.sleep(max(wait, RETRY_MIN_S))
+
+    def _return_unsent(self, peer: int) -> None:
+        """Give the ``on_take_back`` handler the shares to ``peer`` (just suspected down)
+        that wait in its send queue and were never handed to the transport (gossip thread).
+
+        Such a share provably never left: its mass is not lost but still this worker's. A
+        share sent before (a copy waits in the queue) may have arrived, so it stays owed and
+        is written off with the others, as is one the handler does not take back.
+        """
+        q, handler = self._queues.get(peer), self._take_back
+        if q is None or handler is None or not q.qsize():
+            return
+        queued: list[Message] = []
+        while not q.empty():
+            queued.append(q.get_nowait())
+            q.task_done()
+        with self._lock:
+            link = self._link(peer)
+            unsent = {
+                m.seq: link.unacked.pop(m.seq)
+                for m in queued
+                if m.kind == MessageKind.MASS
+                and m.seq in link.unacked
+                and not link.unacked[m.seq].copies
+            }
+        taken = {seq for seq, entry in unsent.items() if handler(entry.message)}
+        with self._lock:
+            for seq in unsent.keys() - taken:  # as if never claimed: written off, and sent
+                link.unacked[seq] = unsent[seq]
+        for m in queued:
+            if m.kind == MessageKind.MASS and m.seq in taken and m.seq in unsent:
+                self._queued_mass[peer] -= 1
+                self.returned += 1
+                self.returned_weight += m.weight
+            else:
+                q.put_nowait(m)
+        if taken:
+            log.info(
+                "rank %d: %d shares to rank %d never left; their mass is back in this worker's",
+                self.rank,
+                len(taken),
+                peer,
+            )
 
     def _report_write_off(self, peer: int, lost: Written, why: str, *, loud: bool = True) -> None:
         weight = math.fsum(s.message.weight for s in lost.values())
@@ -989,6 +1040,13 @@ class GossipNode:
         and with ``count = -1`` when one of them is acknowledged after all (a mistaken
         suspicion: its weight leaves ``lost_weight`` again)."""
         self._write_off_handlers.append(handler)
+
+    def on_take_back(self, handler: Callable[[Message], bool]) -> None:
+        """When a peer is suspected down, call ``handler(share)`` in the gossip thread for
+        each share to it still in its send queue that never left; True means the handler
+        took the share's mass back (SGP adds it to its own mass), and it is not sent.
+        Otherwise the share is written off and sent, as every other share to that peer."""
+        self._take_back = handler
 
     def send_join(self, peer: int, *, refused: bool = False) -> None:
         """Ask ``peer`` for half of its mass (a restarted worker; see ``SGP.rejoin``), or,

@@ -148,6 +148,14 @@ class PushSumProtocol:
         """
         return self.mailbox.put(self.decode(message))
 
+    def references_of(self, message: Message) -> bool:
+        """Whether ``message`` is difference-coded (codec option ``ref``); False for a codec
+        spec that does not parse."""
+        try:
+            return _codec(message.codec).reference
+        except ValueError:
+            return False
+
     def decode(self, message: Message, *, commit: bool = True) -> Message:
         """``message`` with its numerator decoded and checked against this node's layout.
 

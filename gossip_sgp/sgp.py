@@ -47,7 +47,7 @@ from typing import Any
 import torch
 
 import topologies
-from gossip_sgp.errors import GossipError, GossipTimeout, RejoinRefused
+from gossip_sgp.errors import GossipError, GossipTimeout, RejoinRefused, WireError
 from gossip_sgp.message import Message, MessageKind, fingerprint
 from gossip_sgp.node import GossipNode
 from gossip_sgp.protocol import PushSumProtocol
@@ -220,6 +220,7 @@ class SGP:
             }
         )
         node.on_write_off(self._written_off)
+        node.on_take_back(self._take_back)
         node.subscribe(
             self._receive,
             fingerprint=self.fingerprint,
@@ -268,6 +269,22 @@ class SGP:
         if not fresh:
             metrics.rejected(message, token)
         return fresh
+
+    def _take_back(self, share: Message) -> bool:
+        """Gossip thread: a share that never left for a peer now suspected down comes back
+        into this worker's own mass (folded at its next step, as received mass is), with
+        its send credit. Not a difference-coded share (codec option ``ref``): the link's
+        reference has moved on as if it had been delivered."""
+        if self.protocol.references_of(share):
+            return False
+        try:
+            decoded = self.protocol.decode(share)
+        except WireError:
+            return False
+        self.protocol.mailbox.give_back(decoded.tensors, decoded.weight)
+        with self._refund_lock:
+            self._refund += 1
+        return True
 
     def _written_off(self, peer: int, lost_messages: int) -> None:
         """Gossip thread: messages to a dead peer will never be folded; their send credit

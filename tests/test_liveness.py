@@ -3,6 +3,7 @@ dead worker (threads with their own nodes over the in-process transport)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import math
@@ -19,8 +20,9 @@ import torch
 from gossip_sgp import SGP, GossipConfig, GossipNode, Message
 from gossip_sgp import node as node_module
 from gossip_sgp.liveness import FailureDetector
+from gossip_sgp.message import MessageKind
 from tests.threads import run_workers, wait_until
-from transports import InProcNetwork
+from transports import InProcNetwork, InProcTransport
 
 
 def test_timeout_adapts_to_the_observed_gaps() -> None:
@@ -254,3 +256,42 @@ def test_mass_sent_to_a_peer_already_suspected_counts_as_lost_at_once() -> None:
         assert write_offs == [(1, 0), (1, 1), (1, -1)]
         assert n0.lost_weight == 0.0
         assert n0.acked_weight == {1: 0.5}
+
+
+class _StuckToPeer1(InProcTransport):
+    """Its first share to rank 1 never leaves (the send never finishes): the next messages
+    to rank 1 wait behind it in rank 0's send queue."""
+
+    async def send(self, peer: int, message: Message) -> None:
+        if peer == 1 and message.kind == MessageKind.MASS:
+            await asyncio.Event().wait()  # cancelled when the node closes
+        await super().send(peer, message)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.usefixtures("fast_liveness")
+def test_shares_that_never_left_come_back_when_their_peer_is_suspected() -> None:
+    """Rank 0 sends rank 1 five shares (1/2, 1/4, ... of its mass); the first is in flight,
+    four wait in the queue when rank 1 dies. Those four provably never left: their mass
+    comes back to rank 0 instead of being written off, and the ledger closes (weight held +
+    written off = 1). Fails without ``GossipNode._return_unsent`` (15/32 more lost)."""
+    net = InProcNetwork(2)
+    ports = [41500, 41501]
+    config = functools.partial(GossipConfig.local, 2, ports=ports, transport="inproc")
+    with (
+        GossipNode(config(0), transport=_StuckToPeer1(net, 0)) as n0,
+        GossipNode(config(1), transport=net.transport(1)) as n1,
+    ):
+        x = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+        sgp = SGP([x], torch.optim.SGD([x], lr=0.0), n0, staleness=0)
+        assert until(lambda: 1 in n0.last_heard)
+        for r in range(5):
+            n0.send(sgp.protocol.emit(r))
+        n1.close(linger=0.0)  # dies: rank 0 hears nothing more from it
+        assert until(lambda: n0.is_down(1))
+        assert until(lambda: n0.returned == 4)
+        assert n0.returned_weight == 1 / 4 + 1 / 8 + 1 / 16 + 1 / 32
+        assert n0.lost_weight == 1 / 2  # the share in flight: it may have arrived
+        sgp._absorb(4)
+        assert sgp.state.weight + n0.lost_weight == 1.0
+        assert torch.equal(sgp.state.numerator[0], torch.full((3,), 0.5, dtype=torch.float64))
