@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     with GossipNode(config) as node:
         x = torch.nn.Parameter(torch.full((args.floats,), float(config.rank)))
         sgp = SGP([x], torch.optim.SGD([x], lr=0.0), node, staleness=0)
-        for _ in range(sgp._start_rounds):  # the start-up barrier: not timed
+        for _ in range(sgp.start_up_rounds):  # the start-up barrier: not timed
             sgp.step()
         times = []
         for _ in range(args.steps):

@@ -307,6 +307,12 @@ class SGP:
         return topologies.get(topology, world_size, **options.get(topology, {}))
 
     @property
+    def start_up_rounds(self) -> int:
+        """Rounds of the start-up barrier still ahead (synchronous in every mode; 0 once
+        past it): a benchmark that times steady-state steps runs these first."""
+        return max(0, self._start_rounds - self.round)
+
+    @property
     def weight(self) -> float:
         """The push-sum weight ``w`` of this node."""
         return self.state.weight
