@@ -12,8 +12,9 @@ stay finite.
 
 Its first run found one: two finite float32 shares near 3e38, each valid alone, summed to
 -inf in ``x`` (now taken out again by ``PushSumState.fold_finite``). With
-``PushSumProtocol.absorb`` calling ``fold`` instead, the fuzz test fails again within its 300
-examples (two runs of two on a loaded machine).
+``PushSumProtocol.absorb`` calling ``fold`` instead, the fuzz test fails again in both modes
+within its 200 examples (also with the fixed examples CI draws: ``CI=true`` derandomizes
+hypothesis; 150 still found it there, 100 did not).
 """
 
 from __future__ import annotations
@@ -227,7 +228,7 @@ def assert_finite(w: Worker) -> None:
 
 
 @settings(
-    max_examples=300,
+    max_examples=200,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
