@@ -114,8 +114,8 @@ class ADPSGD(SGP):
         self.node.acknowledge(receipts)
         if requests:  # answer with our own mass as it was before the requests came in
             self._answer(k, requests)
-        if share is not None and not self.state.fold_finite(*share):
-            self.protocol.mailbox.count_reject("non_finite")  # see PushSumProtocol.absorb
+        if share is not None:
+            self.protocol.fold(share, k)
         self._folded_through = k
         if self.active:
             if answers:

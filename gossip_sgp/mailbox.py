@@ -182,12 +182,7 @@ class Mailbox:
             receipt = (message.sender, message.seq, message.round)
             if self.coalesce:
                 self._acc_receipts.append(receipt)
-                if self._acc is None:
-                    self._acc = _sum([share])
-                else:
-                    for acc, t in zip(self._acc[0], share[0], strict=True):
-                        acc.add_(t)
-                    self._acc = (self._acc[0], self._acc[1] + share[1])
+                self._add_to_sum(share)
             else:
                 senders = self._by_round.setdefault(message.round, {})
                 senders.setdefault(message.sender, []).append((share, receipt))
@@ -206,12 +201,16 @@ class Mailbox:
         """Add mass of this worker's own that never left (see ``GossipNode.on_take_back``):
         folded at the next :meth:`take`, whatever its round, and acknowledged to nobody."""
         with self._cond:
-            if self._acc is None:
-                self._acc = _sum([(tensors, weight)])
-            else:
-                for acc, t in zip(self._acc[0], tensors, strict=True):
-                    acc.add_(t)
-                self._acc = (self._acc[0], self._acc[1] + weight)
+            self._add_to_sum((tensors, weight))
+
+    def _add_to_sum(self, share: Share) -> None:
+        """Add ``share`` into the running sum (call with ``_cond`` held)."""
+        if self._acc is None:
+            self._acc = _sum([share])
+        else:
+            for acc, t in zip(self._acc[0], share[0], strict=True):
+                acc.add_(t)
+            self._acc = (self._acc[0], self._acc[1] + share[1])
 
     def count_reject(self, reason: str) -> int:
         """Count a message refused after it was stored (e.g. at fold-in); the new count."""

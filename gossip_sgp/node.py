@@ -619,9 +619,7 @@ class GossipNode:
         elif message.kind == MessageKind.HEARTBEAT and not self.plans_rounds:
             # a skip notice, noted (or a copy of one): say so, or it comes again
             ack = self._heartbeat(message.sender, message.round, skip=True)
-            ack = dataclasses.replace(ack, kind=MessageKind.ACK)
-            with self._lock, contextlib.suppress(GossipError):  # stopped: nobody to tell
-                self._running_loop().call_soon_threadsafe(self._enqueue, [ack])
+            self._queue_control([dataclasses.replace(ack, kind=MessageKind.ACK)])
 
     def _acks(self, receipts: Sequence[Receipt]) -> list[Message]:
         return [
@@ -787,7 +785,7 @@ class GossipNode:
             for seq in unsent.keys() - taken:  # as if never claimed: written off, and sent
                 link.unacked[seq] = unsent[seq]
         for m in queued:
-            if m.kind == MessageKind.MASS and m.seq in taken and m.seq in unsent:
+            if m.kind == MessageKind.MASS and m.seq in taken:
                 self._queued_mass[peer] -= 1
                 self.returned += 1
                 self.returned_weight += m.weight
@@ -968,11 +966,13 @@ class GossipNode:
         and the wait for the last messages in :meth:`close`). After close there is nobody
         to tell, and this does nothing.
         """
-        if not receipts:
-            return
-        acks = self._acks(receipts)
-        with self._lock, contextlib.suppress(GossipError):  # stopped: nobody to tell
-            self._running_loop().call_soon_threadsafe(self._enqueue, acks)
+        if receipts:
+            self._queue_control(self._acks(receipts))
+
+    def _queue_control(self, messages: list[Message]) -> None:
+        """Queue acknowledgements (thread-safe); a stopped node has nobody to tell."""
+        with self._lock, contextlib.suppress(GossipError):
+            self._running_loop().call_soon_threadsafe(self._enqueue, messages)
 
     # ------------------------------------------------------------------- liveness
     def is_down(self, peer: int) -> bool:

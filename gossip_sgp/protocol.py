@@ -19,7 +19,7 @@ from gossip_sgp.compression import Codec, Layout, References, compress_share, pa
 from gossip_sgp.errors import WireError
 from gossip_sgp.mailbox import Mailbox
 from gossip_sgp.message import Message
-from gossip_sgp.pushsum import PushSumState
+from gossip_sgp.pushsum import PushSumState, Share
 from topologies import Topology
 
 log = logging.getLogger(__name__)
@@ -197,6 +197,12 @@ class PushSumProtocol:
         share = self.mailbox.take(max_round)
         if share is None:
             return False
+        self.fold(share, max_round)
+        return True
+
+    def fold(self, share: Share, max_round: int | None) -> None:
+        """Fold a share taken from the mailbox (rounds ``<= max_round``) into the state;
+        one that would make ``x`` non-finite is taken out again, counted and logged."""
         if not self.state.fold_finite(*share):
             # Only shares with values near the dtype's largest get here (a forger's): x
             # would have become infinite for good.
@@ -210,7 +216,6 @@ class PushSumProtocol:
                     share[1],
                     count,
                 )
-        return True
 
     def sequence_numbers(self) -> dict[int, int]:
         """Next sequence number per out-peer (saved in checkpoints)."""
