@@ -66,7 +66,8 @@ class Sent:
     first_sent: float
     """Monotonic time of the first send (round trips are timed from it)."""
     last_sent: float
-    """Monotonic time of the latest copy (the next copy is due ``retry_after`` later)."""
+    """Monotonic time of the latest copy, or of the latest look that found the link still
+    busy sending (the next copy is due ``retry_after`` later)."""
     copies: int = 0
     """Times it was sent again."""
 
@@ -139,12 +140,22 @@ class OutLink:
         while len(self.skips) > self.max_skips:
             del self.skips[next(iter(self.skips))]
 
-    def due(self, now: float) -> tuple[list[Message], float]:
+    def due(self, now: float, *, busy: bool = False) -> tuple[list[Message], float]:
         """The messages whose acknowledgement is overdue (each now counts one more copy),
-        and the seconds until the next one is."""
+        and the seconds until the next one is.
+
+        ``busy``: shares to the peer are still waiting to leave (in the sender's queue or
+        its transport's). Then no share is overdue, and the wait for each starts again from
+        ``now``: on a slow link a share's acknowledgement cannot come before the shares
+        queued ahead of it have gone out, and a copy would only queue behind them. Skip
+        notices travel beside the shares and are not held.
+        """
         rtt = self.rtt_median()
         due: list[Message] = []
         wait = math.inf
+        if busy:  # the wait starts again: see retry_after (at least RETRY_MIN_S)
+            for entry in self.unacked.values():
+                entry.last_sent = max(entry.last_sent, now)
         for entry in (*self.unacked.values(), *self.skips.values()):
             after = retry_after(rtt, entry.message.nbytes, entry.copies)
             if now - entry.last_sent >= after:

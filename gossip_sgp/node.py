@@ -197,6 +197,10 @@ class GossipNode:
         self._start_error: BaseException | None = None
         self._stopped: asyncio.Event | None = None
         self._queues: dict[int, asyncio.Queue[Message]] = {}
+        """Per peer, the push-sum shares waiting to be handed to the transport."""
+        self._control_queues: dict[int, asyncio.Queue[Message]] = {}
+        """Per peer, the control messages (acknowledgements, heartbeats, skip notices, join
+        requests): a lane of their own, never behind a share that takes seconds to send."""
         self._queued_mass: Counter[int] = Counter()
         """Push-sum messages per peer in its send queue or being sent (gossip thread)."""
         self._tasks: set[asyncio.Task[None]] = set()
@@ -216,7 +220,9 @@ class GossipNode:
         self._links: dict[int, OutLink] = {}
         self._detector = FailureDetector(floor=_SUSPECT_FLOOR_S, initial=_SUSPECT_INITIAL_S)
         self._neighbours: frozenset[int] = frozenset(range(self.world_size)) - {self.rank}
-        self._last_sent: dict[int, float] = {}
+        self._last_sent: dict[int, float] = {}  # per peer: a share queued (gossip thread)
+        self._last_control: dict[int, float] = {}  # per peer: a control message queued
+        self._backlog: Callable[[int], int] = lambda peer: 0  # see transports.base.HoldsBacklog
         self._write_off_handlers: list[Callable[[int, int], object]] = []
         self._take_back: Callable[[Message], bool] | None = None
         self.returned = 0
@@ -456,6 +462,10 @@ class GossipNode:
                 ) from None
             raise
         self._tasks.add(asyncio.create_task(self._receive(transport)))
+        from transports.base import HoldsBacklog  # see the TYPE_CHECKING import above
+
+        if isinstance(transport, HoldsBacklog):
+            self._backlog = transport.backlog
         if not self.plans_rounds:  # round-by-round transports: no heartbeats, no retries
             for loop, name in (
                 (self._watch_peers(), "failure detector"),
@@ -471,9 +481,12 @@ class GossipNode:
 
     async def _drain(self, timeout: float) -> None:
         with contextlib.suppress(asyncio.TimeoutError):  # what is left is counted as dropped
-            await asyncio.wait_for(
-                asyncio.gather(*(q.join() for q in self._queues.values())), timeout
-            )
+            await asyncio.wait_for(self._all_sent(), timeout)
+
+    def _all_sent(self) -> asyncio.Future[list[None]]:
+        """Done when every message queued so far has been handed to the transport."""
+        queues = [*self._queues.values(), *self._control_queues.values()]
+        return asyncio.gather(*(q.join() for q in queues))
 
     async def _shutdown(self, transport: Transport) -> None:
         """Cancel every task of the loop (receiver, senders, flushes); close the transport."""
@@ -487,7 +500,7 @@ class GossipNode:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=_CANCEL_TIMEOUT)
-        for q in self._queues.values():
+        for q in [*self._queues.values(), *self._control_queues.values()]:
             while not q.empty():
                 message = q.get_nowait()
                 if message.kind == MessageKind.MASS:
@@ -671,17 +684,37 @@ class GossipNode:
             )
 
     def _enqueue(self, messages: Sequence[Message]) -> None:
+        """Queue messages for their peers: shares on one lane, control messages on another."""
+        now = time.monotonic()
         for m in messages:
-            q = self._queues.get(m.receiver)
+            mass = m.kind == MessageKind.MASS
+            queues = self._queues if mass else self._control_queues
+            q = queues.get(m.receiver)
             if q is None:
-                q = self._queues[m.receiver] = asyncio.Queue()
+                q = queues[m.receiver] = asyncio.Queue()
                 task = asyncio.get_running_loop().create_task(self._sender(m.receiver, q))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
             q.put_nowait(dataclasses.replace(m, meta={**m.meta, "incarnation": self.incarnation}))
-            self._last_sent[m.receiver] = time.monotonic()
-            if m.kind == MessageKind.MASS:
+            (self._last_sent if mass else self._last_control)[m.receiver] = now
+            if mass:
                 self._queued_mass[m.receiver] += 1
+
+    def _needs_heartbeat(self, peer: int, now: float) -> bool:
+        """Whether ``peer`` has heard nothing from us for a heartbeat period (gossip thread).
+
+        A control message queued within the period counts, and so does a share that has
+        left (not in our queue, not held by the transport) - one still on its way over a
+        slow link may take longer than the peer's suspicion timeout. At most one heartbeat
+        waits per peer: a dead peer's backlog stays at one.
+        """
+        if now - self._last_control.get(peer, -math.inf) < _HEARTBEAT_S:
+            return False
+        control = self._control_queues.get(peer)
+        if control is not None and control.qsize():
+            return False
+        recent = now - self._last_sent.get(peer, -math.inf) < _HEARTBEAT_S
+        return not (recent and not self._queued_mass[peer] and not self._backlog(peer))
 
     async def _watch_peers(self) -> None:
         """Heartbeats to quiet neighbours; suspect peers that went silent (gossip thread).
@@ -708,8 +741,7 @@ class GossipNode:
             beats = [
                 self._heartbeat(peer, 0)
                 for peer in self._neighbours
-                if now - self._last_sent.get(peer, -math.inf) >= _HEARTBEAT_S
-                and not (peer in self._queues and self._queues[peer].qsize())
+                if self._needs_heartbeat(peer, now)
             ]
             if beats:
                 self._enqueue(beats)
@@ -739,16 +771,14 @@ class GossipNode:
                 for peer, link in self._links.items():
                     if peer in self._detector.down or not (link.unacked or link.skips):
                         continue
-                    if self._queued_mass[peer]:
-                        # Earlier copies have not even left yet (the peer is slow to take
-                        # them, or gone): more copies would only lengthen the queue that its
-                        # acknowledgements and new messages wait behind. (Heartbeats and
-                        # acknowledgements in the queue do not count: a heartbeat is queued
-                        # on the same 0.5 s tick as this look, and on a quiet link held
-                        # every copy back.)
+                    # Shares still waiting to leave, in our queue or the transport's (the
+                    # link is slow, or the peer takes nothing): no share's acknowledgement is
+                    # overdue before the link has sent what it holds, and a copy would only
+                    # wait behind it. Skip notices go on the control lane: not held.
+                    busy = self._queued_mass[peer] + self._backlog(peer) > 0
+                    if busy and link.unacked:
                         self.retransmits_held += 1
-                        continue
-                    copies, until = link.due(now)
+                    copies, until = link.due(now, busy=busy)
                     due.extend(copies)
                     wait = min(wait, until)
             if due:
@@ -861,14 +891,17 @@ class GossipNode:
                 again = mass and isinstance(exc, SendTimeout) and not self.plans_rounds
                 if mass and not again:
                     self._lose(message)
-                log.warning(
-                    "rank %d failed to send to rank %d: %s%s",
-                    self.rank,
-                    peer,
-                    exc,
-                    " (it is sent again)" if again else "",
-                    exc_info=not isinstance(exc, GossipError),  # a bug: show where
-                )
+                # A peer that takes nothing fails every heartbeat and acknowledgement to it
+                # (each is repeated or answered again by the protocol): log a few of those.
+                if mass or _worth_logging(self.send_errors[peer]):
+                    log.warning(
+                        "rank %d failed to send to rank %d: %s%s",
+                        self.rank,
+                        peer,
+                        exc,
+                        " (it is sent again)" if again else "",
+                        exc_info=not isinstance(exc, GossipError),  # a bug: show where
+                    )
             else:
                 if message.kind == MessageKind.MASS:
                     self.payload_bytes_sent += message.nbytes
@@ -1127,9 +1160,7 @@ class GossipNode:
 
     async def _flushed(self, timeout: float) -> bool:
         try:
-            await asyncio.wait_for(
-                asyncio.gather(*(q.join() for q in self._queues.values())), timeout
-            )
+            await asyncio.wait_for(self._all_sent(), timeout)
         except asyncio.TimeoutError:
             return False
         return True

@@ -79,6 +79,20 @@ def test_round_trips_follow_karns_rule_and_copies_back_off() -> None:
     assert len(link.rtts) == 1  # a message sent again gives no round trip
 
 
+def test_a_busy_link_holds_copies_of_shares_not_of_skip_notices() -> None:
+    """While shares to the peer still wait to leave, none is overdue and each one's wait
+    starts again; skip notices (on the control lane) are sent again as usual. Fails when
+    ``due`` ignores ``busy``: the share is copied at 5.0 s, into the queue it waits in."""
+    link = OutLink(PEER)
+    link.sent(share(0, 0.5), now=0.0)
+    link.skip_sent(notice(3), now=0.0)
+    first = retry_after(None, share(0, 0.5).nbytes, 0)
+    copies, _ = link.due(now=5.0, busy=True)
+    assert [m.kind for m in copies] == [MessageKind.HEARTBEAT]
+    assert link.due(now=5.0 + first / 2)[0] == []
+    assert [m.seq for m in link.due(now=5.0 + first)[0]] == [0]
+
+
 def test_a_new_life_of_the_peer_writes_off_what_its_old_life_owed() -> None:
     link = OutLink(PEER)
     assert link.heard(100) is None  # the first life heard
@@ -106,7 +120,7 @@ EVENTS = st.one_of(
     st.tuples(st.just("send"), WEIGHTS, st.booleans(), st.integers(0, 5)),
     st.tuples(st.just("ack"), st.integers(0, 40)),
     st.tuples(st.just("lost"), st.integers(0, 40)),
-    st.tuples(st.just("tick"), st.floats(0.0, 3.0)),
+    st.tuples(st.just("tick"), st.floats(0.0, 3.0), st.booleans()),
     st.tuples(st.just("suspect")),
     st.tuples(st.just("restart"), st.integers(0, 3)),
     st.tuples(st.just("skip"), st.integers(0, 8)),
@@ -121,7 +135,8 @@ def test_the_ledger_closes_exactly_under_any_schedule(events: list[tuple[Any, ..
     back), after every event; an acknowledgement counts once; copies are only of messages
     still owed, spaced by the back-off; round trips only from messages never copied; write-
     offs only from a send to a suspected peer, the window, a failed send, a suspicion or a
-    restart. Fails (checked) when a late acknowledgement of a written-off share does not
+    restart; no share is copied while the link is busy, nor before its wait has run again
+    since. Fails (checked) when a late acknowledgement of a written-off share does not
     forget the write-off (a second copy of it counts twice), and when round trips are also
     timed from copied shares (Karn's rule)."""
     link = OutLink(PEER, max_unacked=4, max_skips=3)
@@ -130,6 +145,7 @@ def test_the_ledger_closes_exactly_under_any_schedule(events: list[tuple[Any, ..
     acked_seqs: set[int] = set()
     copied: set[int] = set()
     last_copy: dict[int, tuple[float, int]] = {}  # seq -> (time of last copy, copies so far)
+    held_at: dict[int, float] = {}  # seq -> the last busy tick while it was owed
     link.heard(incarnation)
     for event in events:
         kind = event[0]
@@ -159,16 +175,22 @@ def test_the_ledger_closes_exactly_under_any_schedule(events: list[tuple[Any, ..
             written += sum(e.message.weight for e in link.lost(event[1]).values())
         elif kind == "tick":
             now += event[1]
+            busy = event[2]
             rtt = link.rtt_median()
-            copies, wait = link.due(now)
+            copies, wait = link.due(now, busy=busy)
             assert wait > 0
+            if busy:
+                held_at.update((s, now) for s in link.unacked)
             for message in copies:
                 if message.kind == MessageKind.MASS:
+                    assert not busy
                     assert message.seq in link.unacked
                     copied.add(message.seq)
                     previous, count = last_copy.get(message.seq, (-1.0, 0))
                     if previous >= 0:  # spaced by the back-off for this many copies
                         assert now - previous >= retry_after(rtt, 0, count) - 1e-9
+                    if message.seq in held_at:  # the wait ran again since the link was busy
+                        assert now - held_at[message.seq] >= retry_after(rtt, 0, count) - 1e-9
                     last_copy[message.seq] = (now, count + 1)
                 else:
                     assert message.round in link.skips

@@ -7,6 +7,7 @@ gossip thread is left and that SIGTERM has its default action again.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -310,7 +311,7 @@ class _FailingSends(InProcTransport):
 
 
 def two_nodes_sending_through(
-    transport: _FailingSends, nodes: Nodes
+    transport: InProcTransport, nodes: Nodes
 ) -> tuple[GossipNode, GossipNode, queue.Queue[Message]]:
     """Rank 0 on ``transport``, rank 1 beside it, and the queue of what rank 1 is given."""
     ports = [40000, 40001]
@@ -333,18 +334,84 @@ class _LosesFirstSkip(InProcTransport):
         await super().send(peer, message)
 
 
+class _SlowLink(InProcTransport):
+    """A slow link with room for one push-sum share: the first is kept "on the wire" (the
+    send returns; it counts in ``backlog``, as ZmqTransport's do while libzmq writes a large
+    message out); a send of another waits for room, as on a full ZeroMQ queue. ``release()``
+    delivers them. Control messages are handed over at once."""
+
+    def __init__(self, net: InProcNetwork, rank: int) -> None:
+        super().__init__(net, rank)
+        self.held: list[tuple[int, Message]] = []
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.room: asyncio.Event | None = None
+
+    async def start(self) -> None:
+        self.loop, self.room = asyncio.get_running_loop(), asyncio.Event()
+        await super().start()
+
+    async def send(self, peer: int, message: Message) -> None:
+        if message.kind != MessageKind.MASS:
+            await super().send(peer, message)
+            return
+        assert self.room is not None
+        if self.held:
+            await self.room.wait()
+        self.held.append((peer, message))
+
+    def backlog(self, peer: int) -> int:
+        return sum(p == peer for p, _ in self.held)
+
+    def release(self) -> None:
+        async def deliver() -> None:
+            assert self.room is not None
+            self.room.set()
+            await asyncio.sleep(0.1)  # the waiting send takes its place
+            held, self.held = self.held, []
+            for peer, message in held:
+                await super(_SlowLink, self).send(peer, message)
+
+        assert self.loop is not None
+        asyncio.run_coroutine_threadsafe(deliver(), self.loop).result(5)
+
+
+@pytest.mark.timeout(20)
+def test_a_slow_link_delays_no_acknowledgement_and_gets_no_copies(nodes: Nodes) -> None:
+    """While rank 0's shares to rank 1 are on their way: rank 0 sends no copy of them
+    however long that takes (an acknowledgement cannot be overdue before its share has left
+    the transport), and its acknowledgement of rank 1's share goes out at once although a
+    share waits for room ahead of it (control messages have a queue of their own); once the
+    shares arrive, each is folded and acknowledged once. Fails when the retransmitter
+    ignores the transport's backlog (a copy after about 1 s), and when control messages share
+    the payload's queue (the acknowledgement waits behind the share)."""
+    slow = _SlowLink(InProcNetwork(2), 0)
+    a, b, to_b = two_nodes_sending_through(slow, nodes)
+    a.subscribe(lambda m: a.acknowledge([(m.sender, m.seq, m.round)]) is None, fingerprint=FP)
+    a.send([mass(0, 1, 0)])
+    assert wait_until(lambda: slow.backlog(1) == 1)
+    # The retransmitter looks every 0.5 s; a copy would be due 1 s after the send.
+    assert wait_until(lambda: a.retransmits_held >= 4, timeout=10)
+    assert a.retransmitted == 0
+    a.send([mass(0, 1, 1)])  # waits for room in the transport
+    b.send([mass(1, 0, 0)])
+    assert wait_until(lambda: b.acked_weight == {0: 0.5})  # past rank 0's waiting share
+    assert slow.backlog(1) == 1
+    slow.release()
+    shares = [to_b.get(timeout=10) for _ in range(2)]
+    assert [m.seq for m in shares] == [0, 1]
+    b.acknowledge([(m.sender, m.seq, m.round) for m in shares])
+    assert wait_until(lambda: a.acked_weight == {1: 1.0})
+    assert a.retransmitted == 0
+    assert to_b.empty()
+
+
 @pytest.mark.timeout(20)
 def test_a_lost_skip_notice_is_sent_again_until_acknowledged(nodes: Nodes) -> None:
     """A synchronous peer waits for a skip notice as for a share: one lost on the way made
     it wait out its whole timeout. Fails when skip notices are sent once (nothing of round
     7 arrives) or are never acknowledged (rank 0 keeps it)."""
-    net = InProcNetwork(2)
-    transport = _LosesFirstSkip(net, 0)
-    ports = [40000, 40001]
-    a = nodes(local_config(2, 0, ports, transport="inproc"), transport)
-    b = nodes(local_config(2, 1, ports, transport="inproc"), net.transport(1))
-    delivered: queue.Queue[Message] = queue.Queue()
-    b.subscribe(lambda m: delivered.put(m) is None, fingerprint=FP)
+    transport = _LosesFirstSkip(InProcNetwork(2), 0)
+    a, _b, delivered = two_nodes_sending_through(transport, nodes)
     a.subscribe(lambda m: True, fingerprint=FP)  # its notices name the model, as SGP's do
     a.send_skip([1], 7)
     notice = delivered.get(timeout=10)  # the copy sent again (after 1 s: no round trip yet)

@@ -21,7 +21,7 @@ from typing import Protocol, runtime_checkable
 from gossip_sgp.errors import TransportClosed
 from gossip_sgp.message import Message
 
-__all__ = ["Transport", "TransportStats", "iter_messages"]
+__all__ = ["HoldsBacklog", "Transport", "TransportStats", "iter_messages"]
 
 
 @dataclass
@@ -58,6 +58,20 @@ class Transport(Protocol):
 
     async def close(self) -> None:
         """Release sockets and buffers; idempotent."""
+
+
+@runtime_checkable
+class HoldsBacklog(Protocol):
+    """An optional capability: a transport that can say what it has not written out yet.
+
+    The node uses it on slow links: a push-sum share still held by the transport has not
+    left, so its acknowledgement cannot be overdue (no copy is queued behind it), and a share
+    that did leave a moment ago will arrive soon (no heartbeat needed beside it).
+    """
+
+    def backlog(self, peer: int) -> int:
+        """Push-sum messages to ``peer`` handed to :meth:`Transport.send` and not yet
+        written out to the network."""
 
 
 async def iter_messages(transport: Transport) -> AsyncIterator[Message]:

@@ -1,16 +1,25 @@
 """ZeroMQ transport: PUSH/PULL over TCP, for Ethernet, WAN and cloud.
 
-Each rank binds one PULL socket on its own address and connects one PUSH socket to every
-peer it sends to (created on first send). Messages travel as :mod:`gossip_sgp.wire` frames,
-the payload frames zero-copy on both ends. Reconnection after a peer restarts or a link
-drops is ZeroMQ's job; messages queued while a peer is away are delivered when it is back,
-those on the wire when the link broke are lost (ZeroMQ does not retry them).
+Each rank binds one PULL socket on its own address and connects two PUSH sockets to every
+peer it sends to (created on first send): one for push-sum shares, one for control messages
+(acknowledgements, heartbeats, skip notices, join requests). The PULL socket takes whole
+messages from its connections in turn, so a heartbeat or an acknowledgement arrives while a
+model of hundreds of megabytes is still on its way over a slow link, instead of after it: a
+healthy sender of a long message is not taken for dead. Messages travel as
+:mod:`gossip_sgp.wire` frames, the payload frames zero-copy on both ends. Reconnection
+after a peer restarts or a link drops is ZeroMQ's job; messages queued while a peer is away
+are delivered when it is back, those on the wire when the link broke are lost (ZeroMQ does
+not retry them).
 
-Bounded memory: at most ``sndhwm`` messages wait per peer and ``rcvhwm`` on the receive
-side (ZeroMQ high-water marks, counted in messages, so size them with the model: 16 queued
-sends of a 1 GiB model are 16 GiB). When a peer's queue is full, :meth:`ZmqTransport.send`
-waits up to ``send_timeout`` seconds and then raises :class:`~gossip_sgp.errors.SendTimeout`
-with the message not sent.
+Bounded memory: at most ``sndhwm`` shares wait per peer and ``rcvhwm`` per connection on
+the receive side (ZeroMQ high-water marks, counted in messages, so size them with the model:
+16 queued sends of a 1 GiB model are 16 GiB). When a peer's queue is full,
+:meth:`ZmqTransport.send` waits up to ``send_timeout`` seconds and then raises
+:class:`~gossip_sgp.errors.SendTimeout` with the message not sent. Control messages (a header
+each) never wait: when ``CONTROL_HWM`` of them are queued for a peer that takes nothing, the
+next raises ``SendTimeout`` at once (each is repeated or answered again by its sender's
+protocol, so dropping one loses nothing). :meth:`ZmqTransport.backlog` says how many shares
+to a peer libzmq has not written out yet (their memory is still referenced).
 
 Performance: libzmq's I/O thread mallocs a buffer for every incoming message, and glibc
 serves blocks over 32 MiB with a fresh ``mmap`` that is faulted in page by page, which can
@@ -53,10 +62,10 @@ from zmq.auth.asyncio import AsyncioAuthenticator
 
 from gossip_sgp import wire
 from gossip_sgp.errors import SendTimeout, TransportClosed, TransportError, WireError
-from gossip_sgp.message import Message
+from gossip_sgp.message import Message, MessageKind
 from transports.base import TransportStats
 
-__all__ = ["CurveKeys", "ZmqTransport"]
+__all__ = ["CONTROL_HWM", "CurveKeys", "ZmqTransport"]
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +77,8 @@ _RECONNECT_IVL_MAX_MS = 5000
 _RELEASE_TIMEOUT_S = 2.0
 """Longest ``close`` waits for libzmq to let go of zero-copy frames (normally milliseconds)."""
 _RELEASE_POLL_S = 0.002
+CONTROL_HWM = 1024
+"""Control messages that may queue per peer (about 100 bytes each) before sends fail."""
 
 # mallopt parameters from glibc's <malloc.h>
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
@@ -207,8 +218,10 @@ class ZmqTransport:
         self._send_timeout = send_timeout
         self._pull: zmq.asyncio.Socket | None = None
         self._push: dict[int, zmq.asyncio.Socket] = {}
+        self._control: dict[int, zmq.asyncio.Socket] = {}
         self._pending: set[asyncio.Future[Any]] = set()
-        self._in_flight: list[zmq.MessageTracker] = []
+        self._in_flight: dict[int, list[zmq.MessageTracker]] = {}
+        """Per peer: the zero-copy shares libzmq may still read from (see ``backlog``)."""
         self._closed = False
         self._warned_at: dict[str, float] = {}
         self._malloc_tuning = tune_malloc
@@ -248,8 +261,10 @@ class ZmqTransport:
     async def send(self, peer: int, message: Message) -> None:
         """Queue ``message`` for ``peer``; returns once ZeroMQ holds it, not when it arrived.
 
-        Raises ``SendTimeout`` when the peer's queue stays full for ``send_timeout`` seconds
-        (the message is then not sent), ``WireError`` for a message that cannot be encoded.
+        Push-sum shares go on the peer's payload connection, everything else on its control
+        connection. Raises ``SendTimeout`` when the peer's queue stays full for
+        ``send_timeout`` seconds (for a control message: when ``CONTROL_HWM`` are queued; the
+        message is then not sent), ``WireError`` for a message that cannot be encoded.
         """
         self._check_open()
         if not 0 <= peer < self.world_size or peer == self.rank:
@@ -266,27 +281,41 @@ class ZmqTransport:
             message = dataclasses.replace(message, sent_at=time.time())
         frames = wire.encode(message)
         nbytes = sum(memoryview(frame).nbytes for frame in frames)
-        sock = self._push.get(peer)
-        if sock is None:
-            sock = self._connect(peer)
-        # Zero-copy: libzmq reads the tensors' memory, which pyzmq keeps alive until libzmq
-        # releases each frame (frames under zmq.COPY_THRESHOLD are copied instead). The
-        # trackers tell close() when libzmq is done with them.
-        parts = [zmq.Frame(frame, track=True) for frame in frames]
-        self._in_flight = [t for t in self._in_flight if not t.done]
-        self._in_flight.append(zmq.MessageTracker(*parts))
+        if message.kind != MessageKind.MASS:
+            sock = self._control.get(peer) or self._connect(peer, control=True)
+            sending = sock.send_multipart(frames, flags=zmq.NOBLOCK)
+            timeout = f"{CONTROL_HWM} control messages are queued for it"
+        else:
+            sock = self._push.get(peer) or self._connect(peer)
+            # Zero-copy: libzmq reads the tensors' memory, which pyzmq keeps alive until
+            # libzmq releases each frame. The trackers tell close() and backlog() when libzmq
+            # is done with them.
+            parts = [zmq.Frame(frame, track=True) for frame in frames]
+            tracked = self._in_flight.setdefault(peer, [])
+            tracked[:] = [t for t in tracked if not t.done]
+            tracked.append(zmq.MessageTracker(*parts))
+            sending = sock.send_multipart(parts, copy=False)
+            timeout = f"its send queue stayed full for {self._send_timeout} s"
         try:
-            await self._track(sock.send_multipart(parts, copy=False))
+            await self._track(sending)
         except zmq.Again:
             raise SendTimeout(
-                f"rank {self.rank}: send queue to rank {peer} stayed full for "
-                f"{self._send_timeout} s; message not sent"
+                f"rank {self.rank} cannot send to rank {peer}: {timeout}; message not sent"
             ) from None
         except zmq.ZMQError as exc:
             self._check_open()
             raise TransportError(f"rank {self.rank} failed to send to rank {peer}: {exc}") from exc
         self.stats.messages_sent[peer] += 1
         self.stats.bytes_sent[peer] += nbytes
+
+    def backlog(self, peer: int) -> int:
+        """Push-sum shares to ``peer`` that libzmq has not written out yet: queued, or being
+        written (their frames are released once the last byte went to the kernel)."""
+        tracked = self._in_flight.get(peer)
+        if not tracked:
+            return 0
+        tracked[:] = [t for t in tracked if not t.done]
+        return len(tracked)
 
     async def recv(self) -> Message:
         """The next valid message; invalid input is counted in ``stats.rejected`` and skipped."""
@@ -340,8 +369,10 @@ class ZmqTransport:
         for future in self._pending:
             if not future.done():
                 future.set_exception(TransportClosed(f"transport of rank {self.rank} closed"))
-        sockets = [*self._push.values(), *([self._pull] if self._pull is not None else [])]
+        sockets = [*self._push.values(), *self._control.values()]
+        sockets += [self._pull] if self._pull is not None else []
         self._push.clear()
+        self._control.clear()
         self._pull = None
         for sock in sockets:
             sock.close(linger=0)
@@ -364,12 +395,10 @@ class ZmqTransport:
         nothing to await, hence the polling.
         """
         deadline = time.monotonic() + _RELEASE_TIMEOUT_S
-        while any(not t.done for t in self._in_flight):
+        while held := sum(self.backlog(peer) for peer in self._in_flight):
             if time.monotonic() > deadline:
                 log.warning(
-                    "rank %d: ZeroMQ still holds %d sent messages after close",
-                    self.rank,
-                    sum(not t.done for t in self._in_flight),
+                    "rank %d: ZeroMQ still holds %d sent messages after close", self.rank, held
                 )
                 return
             await asyncio.sleep(_RELEASE_POLL_S)
@@ -387,7 +416,7 @@ class ZmqTransport:
             sock.setsockopt(zmq.IPV6, 1)
         return sock
 
-    def _connect(self, peer: int) -> zmq.asyncio.Socket:
+    def _connect(self, peer: int, *, control: bool = False) -> zmq.asyncio.Socket:
         address = self.addresses[peer]
         sock = self._socket(zmq.PUSH, address)
         try:
@@ -395,7 +424,7 @@ class ZmqTransport:
                 sock.curve_serverkey = self._curve.peer_keys[peer]
                 sock.curve_publickey = self._curve.public_key
                 sock.curve_secretkey = self._curve.secret_key
-            sock.setsockopt(zmq.SNDHWM, self._sndhwm)
+            sock.setsockopt(zmq.SNDHWM, CONTROL_HWM if control else self._sndhwm)
             sock.setsockopt(zmq.RECONNECT_IVL, _RECONNECT_IVL_MS)
             sock.setsockopt(zmq.RECONNECT_IVL_MAX, _RECONNECT_IVL_MAX_MS)
             # zmq.asyncio turns SNDTIMEO into a timer that fails the pending send with Again.
@@ -405,7 +434,7 @@ class ZmqTransport:
         except zmq.ZMQError as exc:
             sock.close(linger=0)
             raise TransportError(f"rank {self.rank} cannot connect to {address!r}: {exc}") from exc
-        self._push[peer] = sock
+        (self._control if control else self._push)[peer] = sock
         return sock
 
     async def _track(self, awaitable: Awaitable[_T]) -> _T:

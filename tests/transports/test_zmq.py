@@ -22,7 +22,7 @@ import zmq.utils.garbage
 
 from gossip_sgp import wire
 from gossip_sgp.errors import SendTimeout, TransportClosed, TransportError, WireError
-from gossip_sgp.message import Message
+from gossip_sgp.message import Message, MessageKind
 from transports import zmq as zmq_transport
 from transports.base import Transport
 from transports.zmq import ZmqTransport
@@ -238,6 +238,76 @@ async def test_send_to_an_unreachable_peer_times_out() -> None:
         context.destroy(linger=0)
 
 
+async def test_control_messages_overtake_the_shares_queued_before_them() -> None:
+    """Acknowledgements and heartbeats travel on a connection of their own: sent after 12
+    shares of 2 MB that the receiver takes one at a time, they arrive among the first few
+    messages, not after the shares (they would with one connection per peer: fails when
+    ``send`` puts them on the payload socket)."""
+    share = torch.ones(1 << 19)  # 2 MiB
+    async with network(2, rcvhwm=1) as (_, (t0, t1)):
+        # Both connections up first (each is made on the first send of its kind), as they
+        # are between gossiping workers: heartbeats flow from the start.
+        await t0.send(1, message(0, 1, share, seq=99))
+        await t0.send(1, message(0, 1, kind=MessageKind.HEARTBEAT, weight=0.0))
+        assert {(await recv(t1)).kind for _ in range(2)} == {
+            MessageKind.MASS,
+            MessageKind.HEARTBEAT,
+        }
+        for seq in range(12):
+            await t0.send(1, message(0, 1, share, seq=seq))
+        await t0.send(1, message(0, 1, kind=MessageKind.HEARTBEAT, weight=0.0))
+        await t0.send(1, message(0, 1, kind=MessageKind.ACK, seq=5, weight=0.0))
+        kinds = [(await recv(t1)).kind for _ in range(14)]
+    # The PULL socket takes one message from each connection in turn.
+    assert kinds.index(MessageKind.HEARTBEAT) < kinds.index(MessageKind.ACK) <= 6, kinds
+    assert kinds.count(MessageKind.MASS) == 12
+
+
+async def test_backlog_counts_the_shares_libzmq_has_not_written_out() -> None:
+    context = zmq.asyncio.Context()
+    nobody, me = free_addresses(2)
+    t = ZmqTransport(1, [nobody, me], fingerprint=FP, context=context)
+    try:
+        await t.start()
+        for seq in range(3):
+            await t.send(0, message(1, 0, torch.ones(1 << 16), seq=seq))
+        await t.send(0, message(1, 0, kind=MessageKind.HEARTBEAT, weight=0.0))
+        assert t.backlog(0) == 3  # nobody listens: all three wait; heartbeats do not count
+    finally:
+        await t.close()
+        context.destroy(linger=0)
+    async with network(2) as (_, (t0, t1)):
+        await t0.send(1, message(0, 1, torch.ones(1 << 16)))
+        await recv(t1)
+        for _ in range(500):  # pyzmq's garbage collector thread releases the frame soon after
+            if not t0.backlog(1):
+                break
+            await asyncio.sleep(0.01)
+        assert t0.backlog(1) == 0
+
+
+async def test_a_full_control_queue_fails_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Control messages to a peer that takes nothing never wait for room: the protocol
+    repeats each (a heartbeat, a skip notice) or answers its copy again (an acknowledgement),
+    so the one beyond ``CONTROL_HWM`` is refused at once, while shares wait for room."""
+    monkeypatch.setattr(zmq_transport, "CONTROL_HWM", 4)
+    context = zmq.asyncio.Context()
+    nobody, me = free_addresses(2)
+    t = ZmqTransport(1, [nobody, me], fingerprint=FP, send_timeout=30.0, context=context)
+    try:
+        await t.start()
+        for _ in range(4):
+            await t.send(0, message(1, 0, kind=MessageKind.HEARTBEAT, weight=0.0))
+        with pytest.raises(SendTimeout, match="control messages are queued"):
+            await asyncio.wait_for(
+                t.send(0, message(1, 0, kind=MessageKind.HEARTBEAT, weight=0.0)), 1.0
+            )
+        assert t.stats.messages_sent[0] == 4
+    finally:
+        await t.close()
+        context.destroy(linger=0)
+
+
 async def test_close_fails_a_send_waiting_for_room() -> None:
     context = zmq.asyncio.Context()
     nobody, me = free_addresses(2)
@@ -321,7 +391,7 @@ async def test_close_returns_once_zeromq_has_released_every_zero_copy_frame() ->
 EXIT_SCRIPT = """
 import asyncio, sys
 import torch
-from gossip_sgp.message import Message
+from gossip_sgp.message import Message, MessageKind
 from transports.zmq import ZmqTransport
 
 async def main(addresses):
@@ -387,7 +457,7 @@ async def test_a_process_exits_quietly_after_sending_large_messages() -> None:
 MALLOC_SCRIPT = """
 import asyncio, resource, sys
 import torch
-from gossip_sgp.message import Message
+from gossip_sgp.message import Message, MessageKind
 from transports.zmq import ZmqTransport
 
 async def main(addresses):
