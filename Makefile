@@ -41,9 +41,11 @@ test: lint typecheck
 	-sh scripts/ensure-test-tools
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# The quick loop while developing: skips the multi-process training runs.
+# The quick loop while developing: skips the multi-process training runs, and runs the rest
+# on one pytest process per core (pytest-xdist; most of these tests wait on sockets, threads
+# and timers rather than compute). `make test` runs everything in one process.
 test-fast: $(VENV)/.installed
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" -n auto $(PYTEST_ARGS)
 
 # Every statistical or timing-sensitive test (marker `measured`) RUNS times beside LOAD
 # busy processes: pass rates and the measured values against each gate (docs/testing.md).

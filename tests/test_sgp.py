@@ -351,9 +351,9 @@ class _HeldLink:
     """Holds every message to ``peer`` until :meth:`release`: a link that carries nothing
     yet, as a ZeroMQ connection does while it waits out its reconnect back-off."""
 
-    def __init__(self, inner: Transport, peer: int) -> None:
+    def __init__(self, inner: Transport, peer: int, released: threading.Event) -> None:
         self.inner, self.peer = inner, peer
-        self.released = threading.Event()
+        self.released = released
         self._lock = threading.Lock()
         self._held: list[Message] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -393,13 +393,16 @@ def test_the_start_up_barrier_waits_until_every_link_has_carried_a_message(
     Fails in the asynchronous mode with the barrier that ended once every rank had heard of
     every rank's round 0
     (2 rounds): ranks 0-2 trained on alone while rank 3 waited for its first message
-    (AD-PSGD on the digits averaged 2 to 10 times in 240 steps instead of about 40)."""
+    (AD-PSGD on the digits averaged 2 to 10 times in 240 steps instead of about 40).
+    (The event exists before any worker starts: a rank may finish its first step before
+    rank 2's thread has built its transport.)"""
     n, barrier, links = 4, 4, []
+    release_event = threading.Event()
 
     def wrap(rank: int, transport: Transport) -> Transport:
         if rank != 2:
             return transport
-        links.append(_HeldLink(transport, peer=3))
+        links.append(_HeldLink(transport, peer=3, released=release_event))
         return links[0]  # type: ignore[return-value]
 
     def fn(rank: int, node: GossipNode) -> list[bool]:
@@ -408,7 +411,7 @@ def test_the_start_up_barrier_waits_until_every_link_has_carried_a_message(
         released = []
         for _ in range(barrier + 2):
             sgp.step()
-            released.append(links[0].released.is_set())
+            released.append(release_event.is_set())
         sgp.consensus()
         return released
 
