@@ -1,0 +1,94 @@
+"""The link layer's books under random faults and deaths, in virtual time (tests/linksim.py):
+the same OutLink, FailureDetector and SequenceWindow state machines GossipNode drives, one
+event heap, hundreds of fault schedules in seconds."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.linksim import Job, Network, exact
+
+ROUNDS = 16
+"""Weights halve at every send and a worker folds shares of its peers' rounds, so a weight
+gains a few bits a round: for 16 rounds every fold is exact in double precision (the
+harness raises OverflowError when one is not; at 20 rounds 5 of 180 jobs of 3-8 workers
+had one)."""
+
+
+def close_books(job: Job) -> None:
+    """Nothing is created or applied twice: held + never folded = n, exactly."""
+    assert job.held() + job.unfolded() == job.n
+
+
+@st.composite
+def jobs(draw: st.DrawFn) -> Case:
+    n = draw(st.sampled_from([2, 3, 4, 5, 8]))
+    network = Network(
+        drop=draw(st.sampled_from([0.0, 0.02, 0.1])),
+        duplicate=draw(st.sampled_from([0.0, 0.05, 0.2])),
+        delay=draw(st.sampled_from([0.001, 0.005, 0.02])),
+        jitter=draw(st.sampled_from([0.0, 0.005, 0.02])),
+    )
+    dead = draw(st.sets(st.integers(0, n - 1), max_size=max(0, n - 2)))
+    deaths = {rank: draw(st.floats(0.2, 0.45)) for rank in sorted(dead)}
+    live = [rank for rank in range(n) if rank not in dead]
+    paused = draw(st.sets(st.sampled_from(live), max_size=len(live) - 1))
+    pauses = {rank: (draw(st.floats(0.1, 0.3)), draw(st.floats(0.2, 3.0))) for rank in paused}
+    return n, network, deaths, pauses, draw(st.integers(0, 2**16))
+
+
+Case = tuple[int, Network, dict[int, float], dict[int, tuple[float, float]], int]
+
+
+@settings(max_examples=150, deadline=None)
+@given(case=jobs())
+def test_the_books_close_under_loss_duplicates_reordering_pauses_and_deaths(case: Case) -> None:
+    """After every event: weight held + weight of shares never folded = n, exactly (no
+    share is folded twice, whatever the copies and duplicates). Once the job has settled
+    (live workers suspect exactly their dead neighbours, every share between live workers
+    is acknowledged or written off): when the network loses nothing, every share a live
+    worker still counts as lost is to a dead peer - a worker suspected by mistake (a long
+    pause) folds its shares late, acknowledges them, and its senders take the write-offs
+    back. What a live worker wrote off to a dead peer is exactly what it sent the peer and
+    never had acknowledged.
+
+    Not asserted, because it does not hold: with losses, a write-off to a peer suspected by
+    mistake can stand although the peer folded the share (its acknowledgement was lost, and
+    nothing is sent again to a suspected peer, so nothing is acknowledged again: this test
+    found it), or because the share itself was lost (then truly lost). docs/reliability.md
+    has it under "Not yet".
+
+    Fails (checked) when a duplicate is folded again (``SequenceWindow.accept`` ignoring
+    what it has seen), when an acknowledgement that comes after a write-off does not
+    forget it (``OutLink.acked`` taking it back on every copy), and when shares to a
+    suspected peer are not written off (``OutLink.suspected`` returning nothing)."""
+    n, network, deaths, pauses, seed = case
+    job = Job(n, network=network, deaths=deaths, pauses=pauses, seed=seed)
+    job.checks.append(lambda: close_books(job))
+    job.run(ROUNDS)
+    assert job.settled(), "the job did not settle within a minute of virtual time"
+    dead = set(deaths)
+    for w in (w for w in job.workers if w.alive):
+        if network.drop == 0:
+            assert all(receiver in dead for receiver, _ in w.standing)
+        to_dead = {
+            (receiver, seq): weight
+            for (sender, receiver, seq), weight in job.shares.items()
+            if sender == w.rank and receiver in dead and (sender, receiver, seq) not in job.acked
+        }
+        assert {key: v for key, v in w.standing.items() if key[0] in dead} == to_dead
+        assert not any(link.outstanding() for link in w.links.values())
+
+
+@pytest.mark.parametrize("drop", [0.0, 0.1])
+def test_a_job_without_deaths_loses_nothing(drop: float) -> None:
+    job = Job(8, network=Network(drop=drop, duplicate=0.1, jitter=0.005), seed=3)
+    job.checks.append(lambda: close_books(job))
+    job.run(ROUNDS)
+    assert job.settled()
+    assert exact(w.weight for w in job.workers) == 8
+    assert job.unfolded() == 0.0
+    assert not any(w.standing for w in job.workers)
+    assert not any(w.detector.down for w in job.workers)
