@@ -10,7 +10,8 @@ adaptive timeouts) and a :class:`~gossip_sgp.mailbox.SequenceWindow` per sender
 round's out-peer on the exponential graph, or keep it while that peer is suspected, as SGP
 does), and every ``tick`` seconds heartbeats to the neighbours, suspicions (their
 unacknowledged shares written off) and copies of what is overdue. Messages cross a network
-that loses, duplicates and delays them (jitter reorders them). Workers die at given times:
+that loses, duplicates and delays them as a :class:`~transports.faults.FaultSpec` says (its
+jitter reorders them). Workers die at given times:
 from then on they neither send nor fold. Workers pause at given times, for given lengths (a
 process stopped or starved): meanwhile nothing of theirs runs, and what reaches them waits
 until they resume - long pauses get them suspected by mistake.
@@ -37,18 +38,7 @@ from gossip_sgp.link import OutLink
 from gossip_sgp.liveness import FailureDetector
 from gossip_sgp.mailbox import SequenceWindow
 from gossip_sgp.message import Message, MessageKind
-
-
-@dataclass(frozen=True, kw_only=True)
-class Network:
-    """What the network does to each message."""
-
-    drop: float = 0.0
-    duplicate: float = 0.0
-    delay: float = 0.005
-    """One-way delay, seconds."""
-    jitter: float = 0.0
-    """The delay varies uniformly by this much either way (so messages overtake others)."""
+from transports.faults import FaultSpec
 
 
 @dataclass
@@ -83,13 +73,15 @@ class Job:
         self,
         n: int,
         *,
-        network: Network,
+        network: FaultSpec,
         deaths: dict[int, float] | None = None,
         pauses: dict[int, tuple[float, float]] | None = None,
         step: float = 0.01,
         tick: float = 0.05,
         seed: int = 0,
     ) -> None:
+        if network.reorder:
+            raise ValueError("jitter reorders messages here; reorder is not simulated")
         self.n, self.network, self.step, self.tick = n, network, step, tick
         self.deaths = dict(deaths or {})
         self.pauses = dict(pauses or {})
@@ -113,6 +105,7 @@ class Job:
         """Every share sent: ``(sender, receiver, seq) -> weight``."""
         self.folded: set[tuple[int, int, int]] = set()
         self._unfolded = 0  # the weight of the shares sent and not folded, in 2**-64 units
+        self._on_the_way = 0  # shares and acknowledgements sent and not taken in yet
         self.acked: set[tuple[int, int, int]] = set()
         """Shares whose sender got an acknowledgement (of any copy)."""
         self.held_at_death: dict[int, float] = {}
@@ -148,12 +141,16 @@ class Job:
                 check()
 
     def settled(self) -> bool:
-        """Every share between live workers acknowledged or written off (a worker suspected
-        by mistake); every live worker suspects its dead neighbours, and none of its live
-        ones."""
+        """Nothing on the way and nothing waiting to be folded; every share between live
+        workers acknowledged or written off (a worker suspected by mistake); every live
+        worker suspects its dead neighbours, and none of its live ones."""
+        if self._on_the_way:
+            return False
         for w in self.workers:
             if not w.alive:
                 continue
+            if w.inbox or self.now < w.paused_until:
+                return False
             for peer, link in w.links.items():
                 if self.workers[peer].alive and link.outstanding():
                     return False
@@ -233,12 +230,16 @@ class Job:
         if self._rng.random() < net.drop:
             return
         for _ in range(2 if self._rng.random() < net.duplicate else 1):
+            self._on_the_way += message.kind != MessageKind.HEARTBEAT
             delay = max(0.0, net.delay + self._rng.uniform(-net.jitter, net.jitter))
             self._at(self.now + delay, lambda: self._deliver(message))
 
     def _deliver(self, m: Message) -> None:
         w = self.workers[m.receiver]
-        if not w.alive or self._later(w, lambda: self._deliver(m)):
+        if w.alive and self._later(w, lambda: self._deliver(m)):
+            return
+        self._on_the_way -= m.kind != MessageKind.HEARTBEAT
+        if not w.alive:
             return
         w.detector.heard(m.sender, self.now)
         if m.kind == MessageKind.ACK:

@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.linksim import Job, Network, exact
+from tests.linksim import Job, exact
+from transports.faults import FaultSpec
 
 ROUNDS = 16
 """Weights halve at every send and a worker folds shares of its peers' rounds, so a weight
@@ -25,7 +26,7 @@ def close_books(job: Job) -> None:
 @st.composite
 def jobs(draw: st.DrawFn) -> Case:
     n = draw(st.sampled_from([2, 3, 4, 5, 8]))
-    network = Network(
+    network = FaultSpec(
         drop=draw(st.sampled_from([0.0, 0.02, 0.1])),
         duplicate=draw(st.sampled_from([0.0, 0.05, 0.2])),
         delay=draw(st.sampled_from([0.001, 0.005, 0.02])),
@@ -39,7 +40,7 @@ def jobs(draw: st.DrawFn) -> Case:
     return n, network, deaths, pauses, draw(st.integers(0, 2**16))
 
 
-Case = tuple[int, Network, dict[int, float], dict[int, tuple[float, float]], int]
+Case = tuple[int, FaultSpec, dict[int, float], dict[int, tuple[float, float]], int]
 
 
 @settings(max_examples=150, deadline=None)
@@ -84,7 +85,7 @@ def test_the_books_close_under_loss_duplicates_reordering_pauses_and_deaths(case
 
 @pytest.mark.parametrize("drop", [0.0, 0.1])
 def test_a_job_without_deaths_loses_nothing(drop: float) -> None:
-    job = Job(8, network=Network(drop=drop, duplicate=0.1, jitter=0.005), seed=3)
+    job = Job(8, network=FaultSpec(drop=drop, duplicate=0.1, delay=0.005, jitter=0.005), seed=3)
     job.checks.append(lambda: close_books(job))
     job.run(ROUNDS)
     assert job.settled()
