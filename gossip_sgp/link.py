@@ -66,8 +66,8 @@ class Sent:
     first_sent: float
     """Monotonic time of the first send (round trips are timed from it)."""
     last_sent: float
-    """Monotonic time of the latest copy, or of the latest look that found the link still
-    busy sending (the next copy is due ``retry_after`` later)."""
+    """Monotonic time of the latest copy (the next copy is due ``retry_after`` later),
+    moved forward by the time the link was busy since (see ``OutLink.due``)."""
     copies: int = 0
     """Times it was sent again."""
 
@@ -112,6 +112,7 @@ class OutLink:
         """The peer's incarnation last heard (0: none yet)."""
         self.overflows = 0
         """Times a share was written off because ``max_unacked`` were outstanding."""
+        self._last_look: float | None = None  # the previous call of due()
 
     # ------------------------------------------------------------------ sending
     def sent(self, share: Message, now: float, *, down: bool = False) -> Written:
@@ -145,17 +146,21 @@ class OutLink:
         and the seconds until the next one is.
 
         ``busy``: shares to the peer are still waiting to leave (in the sender's queue or
-        its transport's). Then no share is overdue, and the wait for each starts again from
-        ``now``: on a slow link a share's acknowledgement cannot come before the shares
-        queued ahead of it have gone out, and a copy would only queue behind them. Skip
-        notices travel beside the shares and are not held.
+        its transport's). The time since the previous look then does not count towards any
+        share's wait (its ``last_sent`` moves forward by it): on a slow link an
+        acknowledgement cannot come before the shares queued ahead of it have gone out, and a
+        copy would only queue behind them. The waits pause, they do not start again: on a
+        link busy most of the time, a lost share is still sent again once the idle moments
+        add up to its wait. Skip notices travel beside the shares and are not held.
         """
         rtt = self.rtt_median()
         due: list[Message] = []
         wait = math.inf
-        if busy:  # the wait starts again: see retry_after (at least RETRY_MIN_S)
+        previous, self._last_look = self._last_look, now
+        if busy:  # no share is due now: each one was not due at the previous look
             for entry in self.unacked.values():
-                entry.last_sent = max(entry.last_sent, now)
+                since = entry.last_sent if previous is None else max(previous, entry.last_sent)
+                entry.last_sent += max(0.0, now - since)
         for entry in (*self.unacked.values(), *self.skips.values()):
             after = retry_after(rtt, entry.message.nbytes, entry.copies)
             if now - entry.last_sent >= after:

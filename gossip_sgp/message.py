@@ -41,6 +41,13 @@ class MessageKind(enum.IntEnum):
     it is the answer "too late": the sender is in ``consensus()``, the job is finishing."""
 
 
+CONTROL_KINDS = frozenset({MessageKind.ACK, MessageKind.HEARTBEAT})
+"""Kinds that travel on a link's control lane, never queued behind shares (see
+``GossipNode`` and ``ZmqTransport``). ``JOIN`` stays on the share lane: a refusal must not
+overtake the half-share its sender donated before (the joiner would give up while the share
+is still on its way)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Message:
     """One push-sum message from ``sender`` to ``receiver``.

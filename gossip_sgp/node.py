@@ -45,7 +45,7 @@ from gossip_sgp.errors import (
 from gossip_sgp.link import MAX_UNACKED, RETRY_MIN_S, OutLink, Written
 from gossip_sgp.liveness import FailureDetector
 from gossip_sgp.mailbox import Receipt
-from gossip_sgp.message import Message, MessageKind
+from gossip_sgp.message import CONTROL_KINDS, Message, MessageKind
 from gossip_sgp.metrics import GossipMetrics, MetricsServer
 
 if TYPE_CHECKING:  # transports imports gossip_sgp: a runtime import here would be circular
@@ -199,8 +199,8 @@ class GossipNode:
         self._queues: dict[int, asyncio.Queue[Message]] = {}
         """Per peer, the push-sum shares waiting to be handed to the transport."""
         self._control_queues: dict[int, asyncio.Queue[Message]] = {}
-        """Per peer, the control messages (acknowledgements, heartbeats, skip notices, join
-        requests): a lane of their own, never behind a share that takes seconds to send."""
+        """Per peer, the acknowledgements and heartbeats (skip notices included): a lane of
+        their own, never behind a share that takes seconds to send."""
         self._queued_mass: Counter[int] = Counter()
         """Push-sum messages per peer in its send queue or being sent (gossip thread)."""
         self._tasks: set[asyncio.Task[None]] = set()
@@ -684,11 +684,13 @@ class GossipNode:
             )
 
     def _enqueue(self, messages: Sequence[Message]) -> None:
-        """Queue messages for their peers: shares on one lane, control messages on another."""
+        """Queue messages for their peers: acknowledgements and heartbeats on one lane,
+        shares and join requests on another (``CONTROL_KINDS``)."""
         now = time.monotonic()
         for m in messages:
             mass = m.kind == MessageKind.MASS
-            queues = self._queues if mass else self._control_queues
+            control = m.kind in CONTROL_KINDS
+            queues = self._control_queues if control else self._queues
             q = queues.get(m.receiver)
             if q is None:
                 q = queues[m.receiver] = asyncio.Queue()
@@ -696,7 +698,7 @@ class GossipNode:
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
             q.put_nowait(dataclasses.replace(m, meta={**m.meta, "incarnation": self.incarnation}))
-            (self._last_sent if mass else self._last_control)[m.receiver] = now
+            (self._last_control if control else self._last_sent)[m.receiver] = now
             if mass:
                 self._queued_mass[m.receiver] += 1
 
@@ -706,7 +708,8 @@ class GossipNode:
         A control message queued within the period counts, and so does a share that has
         left (not in our queue, not held by the transport) - one still on its way over a
         slow link may take longer than the peer's suspicion timeout. At most one heartbeat
-        waits per peer: a dead peer's backlog stays at one.
+        waits in this node's queue per peer (the transport may hold more for a dead one:
+        ``CONTROL_HWM`` over ZeroMQ).
         """
         if now - self._last_control.get(peer, -math.inf) < _HEARTBEAT_S:
             return False

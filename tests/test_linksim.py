@@ -19,8 +19,11 @@ had one)."""
 
 
 def close_books(job: Job) -> None:
-    """Nothing is created or applied twice: held + never folded = n, exactly."""
+    """Nothing is created or applied twice: held + never folded = n, exactly; and what a
+    worker counts as lost was never acknowledged to it."""
     assert job.held() + job.unfolded() == job.n
+    for w in job.workers:
+        assert not any((w.rank, receiver, seq) in job.acked for receiver, seq in w.standing)
 
 
 @st.composite
@@ -33,7 +36,8 @@ def jobs(draw: st.DrawFn) -> Case:
         jitter=draw(st.sampled_from([0.0, 0.005, 0.02])),
     )
     dead = draw(st.sets(st.integers(0, n - 1), max_size=max(0, n - 2)))
-    deaths = {rank: draw(st.floats(0.2, 0.45)) for rank in sorted(dead)}
+    # While the others still train (ROUNDS steps of 0.01 s), once they have heard it.
+    deaths = {rank: draw(st.floats(0.08, ROUNDS * 0.01)) for rank in sorted(dead)}
     live = [rank for rank in range(n) if rank not in dead]
     paused = draw(st.sets(st.sampled_from(live), max_size=len(live) - 1))
     pauses = {rank: (draw(st.floats(0.1, 0.3)), draw(st.floats(0.2, 3.0))) for rank in paused}

@@ -1,15 +1,15 @@
 """ZeroMQ transport: PUSH/PULL over TCP, for Ethernet, WAN and cloud.
 
 Each rank binds one PULL socket on its own address and connects two PUSH sockets to every
-peer it sends to (created on first send): one for push-sum shares, one for control messages
-(acknowledgements, heartbeats, skip notices, join requests). The PULL socket takes whole
-messages from its connections in turn, so a heartbeat or an acknowledgement arrives while a
-model of hundreds of megabytes is still on its way over a slow link, instead of after it: a
-healthy sender of a long message is not taken for dead. Messages travel as
-:mod:`gossip_sgp.wire` frames, the payload frames zero-copy on both ends. Reconnection
-after a peer restarts or a link drops is ZeroMQ's job; messages queued while a peer is away
-are delivered when it is back, those on the wire when the link broke are lost (ZeroMQ does
-not retry them).
+peer it sends to (created on first send): one for push-sum shares (and join requests), one
+for control messages (acknowledgements and heartbeats, ``message.CONTROL_KINDS``). The PULL
+socket takes whole messages from its connections in turn, so a heartbeat or an
+acknowledgement arrives while a model of hundreds of megabytes is still on its way over a
+slow link, instead of after it: a healthy sender of a long message is not taken for dead.
+Messages travel as :mod:`gossip_sgp.wire` frames, the payload frames zero-copy on both
+ends. Reconnection after a peer restarts or a link drops is ZeroMQ's job; messages queued
+while a peer is away are delivered when it is back, those on the wire when the link broke
+are lost (ZeroMQ does not retry them).
 
 Bounded memory: at most ``sndhwm`` shares wait per peer and ``rcvhwm`` per connection on
 the receive side (ZeroMQ high-water marks, counted in messages, so size them with the model:
@@ -62,7 +62,7 @@ from zmq.auth.asyncio import AsyncioAuthenticator
 
 from gossip_sgp import wire
 from gossip_sgp.errors import SendTimeout, TransportClosed, TransportError, WireError
-from gossip_sgp.message import Message, MessageKind
+from gossip_sgp.message import CONTROL_KINDS, Message
 from transports.base import TransportStats
 
 __all__ = ["CONTROL_HWM", "CurveKeys", "ZmqTransport"]
@@ -281,7 +281,8 @@ class ZmqTransport:
             message = dataclasses.replace(message, sent_at=time.time())
         frames = wire.encode(message)
         nbytes = sum(memoryview(frame).nbytes for frame in frames)
-        if message.kind != MessageKind.MASS:
+        tracker = None
+        if message.kind in CONTROL_KINDS:
             sock = self._control.get(peer) or self._connect(peer, control=True)
             sending = sock.send_multipart(frames, flags=zmq.NOBLOCK)
             timeout = f"{CONTROL_HWM} control messages are queued for it"
@@ -293,12 +294,17 @@ class ZmqTransport:
             parts = [zmq.Frame(frame, track=True) for frame in frames]
             tracked = self._in_flight.setdefault(peer, [])
             tracked[:] = [t for t in tracked if not t.done]
-            tracked.append(zmq.MessageTracker(*parts))
+            tracker = zmq.MessageTracker(*parts)
+            tracked.append(tracker)
             sending = sock.send_multipart(parts, copy=False)
             timeout = f"its send queue stayed full for {self._send_timeout} s"
         try:
             await self._track(sending)
         except zmq.Again:
+            # Not sent: libzmq never took the frames, so they are no backlog (the copy of
+            # this share sent again after the SendTimeout must not wait for them).
+            if tracker is not None:
+                self._in_flight[peer].remove(tracker)
             raise SendTimeout(
                 f"rank {self.rank} cannot send to rank {peer}: {timeout}; message not sent"
             ) from None
@@ -310,7 +316,9 @@ class ZmqTransport:
 
     def backlog(self, peer: int) -> int:
         """Push-sum shares to ``peer`` that libzmq has not written out yet: queued, or being
-        written (their frames are released once the last byte went to the kernel)."""
+        written (their frames are released once the last byte went to the kernel). Shares
+        under ``zmq.COPY_THRESHOLD`` (64 KiB) are copied by pyzmq and never count: they
+        take no time worth waiting for on any link."""
         tracked = self._in_flight.get(peer)
         if not tracked:
             return 0

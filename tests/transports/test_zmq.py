@@ -242,7 +242,8 @@ async def test_control_messages_overtake_the_shares_queued_before_them() -> None
     """Acknowledgements and heartbeats travel on a connection of their own: sent after 12
     shares of 2 MB that the receiver takes one at a time, they arrive among the first few
     messages, not after the shares (they would with one connection per peer: fails when
-    ``send`` puts them on the payload socket)."""
+    ``send`` puts them on the payload socket). A JOIN stays behind the shares (fails when it
+    takes the control connection)."""
     share = torch.ones(1 << 19)  # 2 MiB
     async with network(2, rcvhwm=1) as (_, (t0, t1)):
         # Both connections up first (each is made on the first send of its kind), as they
@@ -257,22 +258,38 @@ async def test_control_messages_overtake_the_shares_queued_before_them() -> None
             await t0.send(1, message(0, 1, share, seq=seq))
         await t0.send(1, message(0, 1, kind=MessageKind.HEARTBEAT, weight=0.0))
         await t0.send(1, message(0, 1, kind=MessageKind.ACK, seq=5, weight=0.0))
-        kinds = [(await recv(t1)).kind for _ in range(14)]
+        await t0.send(1, message(0, 1, kind=MessageKind.JOIN, weight=0.0, meta={"refused": 1}))
+        kinds = [(await recv(t1)).kind for _ in range(15)]
     # The PULL socket takes one message from each connection in turn.
     assert kinds.index(MessageKind.HEARTBEAT) < kinds.index(MessageKind.ACK) <= 6, kinds
     assert kinds.count(MessageKind.MASS) == 12
+    # A refusal to rejoin keeps its place behind the shares (the donated half among them).
+    assert kinds[-1] == MessageKind.JOIN, kinds
 
 
 async def test_backlog_counts_the_shares_libzmq_has_not_written_out() -> None:
+    """Shares of 256 KiB (zero-copy: pyzmq copies frames under ``zmq.COPY_THRESHOLD``, and
+    those leave our memory at once, so they never count). A share whose send timed out never
+    reached libzmq and does not count either: the copy sent again must not wait for it
+    (fails when its tracker stays listed)."""
     context = zmq.asyncio.Context()
     nobody, me = free_addresses(2)
-    t = ZmqTransport(1, [nobody, me], fingerprint=FP, context=context)
+    t = ZmqTransport(1, [nobody, me], fingerprint=FP, context=context, sndhwm=3, send_timeout=0.2)
     try:
         await t.start()
         for seq in range(3):
             await t.send(0, message(1, 0, torch.ones(1 << 16), seq=seq))
         await t.send(0, message(1, 0, kind=MessageKind.HEARTBEAT, weight=0.0))
         assert t.backlog(0) == 3  # nobody listens: all three wait; heartbeats do not count
+        for seq in range(3, 20):  # until the queue is full
+            before = t.backlog(0)
+            try:
+                await t.send(0, message(1, 0, torch.ones(1 << 16), seq=seq))
+            except SendTimeout:
+                break
+        else:
+            pytest.fail("the queue to a peer nobody is listening for never filled up")
+        assert t.backlog(0) <= before
     finally:
         await t.close()
         context.destroy(linger=0)
