@@ -261,10 +261,11 @@ class ZmqTransport:
     async def send(self, peer: int, message: Message) -> None:
         """Queue ``message`` for ``peer``; returns once ZeroMQ holds it, not when it arrived.
 
-        Push-sum shares go on the peer's payload connection, everything else on its control
-        connection. Raises ``SendTimeout`` when the peer's queue stays full for
-        ``send_timeout`` seconds (for a control message: when ``CONTROL_HWM`` are queued; the
-        message is then not sent), ``WireError`` for a message that cannot be encoded.
+        Acknowledgements and heartbeats (``CONTROL_KINDS``) go on the peer's control
+        connection, shares and join requests on its payload connection. Raises
+        ``SendTimeout`` when the peer's queue stays full for ``send_timeout`` seconds (for a
+        control message: when ``CONTROL_HWM`` are queued; the message is then not sent),
+        ``WireError`` for a message that cannot be encoded.
         """
         self._check_open()
         if not 0 <= peer < self.world_size or peer == self.rank:
