@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import hashlib
 import importlib.util
 import json
@@ -379,6 +380,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif node is not None:  # the decentralized baselines run on the same node
         make = baselines.dpsgd if args.algorithm == "dpsgd" else baselines.adpsgd
         sgp = make(model.parameters(), optimizer, node)
+    # Everything made so far (torch's ~290k objects, the data, the model) lives until the
+    # end: keep the garbage collector from walking it again in every full collection and
+    # once more at exit (1 s per worker on 2 cores, 10% of a short run).
+    gc.freeze()
     try:
         order_gen = torch.Generator().manual_seed(args.seed * 1000 + rank)
         started, steps, first_epoch = time.perf_counter(), 0, 0
