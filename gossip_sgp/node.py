@@ -485,8 +485,11 @@ class GossipNode:
 
     def _all_sent(self) -> asyncio.Future[list[None]]:
         """Done when every message queued so far has been handed to the transport."""
-        queues = [*self._queues.values(), *self._control_queues.values()]
-        return asyncio.gather(*(q.join() for q in queues))
+        return asyncio.gather(*(q.join() for q in self._every_queue()))
+
+    def _every_queue(self) -> list[asyncio.Queue[Message]]:
+        """The send queues of both lanes, every peer (gossip thread)."""
+        return [*self._queues.values(), *self._control_queues.values()]
 
     async def _shutdown(self, transport: Transport) -> None:
         """Cancel every task of the loop (receiver, senders, flushes); close the transport."""
@@ -500,7 +503,7 @@ class GossipNode:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=_CANCEL_TIMEOUT)
-        for q in [*self._queues.values(), *self._control_queues.values()]:
+        for q in self._every_queue():
             while not q.empty():
                 message = q.get_nowait()
                 if message.kind == MessageKind.MASS:
@@ -581,6 +584,7 @@ class GossipNode:
             message.kind == MessageKind.HEARTBEAT and message.meta.get("skip")  # see SGP._send
         )
         overflow, lost, handler, fp, taken_back = False, 0.0, None, None, False
+        stale_ack = False
         incarnation = message.meta.get("incarnation", 0)
         with self._lock:  # one lock per message on this hot path
             back = self._detector.heard(message.sender, now)
@@ -588,7 +592,11 @@ class GossipNode:
             previous_life = link.heard(incarnation)
             if previous_life is not None:
                 self.peers_restarted[message.sender] += 1
-            if message.kind == MessageKind.ACK and message.meta.get("skip"):
+            if message.kind == MessageKind.ACK and (
+                message.meta.get("to_incarnation", self.incarnation) != self.incarnation
+            ):
+                stale_ack = True  # meant for an earlier life of this worker
+            elif message.kind == MessageKind.ACK and message.meta.get("skip"):
                 link.skip_acked(message.round)
             elif message.kind == MessageKind.ACK:
                 acked = link.acked(message.seq, now)
@@ -607,6 +615,8 @@ class GossipNode:
             log.warning("rank %d: rank %d is alive again; re-admitted", self.rank, message.sender)
         if taken_back:
             self._written_off_changed(message.sender, -1)
+        if stale_ack:
+            self._reject("stale_ack", message)
         if not for_subscriber:
             return  # an acknowledgement, or a heartbeat: liveness only
         if overflow:
@@ -697,7 +707,16 @@ class GossipNode:
                 task = asyncio.get_running_loop().create_task(self._sender(m.receiver, q))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
-            q.put_nowait(dataclasses.replace(m, meta={**m.meta, "incarnation": self.incarnation}))
+            meta = {**m.meta, "incarnation": self.incarnation}
+            if m.kind == MessageKind.ACK:
+                # Which life of the receiver this acknowledges: a restarted peer that binds
+                # the old address ignores what was queued for its previous life (otherwise
+                # matched to its new shares of the same sequence numbers). The peer's last
+                # incarnation heard: it is set by this thread, so reading it needs no lock.
+                link = self._links.get(m.receiver)
+                if link is not None and link.incarnation:
+                    meta["to_incarnation"] = link.incarnation
+            q.put_nowait(dataclasses.replace(m, meta=meta))
             (self._last_control if control else self._last_sent)[m.receiver] = now
             if mass:
                 self._queued_mass[m.receiver] += 1
@@ -1033,13 +1052,16 @@ class GossipNode:
             heard = self.last_heard.get(peer)
             unacked = self._link(peer).outstanding()
             suspected = peer in self._detector.down
-        q = self._queues.get(peer)
-        queued = q.qsize() if q is not None else 0
+        queued = [
+            q.qsize() if (q := queues.get(peer)) else 0
+            for queues in (self._queues, self._control_queues)
+        ]
         received = self._transport.stats.messages_received[peer] if self._transport else 0
         when = "never heard" if heard is None else f"heard {time.monotonic() - heard:.1f} s ago"
         return (
-            f"rank {peer}: {when}, {received} messages received from it, {queued} queued and "
-            f"{unacked} unacknowledged to it{', suspected down' if suspected else ''}"
+            f"rank {peer}: {when}, {received} messages received from it, to it {queued[0]} "
+            f"shares and {queued[1]} control messages queued, {unacked} shares "
+            f"unacknowledged{', suspected down' if suspected else ''}"
         )
 
     def restarted_peers(self) -> set[int]:

@@ -33,7 +33,8 @@ from gossip_sgp.errors import ConfigError, SendTimeout
 from gossip_sgp.launch import find_free_ports
 from gossip_sgp.message import MessageKind
 from tests.threads import wait_until
-from transports import InProcNetwork, InProcTransport
+from transports import FaultSpec, FaultyTransport, InProcNetwork, InProcTransport
+from transports.base import HoldsBacklog
 
 FP = 0x5EED
 THREAD_PREFIX = "gossip-sgp-rank"
@@ -798,3 +799,51 @@ def test_curve_security_needs_zeromq_and_its_own_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="chmod 600"):
         GossipNode(config()).start()
     assert not gossip_threads()
+
+
+@pytest.mark.timeout(20)
+def test_an_acknowledgement_for_an_earlier_life_is_ignored(
+    inproc: Callable[[int], list[GossipNode]],
+) -> None:
+    """A restarted worker that binds its old address can receive acknowledgements queued
+    for its previous life, for sequence numbers its new life uses again. Each ACK names the
+    life it answers (``to_incarnation``): one for another life leaves the share outstanding
+    (so it is sent again if lost) and is counted. Fails with the check in
+    ``GossipNode._dispatch`` removed (the stale ACK clears the share), or with
+    ``GossipNode._enqueue`` naming another life than the one last heard (the real ACK is
+    then refused too)."""
+    a, b = inproc(2)
+    received: queue.Queue[Message] = queue.Queue()
+    b.subscribe(received.put, fingerprint=FP)
+    a.send([mass(0, 1, 0)])
+    got = received.get(timeout=10)
+    stale = Message(
+        sender=1,
+        receiver=0,
+        round=got.round,
+        seq=got.seq,
+        weight=0.0,
+        tensors=(),
+        fingerprint=FP,
+        kind=MessageKind.ACK,
+        meta={"incarnation": b.incarnation, "to_incarnation": a.incarnation - 1},
+    )
+    a._dispatch(stale)
+    assert a.outstanding(1) == 1
+    assert a.rejected["stale_ack"] == 1
+    b.acknowledge([(got.sender, got.seq, got.round)])  # the real one names a's life
+    assert wait_until(lambda: a.outstanding(1) == 0)
+    assert a.rejected["stale_ack"] == 1
+
+
+def test_the_fault_injector_passes_the_transports_backlog_through() -> None:
+    """The simulator runs the node over ``FaultyTransport``: without ``backlog`` there, a
+    node over it would take a share still held by ZeroMQ for one that left (copies sent
+    behind it, no heartbeat beside it). Fails with ``FaultyTransport.backlog`` removed."""
+    slow = _SlowLink(InProcNetwork(2), 0)
+    slow.held.append((1, mass(0, 1, 0)))
+    faulty = FaultyTransport(slow, FaultSpec(drop=0.5))
+    assert isinstance(faulty, HoldsBacklog)
+    assert (faulty.backlog(1), faulty.backlog(0)) == (1, 0)
+    plain = FaultyTransport(InProcNetwork(2).transport(0), FaultSpec())
+    assert plain.backlog(1) == 0  # an inner transport that holds nothing back

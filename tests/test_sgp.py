@@ -315,7 +315,8 @@ def test_missing_peer_times_out_with_a_clear_error() -> None:
             # and what rank 0 knows of rank 1 (at most heartbeats: rank 1 never steps)
             assert re.search(
                 r"rank 1: (never heard|heard [0-9.]+ s ago), [0-9]+ messages received from it, "
-                r"[0-9]+ queued and [0-9]+ unacknowledged to it",
+                r"to it [0-9]+ shares and [0-9]+ control messages queued, [0-9]+ shares "
+                r"unacknowledged",
                 str(err.value),
             ), err.value
 

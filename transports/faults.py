@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from gossip_sgp.errors import TransportClosed
 from gossip_sgp.message import Message
-from transports.base import Transport, TransportStats
+from transports.base import HoldsBacklog, Transport, TransportStats
 
 __all__ = ["FaultSpec", "FaultyTransport"]
 
@@ -72,6 +72,11 @@ class FaultyTransport:
 
     async def start(self) -> None:
         await self.inner.start()
+
+    def backlog(self, peer: int) -> int:
+        """The inner transport's backlog (``transports.base.HoldsBacklog``; 0 if it keeps
+        none): what this wrapper delays or holds back counts as on the network already."""
+        return self.inner.backlog(peer) if isinstance(self.inner, HoldsBacklog) else 0
 
     def in_flight(self) -> list[Message]:
         """Messages sent through this wrapper that no copy of has reached the inner transport."""
