@@ -108,6 +108,7 @@ class Mailbox:
         self._acc: Share | None = None  # running sum (asynchronous mode)
         self._acc_receipts: list[Receipt] = []
         self._receipts: list[Receipt] = []  # taken, not yet acknowledged
+        self._unfolded: set[tuple[int, int]] = set()  # (sender, seq) stored, not yet taken
         self._arrived: set[tuple[int, int]] = set()  # (sender, round) not yet taken
         self._gauges: dict[int, float] = {}  # round -> largest gauge received
         self.closed = False
@@ -156,7 +157,10 @@ class Mailbox:
                 raise WireError("ahead", f"round {r} is {self.horizon}+ rounds after {round_now}")
 
     def put(self, message: Message) -> bool:
-        """Store a message's mass; False (and counted) when it is a duplicate or replay.
+        """Store a message's mass. A duplicate or replay is counted and not stored; False
+        when its original has been folded already (acknowledge it again: the first
+        acknowledgement may have been lost), True when the original still waits here (its
+        fold acknowledges it).
 
         A sender that restarted (a larger ``meta["incarnation"]``) numbers its messages from
         0 again: its sequence window starts over. A message from an earlier incarnation
@@ -177,9 +181,13 @@ class Mailbox:
                 seqs = self._seqs[message.sender] = SequenceWindow(self._window)
             if not seqs.accept(message.seq):
                 self.rejected["duplicate"] += 1
-                return False
+                # A copy of a message still waiting to be folded: the fold acknowledges it
+                # (True: acknowledged now, its sender would count mass as folded that is
+                # not, and open its window for more).
+                return (message.sender, message.seq) in self._unfolded
             share: Share = (message.tensors, message.weight)
             receipt = (message.sender, message.seq, message.round)
+            self._unfolded.add((message.sender, message.seq))
             if self.coalesce:
                 self._acc_receipts.append(receipt)
                 self._add_to_sum(share)
@@ -258,6 +266,7 @@ class Mailbox:
                 shares.append(self._acc)
                 self._acc = None
                 self._receipts.extend(self._acc_receipts)
+                self._unfolded.difference_update((s, q) for s, q, _ in self._acc_receipts)
                 self._acc_receipts.clear()
             rounds = sorted(r for r in self._by_round if max_round is None or r <= max_round)
             for r in rounds:
@@ -266,6 +275,7 @@ class Mailbox:
                     for share, receipt in senders[sender]:
                         shares.append(share)
                         self._receipts.append(receipt)
+                        self._unfolded.discard(receipt[:2])
                         self._stored -= 1
             self._arrived = {a for a in self._arrived if max_round is not None and a[1] > max_round}
             return _sum(shares) if shares else None

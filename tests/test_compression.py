@@ -309,7 +309,7 @@ def test_difference_coding_rejects_messages_out_of_sequence() -> None:
         receiver.receive(messages[1])  # its key frame never arrived
     assert exc.value.reason == "no_reference"
     assert receiver.receive(messages[0])
-    assert not receiver.receive(messages[0])  # a duplicate: returned for the mailbox to drop
+    assert receiver.receive(messages[0])  # a copy: dropped (its original waits to be folded)
     assert receiver.mailbox.rejected["duplicate"] == 1
     with pytest.raises(WireError) as exc:
         receiver.receive(messages[2])  # message 1 was lost

@@ -48,15 +48,25 @@ def test_sequence_window_memory_is_bounded() -> None:
     assert not w.accept(1)  # long given up on: stale
 
 
-def test_duplicate_is_rejected_and_counted() -> None:
-    box = Mailbox()
+@pytest.mark.parametrize("coalesce", [False, True])
+def test_duplicate_is_rejected_and_counted(coalesce: bool) -> None:
+    """A copy is never stored. While its original waits to be folded, put() says True (no
+    acknowledgement now: the fold sends it); once the original is folded, False
+    (acknowledge again: the first acknowledgement may have been lost). Fails if a copy of a
+    waiting message asks for an acknowledgement: its sender would count unfolded mass as
+    folded and open its window for more."""
+    box = Mailbox(coalesce=coalesce)
     assert box.put(msg(1, 0, 0, 1.0))
-    assert not box.put(msg(1, 0, 0, 1.0))
+    assert box.put(msg(1, 0, 0, 1.0))  # its original still waits
     assert box.rejected["duplicate"] == 1
     share = box.take()
     assert share is not None
     assert share[1] == 0.5
     assert share[0][0].tolist() == [1.0, 1.0, 1.0]
+    assert box.pop_receipts() == [(1, 0, 0)]
+    assert not box.put(msg(1, 0, 0, 1.0))  # its original is folded
+    assert box.rejected["duplicate"] == 2
+    assert box.take() is None
 
 
 def test_take_by_round_leaves_newer_rounds() -> None:
@@ -183,7 +193,7 @@ def test_a_restarted_sender_numbers_from_zero_and_its_earlier_life_is_stale() ->
     assert box.put(dataclasses.replace(msg(1, 1, 1, 1.0), meta=first))
     # restarted: sequence numbers start again, and are not taken for replays
     assert box.put(dataclasses.replace(msg(1, 0, 5, 2.0), meta=second))
-    assert not box.put(dataclasses.replace(msg(1, 0, 5, 2.0), meta=second))  # a duplicate
+    assert box.put(dataclasses.replace(msg(1, 0, 5, 2.0), meta=second))  # a copy, not stored
     with pytest.raises(WireError) as caught:  # a late message of the earlier life
         box.put(dataclasses.replace(msg(1, 2, 2, 3.0), meta=first))
     assert caught.value.reason == "stale"

@@ -20,6 +20,7 @@ import torch
 from gossip_sgp import SGP, GossipError, GossipNode, GossipTimeout, Message
 from gossip_sgp import link as link_module
 from gossip_sgp.message import MessageKind
+from gossip_sgp.sgp import LINK_WINDOW
 from tests.threads import Worker, run_workers, wait_until
 from transports import FaultSpec, Transport
 
@@ -180,6 +181,43 @@ def test_asynchronous_consensus_folds_a_share_lost_near_the_end_of_training(
         assert r["disagreement"] <= 1e-12
         torch.testing.assert_close(r["x"], torch.full((5,), 0.5, dtype=torch.float64))
     assert "not acknowledged after" not in caplog.text  # no wait ran into its timeout
+
+
+@pytest.mark.timeout(60)
+def test_a_peer_that_stops_folding_holds_one_message_per_link_and_the_others_gossip_on() -> None:
+    """Asynchronous mode, 4 workers: rank 3 passes the start-up barrier, then stops stepping
+    (stuck, or dead and not suspected yet: its node still answers heartbeats, so nobody
+    suspects it). Its in-peers send it at most ``LINK_WINDOW`` share each, then give its
+    rounds' shares to their other out-peer; ranks 0-2 keep gossiping among themselves. Fails
+    with ``LINK_WINDOW`` unbounded: the shares to rank 3 take the send credit with them, and
+    the credit of all three runs dry (the old asynchronous mode: one global pool)."""
+    n, steps = 4, 80
+    finished = threading.Semaphore(0)
+
+    def fn(rank: int, node: GossipNode) -> dict[str, Any]:
+        x = torch.nn.Parameter(torch.full((4,), float(rank), dtype=torch.float64))
+        sgp = SGP([x], torch.optim.SGD([x], lr=0.0), node, staleness=None, timeout=20.0)
+        while sgp.start_up_rounds:
+            sgp.step()
+        if rank == 3:
+            for _ in range(n - 1):  # stuck until the others are done
+                assert finished.acquire(timeout=40)
+            return {}
+        before = sgp.protocol.sequence_numbers()
+        for _ in range(steps):
+            sgp.step()
+            time.sleep(0.005)  # a step's time: shares flow, and earn send credit back
+        after = sgp.protocol.sequence_numbers()
+        finished.release()
+        sent = {peer: after[peer] - before.get(peer, 0) for peer in after}
+        return {"sent": sent, "outstanding_to_3": node.outstanding(3)}
+
+    results = run_workers(n, fn)
+    for rank, r in enumerate(results[:3]):
+        assert r["sent"].get(3, 0) <= LINK_WINDOW, (rank, r)
+        assert r["outstanding_to_3"] <= LINK_WINDOW, (rank, r)
+        to_others = sum(count for peer, count in r["sent"].items() if peer != 3)
+        assert to_others >= steps // 4, (rank, r)  # gossip went on
 
 
 @pytest.mark.timeout(60)
