@@ -229,7 +229,7 @@ class SGP:
             }
         )
         """Every out-peer of the topology's period, in rank order (asynchronous windows)."""
-        node.set_neighbours(
+        self._neighbours = sorted(
             {
                 peer
                 for r in range(self.topology.period)
@@ -239,6 +239,8 @@ class SGP:
                 )
             }
         )
+        """Every peer of the topology's period, either way (liveness, checkpoint cuts)."""
+        node.set_neighbours(set(self._neighbours))
         node.on_write_off(self._written_off)
         node.on_take_back(self._take_back)
         node.subscribe(
@@ -696,6 +698,49 @@ class SGP:
             self._absorb(start - 1)
             time.sleep(_DRAIN_POLL)
 
+    def _cut(self) -> None:
+        """Asynchronous mode, in :meth:`state_dict` at round ``k``: fold exactly the mass sent
+        before each worker's call (a consistent cut, in the manner of Chandy and Lamport).
+
+        From here on shares are kept per round (not summed as they arrive), so a share of
+        round ``k`` or later, sent by a neighbour that has finished its own cut, stays out
+        of this checkpoint (it is in the sender's). Then (``_drain``) this worker waits
+        until its shares have been folded (acknowledged), folding its peers' meanwhile; then
+        it tells every neighbour so (a skip notice for round ``k``, sent until acknowledged)
+        and waits for the same word from each live one. A neighbour's notice comes after
+        the acknowledgements of all its shares, which this worker sent after folding them:
+        so once every notice is in, everything sent to it before the cut is folded; and a
+        neighbour sends its round ``k`` only after this worker's notice, sent after the
+        switch to per-round storage. After ``timeout`` seconds it goes on with a warning.
+        """
+        mailbox, node, k = self.protocol.mailbox, self.node, self.round
+        mailbox.set_coalesce(False)
+        try:
+            self._drain()
+            down = node.down_peers()
+            node.send_skip([peer for peer in self._neighbours if peer not in down], k)
+            deadline = time.monotonic() + self.timeout
+            while True:
+                down = node.down_peers()
+                live = [(peer, k) for peer in self._neighbours if peer not in down]
+                left = deadline - time.monotonic()
+                if mailbox.wait(live, max(0.0, min(_WAIT_SLICE, left))) or mailbox.closed:
+                    break
+                if left <= 0:
+                    missing = sorted(peer for peer, _ in live if not mailbox.has([(peer, k)]))
+                    log.warning(
+                        "rank %d: ranks %s did not finish their checkpoint cut within %g s; "
+                        "the checkpoints may miss mass that was on its way",
+                        node.rank,
+                        missing,
+                        self.timeout,
+                    )
+                    break
+                self._absorb(k - 1)
+            self._settle()  # before coalescing again: the sum would take later rounds too
+        finally:
+            mailbox.set_coalesce(True)
+
     @torch.no_grad()
     def _settle(self) -> None:
         """Fold in everything this worker is owed: in the synchronous and overlap modes every
@@ -741,10 +786,14 @@ class SGP:
 
         Call it on every worker at the same step. It first folds in every round sent so far
         (overlap mode: waits for the last ``staleness`` rounds), so the workers' checkpoints
-        together hold all the mass. In the asynchronous mode, mass still on the wire at that
-        moment is not in any checkpoint.
+        together hold all the mass, none twice. In the asynchronous mode that takes a
+        consistent cut (:meth:`_cut`): every worker waits until what it sent before the
+        call has been folded, and until each neighbour says the same of its own.
         """
-        self._settle()
+        if self.staleness is None and self.node.world_size > 1:
+            self._cut()
+        else:
+            self._settle()
         return {
             "round": self.round,
             "weight": self.state.weight,

@@ -238,6 +238,9 @@ def test_training_goes_on_after_consensus(staleness: int | None) -> None:
 
         train(30)
         sgp.consensus(max_rounds=16)
+        # The consensus rounds' last shares may still be on their way: with their links'
+        # windows full (LINK_WINDOW), 30 quick steps could all keep their mass.
+        assert node.wait_acknowledged(10)
         skipped = sgp.skipped_rounds
         train(30)
         disagreement = sgp.consensus(max_rounds=16)
@@ -249,19 +252,33 @@ def test_training_goes_on_after_consensus(staleness: int | None) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_checkpoints_of_all_workers_hold_all_the_mass() -> None:
-    n = 4
+@pytest.mark.parametrize("staleness", [2, None])
+def test_checkpoints_of_all_workers_hold_all_the_mass(staleness: int | None) -> None:
+    """``state_dict()`` on every worker at the same step: together the checkpoints hold all
+    the mass, none twice. Overlap mode: it folds the rounds still in flight first. The
+    asynchronous mode takes a consistent cut (see ``SGP.state_dict``): the workers step at
+    different paces here, so shares are on the way when the first calls it, and the
+    fastest goes on with its next step (sending more) while the slowest is still cutting.
+    Fails in the asynchronous mode without the cut (the weights add up to less than 4 or,
+    when shares sent after a peer's cut are folded into the receiver's, to more)."""
+    n, steps = 4, 30
 
-    def fn(rank: int, node: GossipNode) -> float:
-        x = torch.nn.Parameter(torch.full((2,), float(rank)))
-        sgp = SGP([x], torch.optim.SGD([x], lr=0.0), node, staleness=2)
-        for _ in range(7):
+    def fn(rank: int, node: GossipNode) -> tuple[float, torch.Tensor]:
+        x = torch.nn.Parameter(torch.full((2,), float(rank), dtype=torch.float64))
+        sgp = SGP([x], torch.optim.SGD([x], lr=0.0), node, staleness=staleness, timeout=20.0)
+        for _ in range(steps):
             sgp.step()
-        state = sgp.state_dict()  # folds the two rounds still in flight first
-        assert state["round"] == 7
-        return float(state["weight"])
+            time.sleep(0.002 * rank)  # different paces
+        state = sgp.state_dict()
+        for _ in range(5):  # and training goes on
+            sgp.step()
+        assert state["round"] == steps
+        return float(state["weight"]), state["numerator"][0]
 
-    assert math.fsum(run_workers(n, fn)) == pytest.approx(n, abs=1e-12)
+    results = run_workers(n, fn)
+    assert math.fsum(w for w, _ in results) == pytest.approx(n, abs=1e-12)
+    total = sum(x for _, x in results)
+    torch.testing.assert_close(total, torch.full((2,), 6.0, dtype=torch.float64))
 
 
 @pytest.mark.timeout(30)
