@@ -243,6 +243,8 @@ class Job:
             return
         w.detector.heard(m.sender, self.now)
         if m.kind == MessageKind.ACK:
+            # An acknowledgement says "folded": never sent for a share still waiting.
+            assert (w.rank, m.sender, m.seq) in self.folded, ("acknowledged unfolded", m)
             acked = w.link(m.sender).acked(m.seq, self.now)
             if acked is not None:
                 self.acked.add((w.rank, m.sender, m.seq))
@@ -252,7 +254,9 @@ class Job:
             window = w.windows.setdefault(m.sender, SequenceWindow())
             if window.accept(m.seq):
                 w.inbox.append(m)
-            else:  # a copy: our acknowledgement may have been lost
+            elif not any(x.sender == m.sender and x.seq == m.seq for x in w.inbox):
+                # A copy of a folded share: our acknowledgement may have been lost. (A copy
+                # of one still in the inbox is acknowledged by its fold, as the mailbox does.)
                 self._send(w, self._control(w, m.sender, MessageKind.ACK, seq=m.seq))
 
     # ------------------------------------------------------------------ the books

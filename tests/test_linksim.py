@@ -65,10 +65,15 @@ def test_the_books_close_under_loss_duplicates_reordering_pauses_and_deaths(case
     found it), or because the share itself was lost (then truly lost). docs/reliability.md
     has it under "Not yet".
 
+    And (in the harness, on every delivery) an acknowledgement is only ever sent for a share
+    that was folded: a copy of a share still waiting in the inbox is acknowledged by that
+    share's fold, as ``Mailbox.put`` does.
+
     Fails (checked) when a duplicate is folded again (``SequenceWindow.accept`` ignoring
     what it has seen), when an acknowledgement that comes after a write-off does not
-    forget it (``OutLink.acked`` taking it back on every copy), and when shares to a
-    suspected peer are not written off (``OutLink.suspected`` returning nothing)."""
+    forget it (``OutLink.acked`` taking it back on every copy), when shares to a
+    suspected peer are not written off (``OutLink.suspected`` returning nothing), and when
+    a copy of a waiting share is acknowledged at once (the old receiver rule)."""
     n, network, deaths, pauses, seed = case
     job = Job(n, network=network, deaths=deaths, pauses=pauses, seed=seed)
     job.checks.append(lambda: close_books(job))
