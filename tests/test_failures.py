@@ -63,8 +63,8 @@ def test_survivors_of_a_kill_9_finish_and_account_for_its_mass(
     """Rank 3 of 4 killed at epoch 8, synchronous and asynchronous. In the asynchronous
     mode the survivors lose about rank 3's own weight plus what was on the way into it: at
     most ``LINK_WINDOW`` (1) share of a quarter of a worker's mass per link (measured
-    1.29-1.57 of 4 in 5 runs; with one send credit pool and no windows 2.63-3.18, and 3 of 8
-    runs under the accuracy gate): gated at 2. Fails with ``LINK_WINDOW`` unbounded."""
+    1.18-1.47 of 4 in 6 runs, 0.9805-0.9889 accuracy; with one send credit pool and no
+    windows, fee229e, 2.63-3.18, and 3 of 8 runs under the accuracy gate): gated at 2."""
     summary_file = tmp_path / "summary.json"
     proc = start_job(jobs, summary_file, "--staleness", staleness, "--epochs", "40")
     victim = worker_of_rank(proc.pid, 3)
