@@ -476,9 +476,10 @@ class SGP:
         costs one, so no worker gives away mass faster than it receives mass (each starts
         with ``_INITIAL_CREDIT`` per out-peer). Without that, a fast worker would give away
         a part of its weight every step while a slow one hoards the mass: the fast worker's
-        steps would count for almost nothing, and its numerator would underflow. So the
-        workers send at about the pace of the slowest: on 2 cores, where 4 workers run at
-        120-300 steps/s, most rounds of the faster ones send nothing (``skipped_rounds``).
+        steps would count for almost nothing, and its numerator would underflow. The price: a
+        worker sends only as fast as the others' messages reach it and are folded; on 2
+        cores, where 4 workers run at 120-300 steps/s and stall for 100-600 ms at times,
+        most rounds send nothing (``skipped_rounds``).
 
         Windows: each message carries ``ASYNC_SHARE`` of the topology's share for its peer,
         and a link has at most ``LINK_WINDOW`` messages on the way; a share for a full link
