@@ -162,12 +162,14 @@ class OutLink:
                 since = entry.last_sent if previous is None else max(previous, entry.last_sent)
                 entry.last_sent += max(0.0, now - since)
         for entry in (*self.unacked.values(), *self.skips.values()):
-            after = retry_after(rtt, entry.message.nbytes, entry.copies)
-            if now - entry.last_sent >= after:
+            # One comparison for both answers: with ``now - last_sent >= after`` a share
+            # could be not due and yet have ``last_sent + after - now`` round to 0.0.
+            due_at = entry.last_sent + retry_after(rtt, entry.message.nbytes, entry.copies)
+            if now >= due_at:
                 due.append(entry.message)
                 entry.last_sent, entry.copies = now, entry.copies + 1
             else:
-                wait = min(wait, entry.last_sent + after - now)
+                wait = min(wait, due_at - now)
         return due, wait
 
     def lost(self, seq: int) -> Written:

@@ -289,7 +289,7 @@ class _Collector(Collector):
         rounds.add_metric([rank], sgp.round)
         skipped = _counter(
             "gossip_sgp_skipped_rounds",
-            "Asynchronous rounds in which this worker sent nothing (no credit, or every link full)",
+            "Asynchronous rounds in which this worker kept its mass (no send credit)",
         )
         skipped.add_metric([rank], sgp.skipped_rounds)
         weight = _gauge(

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import math
 import time
 from typing import Any
 
@@ -61,31 +60,16 @@ class PushSumProtocol:
         self._next_seq: dict[int, int] = {}
         self._references = References()
 
-    def shares(self, round: int) -> dict[int, float]:
-        """The fraction of this node's mass each out-peer of ``round`` gets: the topology's
-        mixing weights, damped by the codec's ``step``."""
-        out = self.topology.mixing(self.rank, round).out
+    def emit(self, round: int, *, gauge: float = 0.0) -> list[Message]:
+        """Split this node's mass for ``round`` and return one message per out-peer.
+
+        ``gauge`` is a scalar piggybacked on every message (see ``SGP.consensus``).
+        """
+        mixing = self.topology.mixing(self.rank, round)
+        self_weight, out = mixing.self_weight, mixing.out
         if self.codec.step != 1.0:  # a damped consensus step keeps more of the mass
             out = {peer: p * self.codec.step for peer, p in out.items()}
-        return dict(out)
-
-    def emit(
-        self, round: int, *, gauge: float = 0.0, out: dict[int, float] | None = None
-    ) -> list[Message]:
-        """Split this node's mass for ``round`` and return one message per receiver.
-
-        ``out`` gives the fraction of the mass per receiver (default: :meth:`shares` of the
-        round); the node keeps the rest, which must be more than nothing. ``gauge`` is a
-        scalar piggybacked on every message (see ``SGP.consensus``).
-        """
-        if out is None and self.codec.step == 1.0:
-            mixing = self.topology.mixing(self.rank, round)
-            self_weight, out = mixing.self_weight, mixing.out
-        else:
-            out = self.shares(round) if out is None else out
-            self_weight = 1.0 - math.fsum(out.values())
-            if not (self_weight > 0.0 and all(0.0 < p < 1.0 for p in out.values())):
-                raise ValueError(f"shares {out} must be in (0, 1) and leave the node some mass")
+            self_weight = 1.0 - sum(out.values())
         shares = self.state.split(self_weight, out)
         now = time.time()
         messages = []

@@ -58,25 +58,13 @@ __all__ = ["SGP"]
 
 log = logging.getLogger(__name__)
 
-_INITIAL_CREDIT = 2
-"""Asynchronous mode: messages a worker may send, per out-peer of a round, ahead of the
-messages it has folded in (each folded message earns one back, see ``SGP._async_round``)."""
+_INITIAL_CREDIT = 1
+"""Asynchronous mode: rounds a worker may gossip ahead of what it has received.
 
-ASYNC_SHARE = 0.5
-"""Asynchronous mode: the part of the topology's share (a half of the mass on the
-exponential graph) that one asynchronous message carries. With ``_INITIAL_CREDIT`` 2 and
-half shares, a worker has as much mass on the way as with one credit and whole shares, in
-more, smaller messages: 4 digits workers, 40 epochs, seeds 1-3, 60 runs with the windows
-below: mean accuracy 0.9847, lowest 0.9777 (one credit of whole shares, no windows: means of
-the three seeds 0.9824-0.9861 over ten runs, docs/testing.md)."""
-
-LINK_WINDOW = 1
-"""Asynchronous mode: messages one link may have on the way (sent, not yet folded in by the
-receiver, as its acknowledgements tell). A share for a link whose window is full stays with
-the sender: a dead, stuck or rejecting peer holds at most this many of a worker's messages,
-and blocks only its own link. (Giving such a share to another out-peer instead starved a
-slow worker: its in-peers turned away from it, it earned little credit, and it trained
-alone - once in 90 runs of 4 digits workers it diverged and the average ended at 0.84.)"""
+Measured on 4 CPU workers: more credit lets more gossip flow while messages are on the way,
+but puts more of the mass in flight, where the workers' gradient steps cannot act on it
+(``x += w * delta`` scales with the weight a worker holds), and accuracy dropped. So did
+windows per link: see docs/design.md."""
 
 _WAIT_SLICE = 0.25
 """Seconds between two looks at which peers are suspected down while waiting."""
@@ -198,8 +186,7 @@ class SGP:
         self._inbound_lives: dict[int, int] = {}
         self._outbound_lives: dict[int, int] = {}
         self.skipped_rounds = 0
-        """Asynchronous rounds in which this worker sent nothing: no send credit, or every
-        link it could send on had a full window (``LINK_WINDOW``)."""
+        """Asynchronous rounds in which this worker kept its mass (no send credit)."""
         self._initial_credit = _INITIAL_CREDIT * max(
             (len(self.topology.out_peers(node.rank, r)) for r in range(self.topology.period)),
             default=0,
@@ -473,46 +460,20 @@ class SGP:
     def _async_round(self, k: int) -> None:
         """Asynchronous round: fold what has arrived, then gossip if this worker may.
 
-        Send credit: every folded message earns one (see ``_absorb``) and every message sent
-        costs one, so no worker gives away mass faster than it receives mass (each starts
-        with ``_INITIAL_CREDIT`` per out-peer). Without that, a fast worker would give away
-        a part of its weight every step while a slow one hoards the mass: the fast worker's
-        steps would count for almost nothing, and its numerator would underflow. The price: a
-        worker sends only as fast as the others' messages reach it and are folded; on 2
-        cores, where 4 workers run at 120-300 steps/s and stall for 100-600 ms at times,
-        most rounds send nothing (``skipped_rounds``).
-
-        Windows: each message carries ``ASYNC_SHARE`` of the topology's share for its peer,
-        and a link has at most ``LINK_WINDOW`` messages on the way; a share for a full link
-        stays here. So a peer that stopped folding - dead but not yet suspected, stuck,
-        rejecting - takes at most a window of a worker's messages (and credit) with it, and
-        the others' gossip goes on. A worker without credit, or whose links of this round
-        are full, keeps its mass this round and just trains.
+        Every folded message earns a send credit (see ``_absorb``) and every message sent
+        costs one (see ``_send``), so no worker gives away mass faster than it receives mass
+        (each starts with enough credit for one round). Without that, a fast worker would halve its
+        weight every step while a slow one hoards the mass: the fast worker's steps would
+        count for almost nothing, and its numerator would underflow. A worker without
+        credit keeps its mass this round and just trains.
         """
         self._absorb(k)
         self._folded_through = k
-        node = self.node
-        out_peers = self.topology.out_peers(node.rank, k)
-        if self._credit < len(out_peers):
+        peers = len(self.topology.out_peers(self.node.rank, k))
+        if self._credit >= peers:
+            self._send(k, 0.0)
+        else:
             self.skipped_rounds += 1
-            return
-        if node.closed:  # before splitting: a share for a stopped node would be lost
-            raise GossipError(f"the gossip node of rank {node.rank} has stopped")
-        down = node.down_peers()
-        if any(peer in down for peer in out_peers):
-            node.send_skip(out_peers, k)  # see _send
-            self.kept_rounds += 1
-            return
-        out = {
-            peer: share * ASYNC_SHARE
-            for peer, share in self.protocol.shares(k).items()
-            if node.outstanding(peer) < LINK_WINDOW
-        }
-        if not out:
-            self.skipped_rounds += 1
-            return
-        self._credit -= len(out)
-        node.send(self.protocol.emit(k, out=out))
 
     def _send(self, k: int, gauge: float) -> None:
         if self.node.closed:  # before splitting: a share for a stopped node would be lost

@@ -20,7 +20,6 @@ import torch
 from gossip_sgp import SGP, GossipError, GossipNode, GossipTimeout, Message
 from gossip_sgp import link as link_module
 from gossip_sgp.message import MessageKind
-from gossip_sgp.sgp import LINK_WINDOW
 from tests.threads import Worker, run_workers, wait_until
 from transports import FaultSpec, Transport
 
@@ -184,46 +183,6 @@ def test_asynchronous_consensus_folds_a_share_lost_near_the_end_of_training(
 
 
 @pytest.mark.timeout(60)
-def test_a_peer_that_stops_folding_holds_one_message_per_link_and_the_others_gossip_on() -> None:
-    """Asynchronous mode, 4 workers: rank 3 passes the start-up barrier, then stops stepping
-    (stuck, or dead and not suspected yet: its node still answers heartbeats, so nobody
-    suspects it). Its in-peers send it at most ``LINK_WINDOW`` share each and keep the
-    shares of its later rounds; ranks 0-2 keep gossiping among themselves. Fails with
-    ``LINK_WINDOW`` unbounded: the shares to rank 3 take the send credit with them, and the
-    credit of all three runs dry (the old asynchronous mode: one global pool)."""
-    n, steps = 4, 80
-    finished = threading.Semaphore(0)
-    stuck = threading.Event()
-
-    def fn(rank: int, node: GossipNode) -> dict[str, Any]:
-        x = torch.nn.Parameter(torch.full((4,), float(rank), dtype=torch.float64))
-        sgp = SGP([x], torch.optim.SGD([x], lr=0.0), node, staleness=None, timeout=20.0)
-        while sgp.start_up_rounds:
-            sgp.step()
-        if rank == 3:
-            stuck.set()  # folds nothing from now on
-            for _ in range(n - 1):  # stuck until the others are done
-                assert finished.acquire(timeout=40)
-            return {}
-        assert stuck.wait(20)
-        before = sgp.protocol.sequence_numbers()
-        for _ in range(steps):
-            sgp.step()
-            time.sleep(0.005)  # a step's time: shares flow, and earn send credit back
-        after = sgp.protocol.sequence_numbers()
-        finished.release()
-        sent = {peer: after[peer] - before.get(peer, 0) for peer in after}
-        return {"sent": sent, "outstanding_to_3": node.outstanding(3)}
-
-    results = run_workers(n, fn)
-    for rank, r in enumerate(results[:3]):
-        assert r["sent"].get(3, 0) <= LINK_WINDOW, (rank, r)
-        assert r["outstanding_to_3"] <= LINK_WINDOW, (rank, r)
-        to_others = sum(count for peer, count in r["sent"].items() if peer != 3)
-        assert to_others >= steps // 8, (rank, r)  # gossip went on (unbounded: 5 of 80)
-
-
-@pytest.mark.timeout(60)
 @pytest.mark.parametrize("staleness", [1, None])
 def test_training_goes_on_after_consensus(staleness: int | None) -> None:
     n = 4
@@ -241,9 +200,6 @@ def test_training_goes_on_after_consensus(staleness: int | None) -> None:
 
         train(30)
         sgp.consensus(max_rounds=16)
-        # The consensus rounds' last shares may still be on their way: with their links'
-        # windows full (LINK_WINDOW), 30 quick steps could all keep their mass.
-        assert node.wait_acknowledged(10)
         skipped = sgp.skipped_rounds
         train(30)
         disagreement = sgp.consensus(max_rounds=16)
