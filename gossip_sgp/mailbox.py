@@ -183,7 +183,7 @@ class Mailbox:
                 self.rejected["duplicate"] += 1
                 # A copy of a message still waiting to be folded: the fold acknowledges it
                 # (True: acknowledged now, its sender would count mass as folded that is
-                # not, and open its window for more).
+                # not).
                 return (message.sender, message.seq) in self._unfolded
             share: Share = (message.tensors, message.weight)
             receipt = (message.sender, message.seq, message.round)
