@@ -33,6 +33,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _module_list(text: str) -> tuple[str, ...]:
+    from gossip_sgp.prefork import parse_preload
+
+    try:
+        return parse_preload(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -229,6 +238,15 @@ def _add_launch(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         metavar="S",
         help="seconds a synchronous step waits for a round's messages (default: 120)",
     )
+    p.add_argument(
+        "--preload",
+        type=_module_list,
+        default=None,
+        metavar="MODULES",
+        help="comma-separated modules the launcher imports once and then forks the workers "
+        "from, so that each need not import them again (default: torch,torch._dynamo; an empty "
+        "string starts every worker as a new interpreter). Forking is skipped where unsafe",
+    )
     _add_worker_arguments(p)
     p.set_defaults(func=_run_launch)
 
@@ -236,6 +254,7 @@ def _add_launch(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 def _run_launch(args: argparse.Namespace) -> int:
     from gossip_sgp.errors import ConfigError
     from gossip_sgp.launch import launch
+    from gossip_sgp.prefork import DEFAULT_PRELOAD
 
     try:
         return launch(
@@ -249,6 +268,7 @@ def _run_launch(args: argparse.Namespace) -> int:
             timeout=args.timeout,
             grace=args.grace,
             keep_going=args.keep_going,
+            preload=DEFAULT_PRELOAD if args.preload is None else args.preload,
         )
     except ConfigError as exc:
         print(f"gossip-sgp launch: error: {exc}", file=sys.stderr)

@@ -65,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the demo; returns the exit code."""
     from gossip_sgp.errors import ConfigError
     from gossip_sgp.launch import launch
+    from gossip_sgp.prefork import DEFAULT_PRELOAD
 
     problem = None
     if args.nproc < 1:
@@ -106,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
                 module=True,
                 metrics_port=args.metrics_port,
                 metrics_host=args.metrics_host,
+                preload=DEFAULT_PRELOAD,
             )
         except ConfigError as exc:
             print(f"gossip-sgp demo: error: {exc}", file=sys.stderr)

@@ -37,6 +37,7 @@ import types
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import IO, TextIO
 
+from gossip_sgp import prefork
 from gossip_sgp.config import (
     ENV_CONFIG,
     ENV_METRICS_HOST,
@@ -75,6 +76,7 @@ def launch(
     keep_going: bool = False,
     stdout: TextIO | None = None,
     stderr: TextIO | None = None,
+    preload: Sequence[str] = (),
 ) -> int:
     """Run ``nproc`` workers of one gossip job on this machine and return the exit code.
 
@@ -95,6 +97,11 @@ def launch(
     :class:`ConfigError` before starting anything when the arguments are invalid. Call it
     from the main thread: only there can it catch signals.
 
+    ``preload`` names modules (``("torch", "torch._dynamo")`` from the CLI) to import once in
+    this process and fork the workers from it instead of starting a new interpreter each
+    (:mod:`gossip_sgp.prefork`: when forking is unsafe, as from a process with threads, the
+    workers start as usual).
+
         launch(["-m", "gossip_sgp.examples.train_digits", "--epochs", "5"], 4)
     """
     out = sys.stdout if stdout is None else stdout
@@ -111,13 +118,23 @@ def launch(
         if port:
             print(f"gossip-sgp launch: rank {rank} metrics http://{shown}:{port}/metrics", file=err)
     err.flush()
+    forking = False
+    if preload:
+        shared = {k: v for k, v in envs[0].items() if all(e.get(k) == v for e in envs)}
+        why_not = prefork.preload(preload, shared)
+        forking = why_not is None
+        if why_not is not None and why_not.startswith("cannot import"):
+            print(f"gossip-sgp launch: not preloading: {why_not}", file=err)
     lock = threading.Lock()
     pumps: list[threading.Thread] = []
     with _Supervisor("gossip-sgp launch", grace, err, keep_going=keep_going) as supervisor:
         for rank, env in enumerate(envs):
             if supervisor.stopping:
                 break
-            supervisor.start(rank, command, env, capture=True)
+            if forking:
+                supervisor.fork(rank, command, env)
+            else:
+                supervisor.start(rank, command, env, capture=True)
         for worker in supervisor.workers:
             prefix = f"[rank {worker.rank}] "
             for pipe, sink in ((worker.process.stdout, out), (worker.process.stderr, err)):
@@ -350,7 +367,7 @@ _Handler = Callable[[int, types.FrameType | None], object] | int | None
 
 
 class _Worker:
-    def __init__(self, rank: int, process: subprocess.Popen[bytes]) -> None:
+    def __init__(self, rank: int, process: subprocess.Popen[bytes] | prefork.ForkedProcess) -> None:
         self.rank = rank
         self.process = process
         self.code: int | None = None
@@ -420,6 +437,26 @@ class _Supervisor:
             )
         except OSError as exc:
             raise ConfigError(f"cannot start {command[0]}: {exc.strerror or exc}") from None
+        worker = _Worker(rank, process)
+        self.workers.append(worker)
+        return worker
+
+    def fork(self, rank: int, command: list[str], env: dict[str, str]) -> _Worker:
+        """Fork one worker from this process (:mod:`gossip_sgp.prefork`), its output piped."""
+        module = command[1] == "-m"
+        argv = command[2:] if module else command[1:]
+        held = [
+            pipe.fileno()
+            for worker in self.workers
+            for pipe in (worker.process.stdout, worker.process.stderr)
+            if pipe is not None and not pipe.closed
+        ]
+        try:
+            process = prefork.fork_worker(
+                argv, module=module, env=env, capture=True, close=held, preexec=self._preexec
+            )
+        except OSError as exc:
+            raise ConfigError(f"cannot fork a worker: {exc.strerror or exc}") from None
         worker = _Worker(rank, process)
         self.workers.append(worker)
         return worker

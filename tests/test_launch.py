@@ -242,9 +242,10 @@ def test_failing_worker_stops_the_others(
 
 
 @pytest.mark.timeout(60)
-def test_sigint_stops_every_worker(tmp_path: Path, launchers: Launchers) -> None:
+@pytest.mark.parametrize("preload", ["", "colorsys"], ids=["exec", "fork"])
+def test_sigint_stops_every_worker(tmp_path: Path, launchers: Launchers, preload: str) -> None:
     worker = script(tmp_path, "sleeping_worker.py", SLEEPING_WORKER)
-    launcher = launchers.start("--nproc", "3", worker)
+    launcher = launchers.start("--preload", preload, "--nproc", "3", worker)
     pids = launchers.wait_ready(launcher, 3)
     started = time.monotonic()
     launcher.send_signal(signal.SIGINT)
@@ -258,11 +259,14 @@ def test_sigint_stops_every_worker(tmp_path: Path, launchers: Launchers) -> None
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("preload", ["", "colorsys"], ids=["exec", "fork"])
 def test_workers_ignoring_sigint_get_sigterm_then_sigkill(
-    tmp_path: Path, launchers: Launchers
+    tmp_path: Path, launchers: Launchers, preload: str
 ) -> None:
     worker = script(tmp_path, "sleeping_worker.py", SLEEPING_WORKER)
-    launcher = launchers.start("--nproc", "2", "--grace", "0.5", worker, "stubborn")
+    launcher = launchers.start(
+        "--preload", preload, "--nproc", "2", "--grace", "0.5", worker, "stubborn"
+    )
     pids = launchers.wait_ready(launcher, 2)
     started = time.monotonic()
     launcher.send_signal(signal.SIGTERM)
