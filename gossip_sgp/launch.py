@@ -135,6 +135,9 @@ def launch(
                 supervisor.fork(rank, command, env)
             else:
                 supervisor.start(rank, command, env, capture=True)
+        how = f"forked after importing {', '.join(preload)}" if forking else "each a new python"
+        pids = ", ".join(str(worker.process.pid) for worker in supervisor.workers)
+        supervisor.say(f"{len(supervisor.workers)} worker(s), pids {pids} ({how})")
         for worker in supervisor.workers:
             prefix = f"[rank {worker.rank}] "
             for pipe, sink in ((worker.process.stdout, out), (worker.process.stderr, err)):
@@ -487,7 +490,7 @@ class _Supervisor:
                 signum = self._signals.pop(0)
                 if code is None:
                     code = 128 + signum
-                    self._say(
+                    self.say(
                         f"got {_signal_name(signum)}; stopping the workers with SIGINT "
                         f"(SIGTERM after {self.grace:g} s; send it again to hurry)"
                     )
@@ -501,7 +504,7 @@ class _Supervisor:
                 alive = [w for w in self.workers if w.process.poll() is None]
                 if escalating and alive:
                     ranks = ", ".join(str(w.rank) for w in alive)
-                    self._say(f"sending {step.name} to rank(s) {ranks}")
+                    self.say(f"sending {step.name} to rank(s) {ranks}")
                 escalating = True
                 for worker in alive:
                     self._signal(worker, step)
@@ -518,7 +521,7 @@ class _Supervisor:
         rest = f"; stopping the other {others} worker(s)" if others else ""
         if self.keep_going and others:
             rest = f"; the other {others} worker(s) go on (--keep-going)"
-        self._say(f"rank {worker.rank} {how}{rest}")
+        self.say(f"rank {worker.rank} {how}{rest}")
 
     def _signal(self, worker: _Worker, signum: signal.Signals) -> None:
         # The worker is unreaped here (a zombie at worst), so its process group id cannot
@@ -526,7 +529,7 @@ class _Supervisor:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(worker.process.pid, signum)
 
-    def _say(self, text: str) -> None:
+    def say(self, text: str) -> None:
         with contextlib.suppress(OSError, ValueError):
             print(f"{self.name}: {text}", file=self.err, flush=True)
 

@@ -505,38 +505,55 @@ class SGP:
     def _wait(self, round: int) -> None:
         expected = self.protocol.expected(round)
         mailbox = self.protocol.mailbox
-        deadline = time.monotonic() + self.timeout
-        while True:  # in slices, to stop waiting for a sender suspected down meanwhile
-            down = self.node.down_peers()
+
+        def live(down: set[int]) -> list[tuple[int, int]]:
             if self.staleness is None and round < self._start_rounds:
                 # A neighbour that restarted while this worker is in the start-up barrier
                 # rejoins at a live worker's round: its earlier life's messages of these
                 # rounds will never come (the kill -9 + rejoin test: rank 1 waited 120 s at
                 # round 1 for a rank 3 killed before it got there).
-                down |= self.node.restarted_peers()
-            live = [(s, r) for s, r in expected if s not in down]
-            left = deadline - time.monotonic()
-            arrived = mailbox.wait(live, max(0.0, min(_WAIT_SLICE, left)))
-            if arrived or mailbox.closed or left <= 0:
-                break
-            # Fold (and acknowledge) late shares of earlier rounds meanwhile: their sender
-            # may be waiting for that acknowledgement before it sends this round (``_drain``;
-            # else only its next copy, acknowledged at once as a duplicate, would end that).
-            self._absorb(round - 1)
-        if not arrived:
-            missing = sorted(s for s, r in live if not mailbox.has([(s, r)]))
-            if self.protocol.mailbox.closed:
-                raise GossipError(
-                    f"the gossip node of rank {self.node.rank} stopped while waiting for the "
-                    f"round-{round} messages of ranks {missing}"
-                )
-            raise GossipTimeout(
-                f"rank {self.node.rank} waited {self.timeout:g} s for the round-{round} "
-                f"messages of ranks {missing}; is every worker running the same number of "
-                "steps with the same topology? Raise GossipConfig.timeout for slow links, "
-                "or use staleness=None (asynchronous) to never wait. "
-                + "; ".join(self.node.describe_peer(peer) for peer in missing)
+                down = down | self.node.restarted_peers()
+            return [(s, r) for s, r in expected if s not in down]
+
+        # Folding late shares of earlier rounds meanwhile: their sender may be waiting for
+        # that acknowledgement before it sends this round (``_drain``; else only its next
+        # copy, acknowledged at once as a duplicate, would end that).
+        missing = self._wait_for(live, fold_through=round - 1)
+        if missing is None:
+            return
+        senders = sorted(s for s, _ in missing)
+        if mailbox.closed:
+            raise GossipError(
+                f"the gossip node of rank {self.node.rank} stopped while waiting for the "
+                f"round-{round} messages of ranks {senders}"
             )
+        raise GossipTimeout(
+            f"rank {self.node.rank} waited {self.timeout:g} s for the round-{round} "
+            f"messages of ranks {senders}; is every worker running the same number of "
+            "steps with the same topology? Raise GossipConfig.timeout for slow links, "
+            "or use staleness=None (asynchronous) to never wait. "
+            + "; ".join(self.node.describe_peer(peer) for peer in senders)
+        )
+
+    def _wait_for(
+        self, live: Callable[[set[int]], list[tuple[int, int]]], *, fold_through: int
+    ) -> list[tuple[int, int]] | None:
+        """Wait up to ``timeout`` for the messages ``live(peers suspected down)`` names.
+
+        In slices, so that a sender suspected down meanwhile is no longer waited for, folding
+        what has arrived up to round ``fold_through`` between slices. None once all are in;
+        else the (sender, round) pairs still missing when the time is up or the node closed.
+        """
+        mailbox = self.protocol.mailbox
+        deadline = time.monotonic() + self.timeout
+        while True:
+            wanted = live(self.node.down_peers())
+            left = deadline - time.monotonic()
+            if mailbox.wait(wanted, max(0.0, min(_WAIT_SLICE, left))):
+                return None
+            if mailbox.closed or left <= 0:
+                return [m for m in wanted if not mailbox.has([m])]
+            self._absorb(fold_through)
 
     # ----------------------------------------------------------------- consensus
     @torch.no_grad()
@@ -666,24 +683,18 @@ class SGP:
             self._drain()
             down = node.down_peers()
             node.send_skip([peer for peer in self._neighbours if peer not in down], k)
-            deadline = time.monotonic() + self.timeout
-            while True:
-                down = node.down_peers()
-                live = [(peer, k) for peer in self._neighbours if peer not in down]
-                left = deadline - time.monotonic()
-                if mailbox.wait(live, max(0.0, min(_WAIT_SLICE, left))) or mailbox.closed:
-                    break
-                if left <= 0:
-                    missing = sorted(peer for peer, _ in live if not mailbox.has([(peer, k)]))
-                    log.warning(
-                        "rank %d: ranks %s did not finish their checkpoint cut within %g s; "
-                        "the checkpoints may miss mass that was on its way",
-                        node.rank,
-                        missing,
-                        self.timeout,
-                    )
-                    break
-                self._absorb(k - 1)
+            missing = self._wait_for(
+                lambda down: [(peer, k) for peer in self._neighbours if peer not in down],
+                fold_through=k - 1,
+            )
+            if missing and not mailbox.closed:
+                log.warning(
+                    "rank %d: ranks %s did not finish their checkpoint cut within %g s; "
+                    "the checkpoints may miss mass that was on its way",
+                    node.rank,
+                    sorted(peer for peer, _ in missing),
+                    self.timeout,
+                )
             self._settle()  # before coalescing again: the sum would take later rounds too
         finally:
             mailbox.set_coalesce(True)

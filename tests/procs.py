@@ -72,18 +72,30 @@ def summary(out: str) -> dict[str, object]:
     raise AssertionError(f"no JSON summary in the output:\n{out[-4000:]}")
 
 
-def read_until(proc: subprocess.Popen[str], prefix: str, *, within: float, what: str) -> None:
-    """Read ``proc``'s output up to a line that starts with ``prefix``.
+def read_until(proc: subprocess.Popen[str], prefix: str, *, within: float, what: str) -> list[str]:
+    """Read ``proc``'s output up to a line that starts with ``prefix``; the lines read.
 
     Fails with ``what`` if a line comes later than ``within`` seconds; returns at the end of
     the output too (then the caller's checks on the workers fail).
     """
     assert proc.stdout is not None
     deadline = time.monotonic() + within
+    lines = []
     for line in proc.stdout:
+        lines.append(line)
         if line.startswith(prefix):
             break
         assert time.monotonic() < deadline, what
+    return lines
+
+
+def worker_pids(lines: Sequence[str]) -> list[int]:
+    """The workers' process ids, by rank, from the line ``gossip-sgp launch`` prints."""
+    for line in lines:
+        if line.startswith("gossip-sgp launch: ") and ", pids " in line:
+            listed = line.split(", pids ", 1)[1].split(" (", 1)[0]
+            return [int(pid) for pid in listed.split(", ")]
+    raise AssertionError("the launcher printed no pids:\n" + "".join(lines[-20:]))
 
 
 def drain(proc: subprocess.Popen[str]) -> Callable[[float], str]:

@@ -15,12 +15,13 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from subprocess import Popen
 
 import pytest
 
-from tests.procs import Jobs, Record, alive, children, drain, read_until, record
+from tests.procs import Jobs, Record, alive, drain, read_until, record, worker_pids
 
 pytestmark = pytest.mark.slow
 
@@ -28,30 +29,24 @@ TRAIN_VERBOSE = ["-m", "gossip_sgp.examples.train_digits", "--json"]
 """The digits example with its per-epoch lines (rank 0), to know when training is going."""
 
 
-def worker_of_rank(launcher: int, rank: int) -> int:
-    """The process id of the launcher's worker with ``rank``."""
-    for pid in children(launcher):
-        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        if f"GOSSIP_SGP_RANK={rank}".encode() in environ:
-            return pid
-    raise AssertionError(f"no worker of rank {rank} under process {launcher}")
-
-
-def start_job(jobs: Jobs, summary_file: Path, *args: str) -> Popen[str]:
+def start_job(
+    jobs: Jobs, summary_file: Path, *args: str, preload: Sequence[str] = ()
+) -> tuple[Popen[str], list[int]]:
     """``launch --keep-going`` of four digits workers with ``args``; returns once rank 0 is
-    at epoch 8 (training well under way)."""
+    at epoch 8 (training well under way), with the workers' pids by rank."""
     proc = jobs.start(
         "launch",
         "--nproc",
         "4",
         "--keep-going",
+        *preload,
         *TRAIN_VERBOSE,
         *args,
         "--summary-file",
         str(summary_file),
     )
-    read_until(proc, "[rank 0] epoch   8/", within=120, what="training did not start")
-    return proc
+    lines = read_until(proc, "[rank 0] epoch   8/", within=120, what="training did not start")
+    return proc, worker_pids(lines)
 
 
 @pytest.mark.measured
@@ -61,8 +56,8 @@ def test_survivors_of_a_kill_9_finish_and_account_for_its_mass(
     jobs: Jobs, tmp_path: Path, record_property: Record, staleness: str
 ) -> None:
     summary_file = tmp_path / "summary.json"
-    proc = start_job(jobs, summary_file, "--staleness", staleness, "--epochs", "40")
-    victim = worker_of_rank(proc.pid, 3)
+    proc, pids = start_job(jobs, summary_file, "--staleness", staleness, "--epochs", "40")
+    victim = pids[3]
     jobs.workers.add(victim)
     output = drain(proc)
     os.kill(victim, signal.SIGKILL)
@@ -120,8 +115,11 @@ def test_a_killed_worker_restarted_with_rejoin_catches_up_and_finishes(
     spare = jobs.start("-c", WARM_START, str(go), *args, "--rejoin", prefix=(sys.executable,))
     read_until(spare, "warm", within=120, what="the spare worker did not start")
     spare_output = drain(spare)
-    proc = start_job(jobs, summary_file, *args)
-    victim = worker_of_rank(proc.pid, 3)
+    # Started as new interpreters: the restart needs rank 3's environment, which
+    # /proc/PID/environ shows only for a worker that was exec'd (a forked one shows the
+    # launcher's).
+    proc, pids = start_job(jobs, summary_file, *args, preload=("--preload", ""))
+    victim = pids[3]
     environ = dict(
         item.split("=", 1)
         for item in Path(f"/proc/{victim}/environ").read_text().split("\0")

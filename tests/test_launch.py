@@ -35,7 +35,8 @@ keys = [k for k in os.environ if k.startswith("GOSSIP_SGP_")] + [
     "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
     "PYTHONUNBUFFERED",
 ]
-print(json.dumps({"argv": sys.argv[1:], "env": {k: os.environ.get(k) for k in keys}}))
+env = {k: os.environ.get(k) for k in keys}
+print(json.dumps({"argv": sys.argv[1:], "env": env, "pid": os.getpid()}))
 for i in range(20):
     print(f"line {i}")
 print("to stderr", file=sys.stderr)
@@ -201,6 +202,8 @@ def test_launch_prefixes_output_and_sets_env(
             "partial last line",
         ]
     errors = err.getvalue().splitlines()
+    pids = ", ".join(str(reports[rank]["pid"]) for rank in range(3))
+    assert f"gossip-sgp launch: 3 worker(s), pids {pids} (each a new python)" in errors
     for rank in range(3):
         assert f"[rank {rank}] to stderr" in errors
         metrics = f"gossip-sgp launch: rank {rank} metrics http://127.0.0.1:{base + rank}/metrics"

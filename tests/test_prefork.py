@@ -142,6 +142,7 @@ def test_a_worker_starts_as_python_script_would(tmp_path: Path, start: str) -> N
         "numpy": int(numpy.random.randint(2**31)),
         "preloaded": "colorsys" in sys.modules,
         "stdout_tty": sys.stdout.isatty(),
+        "pid": os.getpid(),
     }))
     """
     preload = "colorsys,numpy" if start == "fork" else ""
@@ -158,6 +159,8 @@ def test_a_worker_starts_as_python_script_would(tmp_path: Path, start: str) -> N
         assert report["unbuffered"] == "1"
         assert report["preloaded"] == (start == "fork")
         assert not report["stdout_tty"]
+    how = "forked after importing colorsys, numpy" if start == "fork" else "each a new python"
+    assert f"2 worker(s), pids {reports[0]['pid']}, {reports[1]['pid']} ({how})" in done.stderr
     assert reports[0]["random"] != reports[1]["random"]
     assert reports[0]["numpy"] != reports[1]["numpy"]
 
