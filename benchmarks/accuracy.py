@@ -1,6 +1,6 @@
 """SGP against AllReduce on the digits example: accuracy and speed, side by side in one run.
 
-Runs examples/train_digits.py through ``gossip-sgp launch`` for every (workers, algorithm,
+Runs gossip_sgp/digits.py through ``gossip-sgp launch`` for every (workers, algorithm,
 seed) and prints test accuracy (mean over workers), per-worker steps per second and wall
 time, then per algorithm the mean over seeds and its difference to AllReduce.
 
@@ -30,7 +30,7 @@ ALGORITHMS = {
 def run(workers: int, extra: list[str], seed: int, epochs: int) -> dict[str, float]:
     cmd = [
         sys.executable, "-m", "gossip_sgp.cli", "launch", "--nproc", str(workers),
-        "-m", "gossip_sgp.examples.train_digits", "--quiet", "--json",
+        "-m", "gossip_sgp.digits", "--quiet", "--json",
         "--seed", str(seed), "--epochs", str(epochs), *extra,
     ]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=True).stdout

@@ -2,7 +2,7 @@
 
 1. The metrics code alone, in one process with the digits model: the receive and fold-in
    hooks per message and one scrape of a worker's registry.
-2. The training loop of examples/train_digits.py (SmallCNN on digits, batch 32, SGP) in two
+2. The training loop of gossip_sgp/digits.py (SmallCNN on digits, batch 32, SGP) in two
    jobs of ``--workers`` threads over the in-process transport, one with metrics off and one
    serving them on loopback while a scraper fetches every worker's ``/metrics`` every
    ``--scrape-interval`` seconds. The jobs run alternating blocks of ``--steps`` steps, so
@@ -28,10 +28,10 @@ import time
 import urllib.request
 
 import torch
-from gossip_sgp.examples.train_digits import SmallCNN
 from prometheus_client import CollectorRegistry, generate_latest
 
 from gossip_sgp import SGP, GossipConfig, GossipNode, Message
+from gossip_sgp.digits import SmallCNN
 from gossip_sgp.launch import find_free_ports
 from transports import InProcNetwork
 
@@ -80,7 +80,7 @@ def run_job(workers: int, epochs: int, metrics: bool, interval: float) -> tuple[
     if metrics:
         base = _free_run(workers)
         cmd += ["--metrics-port", str(base)]
-    cmd += ["-m", "gossip_sgp.examples.train_digits", "--quiet", "--json"]
+    cmd += ["-m", "gossip_sgp.digits", "--quiet", "--json"]
     cmd += ["--epochs", str(epochs)]
     stop, count = threading.Event(), [0]
     scraper = None
@@ -105,7 +105,7 @@ class _Job:
     stepping in blocks on request: two jobs (metrics off, on) can alternate block by block."""
 
     def __init__(self, workers: int, metrics: bool, interval: float) -> None:
-        from gossip_sgp.examples.train_digits import load_digits_split
+        from gossip_sgp.digits import load_digits_split
 
         self.x, self.y, _, _ = load_digits_split()
         self.workers = workers

@@ -197,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "  python -m benchmarks.wan run --hosts 2 --link 100mbit,50ms -- "
             "sh -c 'echo rank {rank} is {address}'\n"
             "  python -m benchmarks.wan run --hosts 4 --link 100mbit,25ms -- "
-            "python examples/train_digits.py --epochs 5"
+            "python -m gossip_sgp.digits --epochs 5"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

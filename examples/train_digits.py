@@ -1,667 +1,116 @@
-"""Train a small CNN on scikit-learn's bundled digits with SGP (or an AllReduce baseline).
+"""Train a small CNN on scikit-learn's digits with Stochastic Gradient Push: a script to copy.
 
-This is the script behind ``gossip-sgp demo`` and a template for your own training loop:
-the SGP-specific lines are marked ``# SGP``.
+Four workers on this machine, each training on a quarter of the data and averaging its
+model with one peer per step; at the end they agree on one model:
 
-    gossip-sgp launch --nproc 4 examples/train_digits.py --epochs 20
-    gossip-sgp launch --nproc 4 examples/train_digits.py --algorithm allreduce
-    gossip-sgp launch --nproc 4 examples/train_digits.py --staleness 1     # overlap
-    gossip-sgp launch --nproc 4 examples/train_digits.py --staleness none  # asynchronous
-    gossip-sgp launch --nproc 4 --transport torch examples/train_digits.py  # over gloo
-    torchrun --standalone --nproc-per-node 4 examples/train_digits.py --transport torch
-    gossip-sgp launch --nproc 4 examples/train_digits.py --compression int8  # 8-bit gossip
-    gossip-sgp launch --nproc 4 examples/train_digits.py --algorithm adpsgd --model mlp
+    gossip-sgp launch --nproc 4 examples/train_digits.py
+    gossip-sgp launch --nproc 4 examples/train_digits.py --staleness none   # asynchronous
 
-Baselines for ``gossip-sgp bench``: ``allreduce`` (gradients all-reduced in ~25 MB buckets,
-as DistributedDataParallel does), ``dpsgd`` and ``adpsgd`` (see ``gossip_sgp.baselines``) and
-``local`` (no communication at all while training: the compute-only reference time).
-
-Every worker trains on its own shard of the training set; rank 0 gathers the results through
-torch's TCPStore (MASTER_ADDR/MASTER_PORT, set by the launcher; under torchrun, torchrun's
-own store) and prints them; with
-``--json`` its last line is one JSON object.
+On several machines, one worker each: ``gossip-sgp run --config peers.toml --rank R
+examples/train_digits.py`` (docs/configuration.md). The lines marked ``# SGP`` are all that
+gossip adds to a plain PyTorch training loop. The data comes with scikit-learn
+(``pip install 'gossip-sgp[demo]'``). Every option - baselines, codecs, stragglers,
+checkpoints - is in ``python -m gossip_sgp.digits --help``, the trainer behind ``gossip-sgp
+demo``.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import gc
-import hashlib
-import importlib.util
-import json
-import math
-import os
-import sys
-import time
-import warnings
-from collections.abc import Sequence
-from datetime import timedelta
-from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
-import torch.distributed as dist
+from sklearn.datasets import load_digits
 from torch import nn
-from torch.nn import functional as F
 
-from gossip_sgp import SGP, GossipConfig, GossipNode, RejoinRefused, baselines
-from gossip_sgp.compression import parse_codec
-from gossip_sgp.liveness import lost_weight
+from gossip_sgp import SGP, GossipConfig, GossipNode  # SGP
 
 
-def digits() -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's bundled digits: (1797 x 64 pixel values 0-16, 1797 labels).
-
-    Read straight from the CSV file scikit-learn ships (what ``load_digits`` reads):
-    importing ``sklearn.datasets`` costs about 1.6 CPU-seconds, paid by every worker.
-    """
-    spec = importlib.util.find_spec("sklearn")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("the digits example needs scikit-learn: pip install scikit-learn")
-    path = Path(spec.submodule_search_locations[0], "datasets", "data", "digits.csv.gz")
-    if not path.is_file():  # a future layout: take the documented way
-        from sklearn.datasets import load_digits
-
-        data = load_digits()
-        return data.data, data.target
-    table = np.loadtxt(path, delimiter=",")
-    return table[:, :-1], table[:, -1].astype(np.int64)
-
-
-def load_digits_split(
-    seed: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The 1,797 8x8 digits, scaled to [0, 1], split 80/20 the same way on every worker."""
-    images, labels = digits()
-    x = torch.tensor(images, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
-    y = torch.tensor(labels, dtype=torch.long)
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    x, y = x[order], y[order]
-    n_test = len(y) // 5
-    return x[n_test:], y[n_test:], x[:n_test], y[:n_test]
-
-
-class SmallCNN(nn.Module):
-    """Two 3x3 convolutions and two linear layers: about 43k parameters."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
-        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
-        self.fc1 = nn.Linear(32 * 4 * 4, 64)
-        self.fc2 = nn.Linear(64, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.conv1(x))
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        out: torch.Tensor = self.fc2(F.relu(self.fc1(x.flatten(1))))
-        return out
-
-
-class WideMLP(nn.Module):
-    """The 8x8 image flattened, two hidden layers of ``width`` units: ``width**2 + 76*width + 10``
-    parameters (5.5M at the default 2304). Big enough that communication matters, and
-    cheap to compute on one CPU thread."""
-
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.layers = nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(64, width),
-            nn.ReLU(),
-            nn.Linear(width, width),
-            nn.ReLU(),
-            nn.Linear(width, 10),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.layers(x)
-        return out
-
-
-GOSSIP_ALGORITHMS = ("sgp", *baselines.ALGORITHMS)
-"""The algorithms that gossip through a GossipNode (the others use gloo or nothing)."""
-
-ALLREDUCE_BUCKET_BYTES = 25 * 2**20
-"""Gradient bucket size of the AllReduce baseline: DistributedDataParallel's default."""
-
-
-def build_model(args: argparse.Namespace) -> nn.Module:
-    return SmallCNN() if args.model == "cnn" else WideMLP(args.width)
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--algorithm",
-        choices=(*GOSSIP_ALGORITHMS, "allreduce", "local"),
-        default="sgp",
-        help="sgp: push-sum gossip; allreduce: synchronous data parallel (gloo, bucketed); "
-        "dpsgd: synchronous pairwise averaging; adpsgd: asynchronous pairwise averaging; "
-        "local: no communication while training (compute-only reference)",
-    )
-    p.add_argument(
-        "--model",
-        choices=("cnn", "mlp"),
-        default="cnn",
-        help="cnn: small CNN (43k parameters); mlp: wide MLP (see --width)",
-    )
-    p.add_argument(
-        "--width", type=int, default=2304, help="--model mlp: hidden units per layer (5.5M params)"
-    )
-    p.add_argument(
-        "--eval-every",
-        type=int,
-        default=0,
-        metavar="N",
-        help="every N epochs rank 0 tests its own model (no communication) and records "
-        "(seconds since start, accuracy) in the summary's 'evaluations'; 0: off",
-    )
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Train a small CNN on digits with SGP.")
+    p.add_argument("--epochs", type=int, default=20, help="passes over this worker's shard")
+    p.add_argument("--batch-size", type=int, default=32, help="per-worker batch size")
+    p.add_argument("--lr", type=float, default=0.05, help="learning rate")
+    p.add_argument("--seed", type=int, default=0, help="model initialisation and data order")
     p.add_argument(
         "--staleness",
-        default="0",
-        help="SGP only: 0 synchronous, N overlap by N rounds, 'none' asynchronous",
+        type=lambda text: None if text.lower() == "none" else int(text),
+        default=0,
+        help="0: synchronous SGP (default); 1 or more: overlap gossip with that many steps; "
+        "none: asynchronous, no worker ever waits",
     )
-    p.add_argument("--topology", default="exponential", help="SGP peer schedule")
-    p.add_argument(
-        "--transport",
-        choices=("zmq", "torch"),
-        help="SGP only: zmq, or torch (torch.distributed, gloo on CPU); default: the "
-        "launcher's choice (GOSSIP_SGP_TRANSPORT), else zmq",
+    return p.parse_args()
+
+
+def shard(
+    rank: int, world_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This worker's part of the training set, and the whole test set.
+
+    Every worker draws the same split and takes a shard of the same size, so that all
+    take the same number of steps per epoch (the synchronous mode needs that).
+    """
+    digits = load_digits()
+    x = torch.tensor(digits.data, dtype=torch.float32).view(-1, 1, 8, 8) / 16.0
+    y = torch.tensor(digits.target)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(1234))
+    test, train = order[:360], order[360:]
+    size = len(train) // world_size
+    mine = train[rank * size : (rank + 1) * size]
+    return x[mine], y[mine], x[test], y[test]
+
+
+def make_model() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 4 * 4, 64),
+        nn.ReLU(),
+        nn.Linear(64, 10),
     )
-    p.add_argument("--epochs", type=int, default=40, help="passes over each worker's shard")
-    p.add_argument("--batch-size", type=int, default=32, help="per-worker batch size")
-    p.add_argument("--lr", type=float, default=0.1, help="peak learning rate")
-    p.add_argument("--seed", type=int, default=0, help="seed for model init and data order")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
-    p.add_argument("--json", action="store_true", help="rank 0 ends with one JSON line")
-    p.add_argument("--quiet", action="store_true", help="no per-epoch progress lines")
-    p.add_argument("--summary-file", help="rank 0 also writes the JSON summary to this file")
-    p.add_argument(
-        "--checkpoint",
-        metavar="DIR",
-        help="write DIR/rankR.pt at the end of every epoch (atomically; SGP: numerator, "
-        "weight, round, sequence numbers and optimizer; plus schedule and data order)",
-    )
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help="with --checkpoint: continue from DIR/rankR.pt where it exists",
-    )
-    p.add_argument(
-        "--rejoin",
-        action="store_true",
-        help="asynchronous SGP: join a job that is already running (restart a worker that "
-        "died with the same rank): start from half of a live neighbour's model and weight, "
-        "at its step",
-    )
-    p.add_argument(
-        "--straggler",
-        metavar="RANK:FACTOR",
-        help="make RANK's steps FACTOR times slower (it sleeps FACTOR-1 times each step's "
-        "compute time), to try stragglers out",
-    )
-    p.add_argument(
-        "--compression",
-        default="none",
-        help="SGP only: message codec: none, fp16, bf16, int8[:BLOCK], topk:FRACTION",
-    )
-    args = p.parse_args(argv)
-    try:
-        parse_codec(args.compression)
-    except ValueError as exc:
-        p.error(f"--compression: {exc}")
-    if args.staleness.lower() in ("none", "async"):
-        args.staleness = None
-    else:
-        try:
-            args.staleness = int(args.staleness)
-        except ValueError:
-            p.error(f"--staleness must be an integer >= 0 or 'none', got {args.staleness!r}")
-        if args.staleness < 0:
-            p.error("--staleness must be >= 0 or 'none'")
-    transport = args.transport or os.environ.get("GOSSIP_SGP_TRANSPORT", "").strip()
-    if transport == "torch" and args.staleness is None and args.algorithm == "sgp":
-        p.error("--staleness none (asynchronous) needs the zmq transport; torch runs 0 or N")
-    if transport == "torch" and args.algorithm == "adpsgd":
-        p.error("--algorithm adpsgd is asynchronous: it needs the zmq transport")
-    args.straggler = parse_straggler(p, args.straggler)
-    if args.rejoin and (args.algorithm != "sgp" or args.staleness is not None):
-        p.error("--rejoin needs asynchronous SGP (--staleness none)")
-    if args.resume and not args.checkpoint:
-        p.error("--resume needs --checkpoint DIR")
-    if args.eval_every < 0:
-        p.error("--eval-every must be >= 0")
-    for name in ("epochs", "batch_size", "threads", "width"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
-    return args
 
 
-def save_atomically(state: dict[str, Any], path: Path) -> None:
-    """``torch.save`` to a temporary file, then rename: a crash never leaves half a file.
-
-    The previous checkpoint is kept as ``rankR.prev.pt``: workers stopped while saving may
-    be one epoch apart, and resuming needs the same epoch on every worker."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    if path.exists():  # a hard link, so that rankR.pt exists at every moment, also if a
-        link = path.with_name(path.name + ".prev.tmp")  # signal lands between two renames
-        link.unlink(missing_ok=True)
-        os.link(path, link)
-        os.replace(link, _previous(path))
-    os.replace(tmp, path)
-
-
-def _previous(path: Path) -> Path:
-    return path.with_name(path.name.removesuffix(".pt") + ".prev.pt")
-
-
-def load_common_checkpoint(
-    path: Path, rank: int, world_size: int, store: Any
-) -> dict[str, Any] | None:
-    """This worker's checkpoint of the latest epoch that every worker has (None: start over).
-
-    The workers agree through the store: each publishes the epochs it has saved."""
-    found: dict[int, dict[str, Any]] = {}
-    for candidate in (path, _previous(path)):
-        if candidate.exists():
-            state = torch.load(candidate, weights_only=True)  # data only, never code
-            found[int(state["epoch"])] = state
-    if store is None or world_size == 1:
-        return found[max(found)] if found else None
-    store.set(f"resume/{rank}", json.dumps(sorted(found)))
-    common = set(found)
-    for r in range(world_size):
-        common &= set(json.loads(store.get(f"resume/{r}")))
-    return found[max(common)] if common else None
-
-
-def parse_straggler(p: argparse.ArgumentParser, text: str | None) -> tuple[int, float] | None:
-    """``--straggler RANK:FACTOR`` as ``(rank, factor)``; None when not given."""
-    if text is None:
-        return None
-    rank, sep, factor = text.partition(":")
-    try:
-        parsed = (int(rank), float(factor))
-    except ValueError:
-        parsed = None
-    if not sep or parsed is None or parsed[0] < 0 or not 1.0 <= parsed[1] <= 1000.0:
-        p.error(
-            f"--straggler must be RANK:FACTOR with RANK >= 0 and FACTOR in 1..1000, got {text!r}"
-        )
-    return parsed
-
-
+@torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     model.eval()
-    with torch.no_grad():
-        correct = int((model(x).argmax(dim=1) == y).sum().item())
+    correct = (model(x).argmax(dim=1) == y).float().mean().item()
     model.train()
-    return correct / len(y)
+    return correct
 
 
-def flat_params(model: nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+def main() -> None:
+    args = parse_args()
+    config = GossipConfig.from_env()  # SGP: rank and peers, set by gossip-sgp launch / run
+    rank, world_size = config.rank, config.world_size
+    torch.set_num_threads(1)  # workers share this machine's cores
+    torch.manual_seed(args.seed)  # every worker starts from the same model
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True)
+    x, y, x_test, y_test = shard(rank, world_size)
+    order = torch.Generator().manual_seed(args.seed * 1000 + rank)  # each its own order
+    steps_per_epoch = len(y) // args.batch_size
 
-
-def open_store(rank: int, world_size: int) -> Any:
-    """A key-value store shared by the workers, used to gather results (and by AllReduce)."""
-    if world_size == 1:
-        return None
-    host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
-    if not host or not port:
-        sys.exit("MASTER_ADDR and MASTER_PORT must be set (gossip-sgp launch/run set them)")
-    # torchrun's agent already hosts a store on MASTER_PORT: join it as a client.
-    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    store = dist.TCPStore(  # type: ignore[attr-defined]
-        host,
-        int(port),
-        world_size,
-        is_master=rank == 0 and not agent_store,
-        timeout=timedelta(seconds=300),
-    )
-    return dist.PrefixStore("train_digits", store)  # type: ignore[attr-defined]
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    gossip = args.algorithm in GOSSIP_ALGORITHMS
-    if gossip:
-        config = GossipConfig.from_env()  # SGP
-        if args.transport is not None:
-            config = dataclasses.replace(config, transport=args.transport)
-        rank, world_size = config.rank, config.world_size
-    else:
-        rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    store = open_store(rank, world_size)
-
-    x_train, y_train, x_test, y_test = load_digits_split()
-    y_all = y_train
-    x_train, y_train = x_train[rank::world_size], y_train[rank::world_size]  # this worker's shard
-    torch.manual_seed(args.seed)  # the same initial model on every worker
-    model = build_model(args)
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=1e-4
-    )
-    # Every worker must take the same number of steps (synchronous gossip pairs them up), so
-    # size the epoch by the smallest shard.
-    steps_per_epoch = math.ceil((len(y_all) // world_size) / args.batch_size)
-    total_steps = args.epochs * steps_per_epoch
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=args.lr, total_steps=total_steps, pct_start=0.15
-    )
-    if (args.algorithm == "allreduce" or (gossip and config.transport == "torch")) and (
-        world_size > 1
-    ):
-        # AllReduce, and SGP's torch.distributed transport, run on a gloo process group.
-        dist.init_process_group(
-            "gloo",
-            store=dist.PrefixStore("pg", store),  # type: ignore[attr-defined]
-            rank=rank,
-            world_size=world_size,
-        )
-    node = None
-    if gossip:
-        node = GossipNode(config).start()  # SGP: gossip thread + ZeroMQ sockets
-    if args.algorithm == "sgp" and node is not None:
-        sgp = SGP(
-            model.parameters(),
-            optimizer,
-            node,
-            topology=args.topology,  # SGP
-            staleness=args.staleness,
-            compression=args.compression,  # SGP: what the codec drops stays here
-        )
-    elif node is not None:  # the decentralized baselines run on the same node
-        make = baselines.dpsgd if args.algorithm == "dpsgd" else baselines.adpsgd
-        sgp = make(model.parameters(), optimizer, node)
-    # Everything made so far (torch's ~290k objects, the data, the model) lives until the
-    # end: keep the garbage collector from walking it again in every full collection and
-    # once more at exit (1 s per worker on 2 cores, 10% of a short run).
-    gc.freeze()
-    try:
-        order_gen = torch.Generator().manual_seed(args.seed * 1000 + rank)
-        started, steps, first_epoch = time.perf_counter(), 0, 0
-        checkpoint = None if args.checkpoint is None else Path(args.checkpoint) / f"rank{rank}.pt"
-        saved = None
-        if checkpoint is not None and args.resume:
-            saved = load_common_checkpoint(checkpoint, rank, world_size, store)
-        if saved is not None:
-            if gossip:
-                sgp.load_state_dict(saved["sgp"])  # SGP: x, w, round, sequence numbers
-            else:
-                model.load_state_dict(saved["model"])
-                optimizer.load_state_dict(saved["optimizer"])
-            schedule.load_state_dict(saved["schedule"])
-            order_gen.set_state(saved["order_gen"])
-            first_epoch = int(saved["epoch"])
-            if rank == 0 and not args.quiet:
-                print(f"resumed from the checkpoints of epoch {first_epoch}", flush=True)
-        step_times: list[float] = []
-        evaluations: list[tuple[float, int, float]] = []
-        skip = 0  # steps of the first epoch that the job did before this worker rejoined
-        if args.rejoin:
-            try:
-                done = sgp.rejoin()  # SGP: half of a live neighbour's mass, and its step
-            except RejoinRefused as exc:  # the others are already agreeing on the result
-                sys.exit(str(exc))
-            if done >= total_steps:
-                sys.exit(f"rank {rank}: the job has finished training; too late to rejoin")
-            first_epoch, skip = divmod(done, steps_per_epoch)
-            with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()"
-                warnings.simplefilter("ignore", UserWarning)
-                for _ in range(done):
-                    schedule.step()
-        for epoch in range(first_epoch, args.epochs):
-            order = torch.randperm(len(y_train), generator=order_gen)
-            epoch_loss = 0.0
-            for i in range(skip if epoch == first_epoch else 0, steps_per_epoch):
-                idx = order[i * args.batch_size : (i + 1) * args.batch_size]
-                computing = time.perf_counter()
+    with GossipNode(config) as node:  # SGP: a gossip thread and its sockets
+        sgp = SGP(model.parameters(), optimizer, node, staleness=args.staleness)  # SGP
+        for epoch in range(1, args.epochs + 1):
+            batches = torch.randperm(len(y), generator=order).split(args.batch_size)
+            for batch in batches[:steps_per_epoch]:
                 optimizer.zero_grad()
-                loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
-                loss.backward()  # type: ignore[no-untyped-call]
-                if args.straggler is not None and args.straggler[0] == rank:
-                    time.sleep((args.straggler[1] - 1) * (time.perf_counter() - computing))
-                if gossip:
-                    sgp.step()  # SGP: local step + one push-sum round
-                else:
-                    if args.algorithm == "allreduce":
-                        allreduce_gradients(model, world_size)
-                    optimizer.step()
-                step_times.append(time.perf_counter() - computing)
-                schedule.step()
-                epoch_loss += loss.item()
-                if gossip:
-                    sgp.report(loss=loss.item())  # SGP: exported as gossip_sgp_loss
-                steps += 1
-            if rank == 0 and args.eval_every and (epoch + 1) % args.eval_every == 0:
-                seconds = time.perf_counter() - started
-                evaluations.append((seconds, epoch + 1, accuracy(model, x_test, y_test)))
-            if checkpoint is not None:
-                state = {
-                    "epoch": epoch + 1,
-                    "schedule": schedule.state_dict(),
-                    "order_gen": order_gen.get_state(),
-                }
-                if gossip:
-                    state["sgp"] = sgp.state_dict()  # SGP: call it on every worker together
-                else:
-                    state["model"] = model.state_dict()
-                    state["optimizer"] = optimizer.state_dict()
-                save_atomically(state, checkpoint)
-            if rank == 0 and not args.quiet:
-                done = (epoch + 1) / args.epochs
-                bar = "#" * int(20 * done) + "." * (20 - int(20 * done))
-                rate = steps / (time.perf_counter() - started)
-                print(
-                    f"epoch {epoch + 1:>3}/{args.epochs} [{bar}] loss "
-                    f"{epoch_loss / steps_per_epoch:.4f}  {rate:.1f} steps/s",
-                    flush=True,
-                )
-        train_seconds = time.perf_counter() - started
-        result: dict[str, Any] = {
-            "steps": steps,
-            "train_seconds": train_seconds,
-            "step_seconds": step_times,
-            "evaluations": evaluations,
-        }
-        if args.algorithm == "allreduce":
-            result["bytes_sent"] = allreduce_bytes(model, world_size, steps)
-        if gossip:
-            result["weight"] = sgp.weight
-            result["skipped_rounds"] = sgp.skipped_rounds
-            result["kept_rounds"] = sgp.kept_rounds  # rounds kept: an out-peer was down
-            if isinstance(sgp, baselines.ADPSGD):
-                result["exchanges"] = sgp.exchanges  # AD-PSGD: pairwise averagings completed
-            assert node is not None
-            # Bytes handed to the wire while training: headers, payloads and acknowledgements.
-            result["bytes_sent"] = sum(node.stats.bytes_sent.values())
-            # The numerators alone, as encoded by the codec and before (copies included).
-            result["payload_bytes_sent"] = node.payload_bytes_sent
-            result["payload_raw_bytes_sent"] = node.payload_raw_bytes_sent
-            sgp.consensus()  # SGP: gossip until the workers agree
-            result["suspicions"] = sum(node.peers_lost.values())
-            # Push-sum messages sent (training and consensus), and copies of them sent again.
-            result["shares_sent"] = sum(sgp.protocol.sequence_numbers().values())
-            result["copies_sent"] = node.retransmitted
-            result["mass"] = sgp.mass_report()  # weight held, lost, and moved per peer
-        seconds = time.perf_counter() - started
-        result["accuracy"] = accuracy(model, x_test, y_test)
-        result["params_sha256"] = hashlib.sha256(flat_params(model).numpy().tobytes()).hexdigest()
-        report(args, rank, world_size, store, model, result, seconds)
-    except BaseException:
-        if node is not None:
-            node.close(linger=0.0)  # interrupted or failed: the peers are stopping too
-        raise
-    finally:
-        if node is not None:
-            node.close()  # waits briefly until the peers have folded our last messages
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
-
-
-def allreduce_gradients(model: nn.Module, world_size: int) -> None:
-    """The baseline: average the gradients of all workers, bucketed as DDP does.
-
-    Gradients are packed, last layer first, into buckets of about 25 MB; every bucket's
-    all-reduce is started asynchronously, then all are waited for. (DDP also overlaps
-    them with the backward pass; here they start after it.)"""
-    if world_size == 1:
-        return
-    grads = [p.grad for p in reversed(list(model.parameters())) if p.grad is not None]
-    buckets: list[list[torch.Tensor]] = []
-    filled = ALLREDUCE_BUCKET_BYTES
-    for g in grads:
-        size = g.numel() * g.element_size()
-        if filled + size > ALLREDUCE_BUCKET_BYTES and filled > 0:
-            buckets.append([])
-            filled = 0
-        buckets[-1].append(g)
-        filled += size
-    flats = [torch.cat([g.reshape(-1) for g in bucket]) for bucket in buckets]
-    works = [dist.all_reduce(flat, async_op=True) for flat in flats]
-    for work, flat, bucket in zip(works, flats, buckets, strict=True):
-        assert work is not None
-        work.wait()
-        flat /= world_size
-        offset = 0
-        for g in bucket:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
-
-
-def allreduce_bytes(model: nn.Module, world_size: int, steps: int) -> float:
-    """Bytes a worker sends for ``steps`` ring all-reduces of the gradients: 2 (n-1)/n of
-    them per step (an estimate: gloo does not count its bytes)."""
-    size = sum(p.numel() * p.element_size() for p in model.parameters())
-    return 2.0 * (world_size - 1) / world_size * size * steps
-
-
-_STORE_CHUNK = 4 * 2**20
-"""TCPStore values are limited (8 MiB in torch 2.13's libuv store): larger ones go in parts."""
-
-
-def _store_set_bytes(store: Any, key: str, data: bytes) -> None:
-    parts = [data[i : i + _STORE_CHUNK] for i in range(0, len(data), _STORE_CHUNK)] or [b""]
-    for i, part in enumerate(parts):
-        store.set(f"{key}/{i}", part)
-    store.set(key, str(len(parts)))
-
-
-def _store_get_bytes(store: Any, key: str) -> bytes:
-    count = int(store.get(key))
-    return b"".join(store.get(f"{key}/{i}") for i in range(count))
-
-
-def gather_results(store: Any, result: dict[str, Any], world_size: int) -> dict[int, Any]:
-    """Rank 0: every worker's result, by rank, leaving out workers that died.
-
-    A rank counts as dead once a worker that has finished suspects it (SGP's failure
-    detection), or when its result is not there within the store's 300 s."""
-    gathered, deadline = {0: result}, time.monotonic() + 300
-    while len(gathered) < world_size and time.monotonic() < deadline:
-        for r in range(1, world_size):
-            if r not in gathered and store.check([f"result/{r}"]):
-                gathered[r] = json.loads(store.get(f"result/{r}"))
-        suspected = {p for g in gathered.values() for p in g.get("mass", {}).get("suspected", [])}
-        if set(range(world_size)) <= set(gathered) | suspected:
-            break
-        time.sleep(0.05)
-    return gathered
-
-
-def report(
-    args: argparse.Namespace,
-    rank: int,
-    world_size: int,
-    store: Any,
-    model: nn.Module,
-    result: dict[str, Any],
-    seconds: float,
-) -> None:
-    """Gather every worker's accuracy and parameters at rank 0 and print the summary."""
-    params = flat_params(model).double().numpy()
-    if store is not None:
-        store.set(f"result/{rank}", json.dumps(result))
-        _store_set_bytes(store, f"params/{rank}", params.tobytes())
-    if rank != 0:
-        if store is not None:
-            store.wait(["done"])  # rank 0 hosts the store: it must outlive every reader
-            store.add("left", 1)
-        return
-    gathered = gather_results(store, result, world_size)
-    dead = [r for r in range(world_size) if r not in gathered]
-    results = [gathered[r] for r in sorted(gathered)]
-    all_params = [params] + [
-        np.frombuffer(_store_get_bytes(store, f"params/{r}"), dtype=np.float64)
-        for r in sorted(gathered)
-        if r
-    ]
-    if store is not None:
-        store.set("done", "1")
-        deadline = time.monotonic() + 60
-        while store.add("left", 0) < len(results) - 1 and time.monotonic() < deadline:
-            time.sleep(0.01)
-    stacked = np.stack(all_params)
-    mean = stacked.mean(axis=0)
-    consensus_error = float(np.linalg.norm(stacked - mean, axis=1).max() / np.linalg.norm(mean))
-    accuracies = [r["accuracy"] for r in results]
-    evaluations = [r.pop("evaluations") for r in results]
-    step_seconds = sorted(t for r in results for t in r.pop("step_seconds"))
-    summary = {
-        "algorithm": args.algorithm,
-        "staleness": args.staleness if args.algorithm == "sgp" else None,
-        "compression": args.compression if args.algorithm == "sgp" else None,
-        "workers": world_size,
-        "epochs": args.epochs,
-        "model": args.model,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "batch_size": args.batch_size,
-        "straggler": list(args.straggler) if args.straggler else None,
-        # every step of every worker: compute, communication and waiting
-        "iteration_seconds": {
-            "median": float(np.median(step_seconds)) if step_seconds else math.nan,
-            "min": step_seconds[0] if step_seconds else math.nan,
-            "max": step_seconds[-1] if step_seconds else math.nan,
-        },
-        # each worker's own rate, summed: what a slow worker does not hold back
-        "samples_per_second": sum(
-            r["steps"] * args.batch_size / r["train_seconds"] for r in results
-        ),
-        "evaluations": evaluations[0],  # rank 0's (the others do not test)
-        "accuracy": sum(accuracies) / len(accuracies),
-        "accuracies": accuracies,
-        "consensus_error": consensus_error,
-        "steps_per_second": sum(r["steps"] / r["train_seconds"] for r in results) / len(results),
-        "seconds": seconds,
-        "bytes_sent_per_worker": sum(r.get("bytes_sent", 0) for r in results) / len(results),
-        "per_worker": results,
-        "dead_ranks": dead,
-    }
-    if args.algorithm == "sgp":  # SGP: where the push-sum weight went
-        reports = {r: gathered[r]["mass"] for r in gathered}
-        summary["weight_sum"] = math.fsum(m["weight"] for m in reports.values())
-        summary["lost_weight"] = lost_weight(reports, dead)
-        if dead:
-            print(f"ranks {dead} died; they took weight {summary['lost_weight']:.4f} with them")
-    print("test accuracy per worker: " + " ".join(f"{a:.4f}" for a in accuracies))
+                loss = nn.functional.cross_entropy(model(x[batch]), y[batch])
+                loss.backward()
+                sgp.step()  # SGP: the local step, then one push-sum round
+            if rank == 0 and (epoch % 5 == 0 or epoch == args.epochs):
+                print(f"epoch {epoch:3d}/{args.epochs}  loss {loss.item():.4f}", flush=True)
+        disagreement = sgp.consensus()  # SGP: gossip until the workers agree
     print(
-        f"mean accuracy {summary['accuracy']:.4f}, consensus error {consensus_error:.2e}, "
-        f"{summary['steps_per_second']:.1f} steps/s per worker, {seconds:.1f} s"
+        f"test accuracy {accuracy(model, x_test, y_test):.4f} "
+        f"(workers' models differ by {disagreement:.1e})",
+        flush=True,
     )
-    if args.json:
-        print(json.dumps(summary), flush=True)
-    if args.summary_file:
-        with open(args.summary_file, "w", encoding="utf-8") as f:
-            json.dump(summary, f)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

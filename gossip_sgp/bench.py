@@ -1,6 +1,6 @@
 """``gossip-sgp bench``: SGP against its baselines, side by side, on emulated networks.
 
-Runs ``examples/train_digits.py`` for every combination of algorithm x network x workers x
+Runs ``gossip_sgp/digits.py`` for every combination of algorithm x network x workers x
 straggler (x repeats), each run a fresh set of worker processes with a hard timeout, and
 writes one row per run to ``DIR/bench.csv`` and ``DIR/bench.json``, PNG plots (with
 matplotlib: ``pip install 'gossip-sgp[bench]'``) and a table of ratios against AllReduce and
@@ -477,7 +477,7 @@ def _run_one(
     argv = [
         sys.executable,
         "-m",
-        "gossip_sgp.examples.train_digits",
+        "gossip_sgp.digits",
         *ALGORITHMS[algorithm],
         *plan.train_args,
         "--quiet",

@@ -2,8 +2,8 @@
 
 gossip-sgp simulate --nodes 1024 --rounds 12 --dim 10000
 gossip-sgp demo
-gossip-sgp launch --nproc 4 examples/train_digits.py --epochs 5
-gossip-sgp run --config peers.toml --rank 0 examples/train_digits.py
+gossip-sgp launch --nproc 4 -m gossip_sgp.digits --epochs 5
+gossip-sgp run --config peers.toml --rank 0 -m gossip_sgp.digits
 gossip-sgp top --targets 127.0.0.1:9100,127.0.0.1:9101
 gossip-sgp prometheus-config --config peers.toml
 gossip-sgp bench --quick --out /tmp/bench

@@ -2,8 +2,7 @@
 
 Four local workers train a small CNN on scikit-learn's bundled digits over ZeroMQ with
 synchronous SGP, then print test accuracy per worker, the consensus error and throughput.
-The training script is ``examples/train_digits.py`` (installed as
-``gossip_sgp.examples.train_digits``), started through the same launcher as
+The training script is :mod:`gossip_sgp.digits`, started through the same launcher as
 ``gossip-sgp launch``.
 """
 
@@ -91,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             code = launch(
                 [
-                    "gossip_sgp.examples.train_digits",
+                    "gossip_sgp.digits",
                     "--epochs",
                     str(args.epochs),
                     "--seed",

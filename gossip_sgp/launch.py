@@ -1,8 +1,8 @@
 """Start gossip workers: N on this machine (``launch``) or one of a multi-machine job (``run``).
 
-    gossip-sgp launch --nproc 4 examples/train_digits.py --epochs 5
-    gossip-sgp launch --nproc 4 -m gossip_sgp.examples.train_digits
-    gossip-sgp run --config peers.toml --rank 0 examples/train_digits.py
+    gossip-sgp launch --nproc 4 -m gossip_sgp.digits --epochs 5
+    gossip-sgp launch --nproc 4 -m gossip_sgp.digits
+    gossip-sgp run --config peers.toml --rank 0 -m gossip_sgp.digits
 
 Workers learn their job from environment variables (read by
 :meth:`gossip_sgp.config.GossipConfig.from_env`) plus torchrun's ``RANK``, ``LOCAL_RANK``,
@@ -102,7 +102,7 @@ def launch(
     (:mod:`gossip_sgp.prefork`: when forking is unsafe, as from a process with threads, the
     workers start as usual).
 
-        launch(["-m", "gossip_sgp.examples.train_digits", "--epochs", "5"], 4)
+        launch(["-m", "gossip_sgp.digits", "--epochs", "5"], 4)
     """
     out = sys.stdout if stdout is None else stdout
     err = sys.stderr if stderr is None else stderr

@@ -24,7 +24,7 @@ import pytest
 CLI = (sys.executable, "-m", "gossip_sgp.cli")
 """The default command prefix: ``gossip-sgp`` from the interpreter running the tests."""
 
-TRAIN = ["-m", "gossip_sgp.examples.train_digits", "--quiet", "--json"]
+TRAIN = ["-m", "gossip_sgp.digits", "--quiet", "--json"]
 """``gossip-sgp launch`` arguments that train the digits example and print a JSON summary."""
 
 

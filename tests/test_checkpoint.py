@@ -1,4 +1,4 @@
-"""Checkpoint and resume with real worker processes over ZeroMQ (examples/train_digits.py).
+"""Checkpoint and resume with real worker processes over ZeroMQ (gossip_sgp/digits.py).
 
 SIGTERM stops a synchronous run mid-training; the workers must be gone within 5 seconds
 and leave checkpoints that load; resuming from them finishes with the very same parameters,

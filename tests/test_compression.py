@@ -401,7 +401,7 @@ def test_sgp_workers_reach_the_joint_optimum_compressed(spec: str, atol: float) 
 
 
 def test_demo_and_training_script_refuse_a_bad_codec(capsys: pytest.CaptureFixture[str]) -> None:
-    from gossip_sgp.examples.train_digits import parse_args
+    from gossip_sgp.digits import parse_args
 
     assert main(["demo", "--compression", "topk:2.5"]) == 2
     assert "--compression: topk fraction must be in (0, 1)" in capsys.readouterr().err

@@ -1,11 +1,14 @@
-"""The digits example's data loader reads scikit-learn's bundled file directly."""
+"""The example a user copies, and the digits trainer's data loader."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from examples.train_digits import digits, load_digits_split
+from gossip_sgp.digits import digits, load_digits_split
+from tests.procs import Jobs
 
 
 @pytest.mark.timeout(60)
@@ -25,3 +28,40 @@ def test_digits_are_scikit_learns_digits() -> None:
     assert float(x_train.min()) == 0.0
     assert sorted(set(y_test.tolist())) == list(range(10))
     assert len(y_train) + len(y_test) == 1797
+
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "train_digits.py"
+
+
+def test_the_example_uses_the_public_api_only() -> None:
+    """The script a user copies imports from ``gossip_sgp`` only what ``gossip_sgp.__all__``
+    exports (no private module, no harness) and stays short."""
+    import ast
+
+    import gossip_sgp
+
+    tree = ast.parse(EXAMPLE.read_text())
+    used = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("gossip_sgp"):
+            assert node.module == "gossip_sgp", f"imports from {node.module}"
+            used += [alias.name for alias in node.names]
+        if isinstance(node, ast.Import):
+            assert not any(a.name.startswith("gossip_sgp") for a in node.names)
+    assert used, "the example does not use gossip_sgp"
+    assert set(used) <= set(gossip_sgp.__all__), set(used) - set(gossip_sgp.__all__)
+    assert len(EXAMPLE.read_text().splitlines()) < 200
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("staleness", ["0", "none"])
+def test_the_example_trains_four_workers_to_one_model(jobs: Jobs, staleness: str) -> None:
+    """As the README runs it: four workers agree exactly and classify the held-out digits."""
+    out = jobs.run("launch", "--nproc", "4", str(EXAMPLE), "--staleness", staleness, timeout=150)
+    finals = [line for line in out.splitlines() if "] test accuracy " in line]
+    assert len(finals) == 4, out[-3000:]
+    accuracies = {float(line.split("test accuracy ")[1].split()[0]) for line in finals}
+    assert len(accuracies) == 1, finals  # consensus(): one model
+    assert min(accuracies) >= 0.9, finals
+    assert all("differ by 0.0e+00" in line for line in finals), finals

@@ -25,7 +25,7 @@ from tests.procs import Jobs, Record, alive, drain, read_until, record, worker_p
 
 pytestmark = pytest.mark.slow
 
-TRAIN_VERBOSE = ["-m", "gossip_sgp.examples.train_digits", "--json"]
+TRAIN_VERBOSE = ["-m", "gossip_sgp.digits", "--json"]
 """The digits example with its per-epoch lines (rank 0), to know when training is going."""
 
 
@@ -89,7 +89,7 @@ def test_survivors_of_a_kill_9_finish_and_account_for_its_mass(
 WARM_START = """
 import json, os, pathlib, sys, time
 import torch
-import gossip_sgp.examples.train_digits as digits  # torch, scikit-learn, gossip_sgp
+import gossip_sgp.digits as digits  # torch, scikit-learn, gossip_sgp
 torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)  # imports torch._dynamo
 print("warm", flush=True)
 go = pathlib.Path(sys.argv[1])

@@ -16,8 +16,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from examples.train_digits import SmallCNN, accuracy, load_digits_split
 from gossip_sgp import SGP, GossipNode
+from gossip_sgp.digits import SmallCNN, accuracy, load_digits_split
 from tests.procs import Record, record
 from tests.threads import run_workers
 from transports import FaultSpec, FaultyTransport

@@ -113,7 +113,7 @@ def test_prometheus_scrapes_four_workers(tmp_path: Path) -> None:
 
     job = [sys.executable, "-m", "gossip_sgp.cli", "launch", "--nproc", "4"]
     job += ["--metrics-port", str(base), "--timeout", "60", "--grace", "5"]
-    job += ["-m", "gossip_sgp.examples.train_digits", "--epochs", "100000", "--quiet"]
+    job += ["-m", "gossip_sgp.digits", "--epochs", "100000", "--quiet"]
     prometheus = [binary, f"--config.file={tmp_path / 'prometheus.yml'}"]
     prometheus += [f"--storage.tsdb.path={tmp_path / 'data'}"]
     prometheus += [f"--web.listen-address=127.0.0.1:{prom_port}"]

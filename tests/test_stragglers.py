@@ -1,7 +1,7 @@
 """Stragglers: in the asynchronous mode nobody waits for a slow worker.
 
 Real worker processes over ZeroMQ (``gossip-sgp launch``), with rank 3 slowed down by
-``examples/train_digits.py --straggler 3:6``: after each step's compute it sleeps five times
+``gossip_sgp/digits.py --straggler 3:6``: after each step's compute it sleeps five times
 that long, as a worker with a slower accelerator would wait for it. Runs with and without the
 straggler alternate, so both see the same load on the machine.
 

@@ -18,7 +18,7 @@ from tests.procs import Jobs, check_trained
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
-DIGITS = ["examples/train_digits.py", "--quiet", "--json"]
+DIGITS = ["-m", "gossip_sgp.digits", "--quiet", "--json"]
 
 
 def _summary(out: str) -> dict[str, object]:

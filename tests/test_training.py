@@ -2,7 +2,7 @@
 
 Each test starts ``gossip-sgp launch`` (or ``demo``) as a subprocess in its own session with a
 hard timeout; the ``jobs`` fixture kills the whole process tree if a test fails or hangs. The
-runs train the example CNN on scikit-learn's bundled digits (examples/train_digits.py).
+runs train the example CNN on scikit-learn's bundled digits (gossip_sgp/digits.py).
 """
 
 from __future__ import annotations
@@ -124,9 +124,7 @@ def test_demo_json(jobs: Jobs) -> None:
 @pytest.mark.measured
 @pytest.mark.timeout(120)
 def test_sigint_to_launch_ends_every_training_worker(jobs: Jobs, record_property: Record) -> None:
-    proc = jobs.start(
-        "launch", "--nproc", "4", "-m", "gossip_sgp.examples.train_digits", "--epochs", "1000"
-    )
+    proc = jobs.start("launch", "--nproc", "4", "-m", "gossip_sgp.digits", "--epochs", "1000")
     read_until(proc, "[rank 0] epoch", within=90, what="training did not start")
     workers = children(proc.pid)
     assert len(workers) == 4
