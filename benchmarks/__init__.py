@@ -1,1 +1,4 @@
-"""Benchmark scripts and the WAN emulator (``benchmarks.wan``) of gossip-sgp."""
+"""Benchmark scripts of gossip-sgp, run from a checkout (``python -m benchmarks.NAME``).
+
+Not installed: a wheel holds gossip_sgp, transports and topologies only.
+"""

@@ -1,9 +1,9 @@
-"""Accuracy and overhead of the WAN emulator (benchmarks/wan.py), in one run (needs root).
+"""Accuracy and overhead of the WAN emulator (gossip_sgp/wan/__init__.py), in one run (needs root).
 
     sudo .venv/bin/python benchmarks/wan_accuracy.py
     sudo .venv/bin/python benchmarks/wan_accuracy.py --repeats 9 --json > wan.json
 
-Three measurements between two emulated hosts, with ``benchmarks/wan_probe.py``:
+Three measurements between two emulated hosts, with ``gossip_sgp/wan/probe.py``:
 
 * delay: one-byte TCP ping-pongs over one connection (``--pings`` of them) for several
   one-way delays; the round trip should be twice the delay. Also the first exchange on each
@@ -28,8 +28,8 @@ import statistics
 import sys
 from typing import Any
 
-from benchmarks.wan import WanEmulator, parse_link
-from benchmarks.wan_probe import run_client, start_server
+from gossip_sgp.wan import WanEmulator, parse_link
+from gossip_sgp.wan.probe import run_client, start_server
 
 DELAYS = ["1ms", "10ms", "50ms", "100ms", "50ms,jitter=10ms"]
 RATES = ["10mbit", "100mbit", "1gbit", "100mbit,50ms"]

@@ -11,7 +11,7 @@ against the compute-only time (``local``: no communication at all).
         allreduce,sgp-overlap,local --repeats 3 --out results/
 
 Networks other than ``loopback`` run each worker in its own network namespace behind the
-WAN emulator of ``benchmarks.wan`` (root needed): ``RATE-DELAY`` such as ``1gbit-50ms`` is
+WAN emulator of ``gossip_sgp.wan`` (root needed): ``RATE-DELAY`` such as ``1gbit-50ms`` is
 a link of that rate and that one-way delay to every worker.
 """
 
@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import csv
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -94,7 +93,7 @@ class Network:
         return self.rate_mbit is not None
 
     def link_text(self) -> str:
-        """The link as ``benchmarks.wan.parse_link`` reads it, e.g. ``1000mbit,50ms``."""
+        """The link as ``gossip_sgp.wan.parse_link`` reads it, e.g. ``1000mbit,50ms``."""
         return f"{self.rate_mbit:g}mbit,{self.delay_ms:g}ms"
 
 
@@ -192,7 +191,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         description="Run the digits example for every algorithm x network x workers x "
         "straggler combination, write DIR/bench.csv, DIR/bench.json and PNG plots, and print "
         "time per iteration with ratios against AllReduce and against compute-only ('local'). "
-        "Networks other than loopback need root and the WAN emulator (benchmarks.wan).",
+        "Networks other than loopback need root and the WAN emulator (gossip_sgp.wan).",
     )
     p.add_argument(
         "--algorithms",
@@ -323,15 +322,6 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def emulator_problem() -> str | None:
     """Why emulated networks cannot run here (None: they can)."""
-    try:
-        found = importlib.util.find_spec("benchmarks.wan") is not None
-    except ImportError:
-        found = False
-    if not found:
-        return (
-            "emulated networks need the WAN emulator benchmarks.wan, which is not installed; "
-            "install gossip-sgp from a source checkout, or use --networks loopback"
-        )
     if os.geteuid() != 0:
         return "emulated networks need root (network namespaces); or use --networks loopback"
     return None
@@ -443,7 +433,7 @@ def _hosts(network: Network, workers: int) -> Iterator[_Hosts]:
     if not network.emulated:
         yield _Hosts(workers)
         return
-    from benchmarks.wan import (  # type: ignore[import-not-found,unused-ignore]
+    from gossip_sgp.wan import (  # type: ignore[import-not-found,unused-ignore]
         WanEmulator,
         parse_link,
     )

@@ -1,4 +1,4 @@
-"""The WAN emulator (benchmarks/wan.py): link parsing, and real namespaces, relay and shaping.
+"""The WAN emulator (gossip_sgp.wan): link parsing, and real namespaces, relay and shaping.
 
 The emulator tests need root, ``ip``, ``tc`` and ``nft`` (``scripts/ensure-test-tools``
 installs nftables where it can); without them they skip and say what is missing. They check
@@ -24,8 +24,7 @@ from typing import Any, cast
 
 import pytest
 
-from benchmarks import wan_relay
-from benchmarks.wan import (
+from gossip_sgp.wan import (
     LinkSpec,
     WanEmulator,
     WanError,
@@ -34,7 +33,8 @@ from benchmarks.wan import (
     missing_requirements,
     parse_link,
 )
-from benchmarks.wan_probe import run_client, start_server
+from gossip_sgp.wan import relay as wan_relay
+from gossip_sgp.wan.probe import run_client, start_server
 
 MISSING = missing_requirements()
 needs_root = pytest.mark.skipif(
@@ -431,7 +431,7 @@ def test_cli_removes_everything_on_signal(sig: signal.Signals) -> None:
         [
             sys.executable,
             "-m",
-            "benchmarks.wan",
+            "gossip_sgp.wan",
             "run",
             "--hosts",
             "2",

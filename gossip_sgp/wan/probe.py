@@ -1,9 +1,9 @@
 """A tiny TCP probe for measuring emulated links (``benchmarks/wan_accuracy.py``, the tests
-and ``python -m benchmarks.wan check`` run it inside the hosts' namespaces).
+and ``python -m gossip_sgp.wan check`` run it inside the hosts' namespaces).
 
-    python benchmarks/wan_probe.py serve 10.1.1.2 7000
-    python benchmarks/wan_probe.py pingpong 10.1.1.2 7000 --count 20
-    python benchmarks/wan_probe.py send 10.1.1.2 7000 --bytes 4000000
+    python -m gossip_sgp.wan.probe serve 10.1.1.2 7000
+    python -m gossip_sgp.wan.probe pingpong 10.1.1.2 7000 --count 20
+    python -m gossip_sgp.wan.probe send 10.1.1.2 7000 --bytes 4000000
 
 ``serve`` prints ``listening`` once it accepts connections, then serves each in a thread:
 the client's first byte picks the mode, ``p`` (echo one-byte messages), ``s`` (read to
@@ -38,11 +38,10 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from benchmarks.wan import WanEmulator
+    from gossip_sgp.wan import WanEmulator
 
 CHUNK = 1 << 20
 
@@ -141,7 +140,7 @@ def send(host: str, port: int, nbytes: int, timeout: float, verify: bool) -> dic
 
 def start_server(wan: WanEmulator, host: int, port: int = 7000) -> subprocess.Popen[str]:
     """``serve`` on host ``host`` (stopped when the emulator closes), once it listens."""
-    argv = [sys.executable, str(Path(__file__)), "serve", wan.address(host), str(port)]
+    argv = [sys.executable, "-m", "gossip_sgp.wan.probe", "serve", wan.address(host), str(port)]
     proc: subprocess.Popen[str] = wan.popen(host, argv, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     with selectors.DefaultSelector() as sel:
@@ -158,7 +157,15 @@ def run_client(
     wan: WanEmulator, host: int, mode: str, target: int, *args: str, port: int = 7000
 ) -> dict[str, Any]:
     """Run ``pingpong`` or ``send`` on host ``host`` against ``target``'s server."""
-    argv = [sys.executable, str(Path(__file__)), mode, wan.address(target), str(port), *args]
+    argv = [
+        sys.executable,
+        "-m",
+        "gossip_sgp.wan.probe",
+        mode,
+        wan.address(target),
+        str(port),
+        *args,
+    ]
     done = subprocess.run(
         wan.command(host, argv), capture_output=True, text=True, timeout=300, check=False
     )

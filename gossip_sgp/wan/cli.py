@@ -1,6 +1,6 @@
-"""Command line of the WAN emulator: ``python -m benchmarks.wan check|run|cleanup``.
+"""Command line of the WAN emulator: ``python -m gossip_sgp.wan check|run|cleanup``.
 
-See ``benchmarks/wan.py`` and ``docs/wan-emulator.md``.
+See ``gossip_sgp/wan/__init__.py`` and ``docs/wan-emulator.md``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 
-from benchmarks.wan import (
+from gossip_sgp.wan import (
     INSTALL_HINT,
     MAX_HOSTS,
     PREFIX,
@@ -65,7 +65,7 @@ def check() -> int:
 
 def _ping_pong(wan: WanEmulator) -> float:
     """Median TCP round trip (seconds) between host 0 and host 1 over one connection."""
-    from benchmarks.wan_probe import run_client, start_server
+    from gossip_sgp.wan.probe import run_client, start_server
 
     start_server(wan, 1)
     rtts: list[float] = run_client(wan, 0, "pingpong", 1, "--count", "5")["rtts"]
@@ -169,7 +169,7 @@ def _link_arg(text: str) -> LinkSpec:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.wan",
+        prog="python -m gossip_sgp.wan",
         description="Emulate WAN links between processes on one Linux machine (needs root).",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -194,9 +194,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         ),
         epilog=(
             "examples:\n"
-            "  python -m benchmarks.wan run --hosts 2 --link 100mbit,50ms -- "
+            "  python -m gossip_sgp.wan run --hosts 2 --link 100mbit,50ms -- "
             "sh -c 'echo rank {rank} is {address}'\n"
-            "  python -m benchmarks.wan run --hosts 4 --link 100mbit,25ms -- "
+            "  python -m gossip_sgp.wan run --hosts 4 --link 100mbit,25ms -- "
             "python -m gossip_sgp.digits --epochs 5"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,

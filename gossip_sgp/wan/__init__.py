@@ -2,14 +2,14 @@
 and bandwidth limits that every TCP connection between them crosses (ZeroMQ and
 torch.distributed gloo alike). Linux only, needs root, ``ip``/``tc`` (iproute2) and ``nft``.
 
-    python -m benchmarks.wan check
-    python -m benchmarks.wan run --hosts 4 --link 100mbit,50ms -- \\
+    python -m gossip_sgp.wan check
+    python -m gossip_sgp.wan run --hosts 4 --link 100mbit,50ms -- \\
         python my_worker.py --rank {rank} --peers {addresses}
-    python -m benchmarks.wan cleanup
+    python -m gossip_sgp.wan cleanup
 
 In Python::
 
-    from benchmarks.wan import WanEmulator, parse_link
+    from gossip_sgp.wan import WanEmulator, parse_link
 
     with WanEmulator(hosts=2, link=parse_link("1gbit,50ms")) as wan:
         server = wan.popen(1, ["python", "server.py", "--bind", wan.address(1)])
@@ -20,7 +20,7 @@ namespace ``<prefix>-r`` (address ``10.X.Y.2``, its router ``10.X.Y.1``). The ro
 forwards IPv4 between the links. HTB qdiscs shape each host's uplink (its end of the veth)
 and downlink (the router's end). This kernel family has no ``netem``, so the delay comes from
 user space: an nftables ``redirect`` rule in the router sends every TCP connection from one
-host to another (of which one has a delay) to a relay process (``benchmarks/wan_relay.py``)
+host to another (of which one has a delay) to a relay process (``gossip_sgp/wan/relay.py``)
 in the router, which opens the connection to the real destination after one one-way delay
 and hands on the bytes of each direction one one-way delay (plus jitter) after they
 arrived. See ``docs/wan-emulator.md`` for the semantics, accuracy and limits.
@@ -54,7 +54,7 @@ __all__ = ["LinkSpec", "WanEmulator", "WanError", "job_environment", "parse_link
 PREFIX = "gsgpwan"
 """Start of every namespace name the emulator creates (then ``-<pid>-<random>``)."""
 MAX_HOSTS = 1000
-RELAY = Path(__file__).with_name("wan_relay.py")
+RELAY_MODULE = "gossip_sgp.wan.relay"
 INSTALL_HINT = "Debian/Ubuntu: apt-get install nftables iproute2"
 
 
@@ -470,7 +470,13 @@ class WanEmulator:
         }
         self._relay_log = tempfile.TemporaryFile("w+", prefix="wan-relay-")  # noqa: SIM115
         self._relay = subprocess.Popen(
-            [*self._in(self.router_namespace), sys.executable, str(RELAY), json.dumps(config)],
+            [
+                *self._in(self.router_namespace),
+                sys.executable,
+                "-m",
+                RELAY_MODULE,
+                json.dumps(config),
+            ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._relay_log,
@@ -648,9 +654,3 @@ def job_environment(wan: WanEmulator, rank: int, port: int) -> dict[str, str]:
         "GOSSIP_SGP_RANK": str(rank),
         "GOSSIP_SGP_PEERS": ",".join(f"{wan.address(i)}:{port + 1}" for i in range(n)),
     }
-
-
-if __name__ == "__main__":
-    from benchmarks.wan_cli import main
-
-    sys.exit(main())

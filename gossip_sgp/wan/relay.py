@@ -1,4 +1,4 @@
-"""The delaying TCP relay of the WAN emulator (``benchmarks/wan.py`` starts it; not a tool).
+"""The delaying TCP relay of the WAN emulator (:mod:`gossip_sgp.wan` starts it; not a tool).
 
 It runs inside the emulator's router namespace, where an nftables ``redirect`` rule sends
 every TCP connection between two emulated hosts to its listening port. For each accepted
@@ -9,7 +9,7 @@ chunk is never handed on before an earlier chunk of the same direction, so jitte
 TCP's byte order, and each direction holds at most ``limit`` bytes: beyond that it stops
 reading, and TCP's flow control slows the sender down (bounded memory).
 
-    python benchmarks/wan_relay.py '{"hosts": {"10.1.0.2": [0.05, 0.0, null], ...}}'
+    python -m gossip_sgp.wan.relay '{"hosts": {"10.1.0.2": [0.05, 0.0, null], ...}}'
 
 ``hosts`` maps each host's address to ``[delay_s, jitter_s, rate_bytes_per_s or null]``;
 the delay of a connection from host a to host b is the mean of theirs. ``seed`` seeds the
