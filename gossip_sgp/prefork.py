@@ -171,7 +171,12 @@ def fork_worker(
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError, AttributeError):
             stream.flush()
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError:
+        for fd in () if pipes is None else (*pipes[0], *pipes[1]):
+            os.close(fd)
+        raise
     if pid == 0:  # the worker; never returns
         _worker(argv, module, env, pipes, close, preexec)
     if pipes is None:

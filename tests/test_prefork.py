@@ -278,3 +278,17 @@ def test_parse_preload(text: str, expected: tuple[str, ...]) -> None:
 def test_parse_preload_rejects_what_is_not_a_module_name(text: str) -> None:
     with pytest.raises(ValueError, match="not a module name"):
         prefork.parse_preload(text)
+
+
+def test_a_failed_fork_leaves_no_pipe_open(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``fork_worker`` makes two pipes before forking; when the fork fails (EAGAIN: too
+    many processes) they are closed and the error reaches the launcher."""
+
+    def refuse() -> int:
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(os, "fork", refuse)
+    before = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(BlockingIOError):
+        prefork.fork_worker(["x.py"], module=False, env={}, capture=True)
+    assert set(os.listdir("/proc/self/fd")) == before
