@@ -456,7 +456,7 @@ class _Supervisor:
         ]
         try:
             process = prefork.fork_worker(
-                argv, module=module, env=env, capture=True, close=held, preexec=self._preexec
+                argv, module=module, env=env, close=held, preexec=self._preexec
             )
         except OSError as exc:
             raise ConfigError(f"cannot fork a worker: {exc.strerror or exc}") from None

@@ -122,7 +122,7 @@ def _interpreter_settings_differ(env: Mapping[str, str]) -> str | None:
 class ForkedProcess:
     """The part of :class:`subprocess.Popen` the launcher uses, for a forked worker."""
 
-    def __init__(self, pid: int, stdout: IO[bytes] | None, stderr: IO[bytes] | None) -> None:
+    def __init__(self, pid: int, stdout: IO[bytes], stderr: IO[bytes]) -> None:
         self.pid = pid
         self.stdout = stdout
         self.stderr = stderr
@@ -155,32 +155,29 @@ def fork_worker(
     *,
     module: bool,
     env: Mapping[str, str],
-    capture: bool,
     close: Sequence[int] = (),
     preexec: Callable[[], None] | None = None,
 ) -> ForkedProcess:
     """Fork a worker running ``python SCRIPT ARGS`` (``module``: ``python -m MODULE ARGS``).
 
-    ``argv`` is ``[script or module, *args]``. With ``capture`` its stdout and stderr are
-    pipes (the returned process's ``stdout`` / ``stderr``) and its stdin /dev/null. ``close``
+    ``argv`` is ``[script or module, *args]``. Its stdout and stderr are pipes (the returned
+    process's ``stdout`` / ``stderr``), its stdin /dev/null. ``close``
     lists descriptors of the launcher the worker must not hold (other workers' pipes: a worker
     holding one would keep it open past that worker's exit). ``preexec`` runs in the worker
     first, like ``Popen``'s ``preexec_fn``.
     """
-    pipes = (os.pipe(), os.pipe()) if capture else None
+    pipes = (os.pipe(), os.pipe())
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError, AttributeError):
             stream.flush()
     try:
         pid = os.fork()
     except OSError:
-        for fd in () if pipes is None else (*pipes[0], *pipes[1]):
+        for fd in (*pipes[0], *pipes[1]):
             os.close(fd)
         raise
     if pid == 0:  # the worker; never returns
         _worker(argv, module, env, pipes, close, preexec)
-    if pipes is None:
-        return ForkedProcess(pid, None, None)
     (out_r, out_w), (err_r, err_w) = pipes
     os.close(out_w)
     os.close(err_w)
@@ -191,7 +188,7 @@ def _worker(
     argv: Sequence[str],
     module: bool,
     env: Mapping[str, str],
-    pipes: tuple[tuple[int, int], tuple[int, int]] | None,
+    pipes: tuple[tuple[int, int], tuple[int, int]],
     close: Sequence[int],
     preexec: Callable[[], None] | None,
 ) -> NoReturn:
@@ -203,8 +200,7 @@ def _worker(
         for fd in close:
             with contextlib.suppress(OSError):
                 os.close(fd)
-        if pipes is not None:
-            _redirect(pipes)
+        _redirect(pipes)
         for signum in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -290,5 +290,5 @@ def test_a_failed_fork_leaves_no_pipe_open(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(os, "fork", refuse)
     before = set(os.listdir("/proc/self/fd"))
     with pytest.raises(BlockingIOError):
-        prefork.fork_worker(["x.py"], module=False, env={}, capture=True)
+        prefork.fork_worker(["x.py"], module=False, env={})
     assert set(os.listdir("/proc/self/fd")) == before
