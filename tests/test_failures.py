@@ -15,7 +15,6 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from subprocess import Popen
 
@@ -30,7 +29,7 @@ TRAIN_VERBOSE = ["-m", "gossip_sgp.digits", "--json"]
 
 
 def start_job(
-    jobs: Jobs, summary_file: Path, *args: str, preload: Sequence[str] = ()
+    jobs: Jobs, summary_file: Path, *args: str, preload: str | None = None
 ) -> tuple[Popen[str], list[int]]:
     """``launch --keep-going`` of four digits workers with ``args``; returns once rank 0 is
     at epoch 8 (training well under way), with the workers' pids by rank."""
@@ -39,7 +38,7 @@ def start_job(
         "--nproc",
         "4",
         "--keep-going",
-        *preload,
+        *(() if preload is None else ("--preload", preload)),
         *TRAIN_VERBOSE,
         *args,
         "--summary-file",
@@ -118,7 +117,7 @@ def test_a_killed_worker_restarted_with_rejoin_catches_up_and_finishes(
     # Started as new interpreters: the restart needs rank 3's environment, which
     # /proc/PID/environ shows only for a worker that was exec'd (a forked one shows the
     # launcher's).
-    proc, pids = start_job(jobs, summary_file, *args, preload=("--preload", ""))
+    proc, pids = start_job(jobs, summary_file, *args, preload="")
     victim = pids[3]
     environ = dict(
         item.split("=", 1)
