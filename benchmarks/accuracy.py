@@ -18,6 +18,7 @@ import json
 import statistics
 import subprocess
 import sys
+from typing import Any
 
 ALGORITHMS = {
     "allreduce": ["--algorithm", "allreduce"],
@@ -27,7 +28,7 @@ ALGORITHMS = {
 }
 
 
-def run(workers: int, extra: list[str], seed: int, epochs: int) -> dict[str, float]:
+def run(workers: int, extra: list[str], seed: int, epochs: int) -> dict[str, Any]:
     cmd = [
         sys.executable, "-m", "gossip_sgp.cli", "launch", "--nproc", str(workers),
         "-m", "gossip_sgp.digits", "--quiet", "--json",
@@ -35,7 +36,7 @@ def run(workers: int, extra: list[str], seed: int, epochs: int) -> dict[str, flo
     ]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=True).stdout
     line = next(x for x in reversed(out.splitlines()) if x.startswith("[rank 0] {"))
-    result: dict[str, float] = json.loads(line.removeprefix("[rank 0] "))
+    result: dict[str, Any] = json.loads(line.removeprefix("[rank 0] "))
     return result
 
 

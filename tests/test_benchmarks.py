@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -35,3 +36,26 @@ def test_consensus_time_prints_consensus_beside_its_steps(jobs: Jobs) -> None:
     assert result["ratio"] == pytest.approx(
         result["consensus_seconds"] / (result["consensus_rounds"] * result["step_seconds"])
     )
+
+
+@pytest.mark.timeout(120)
+def test_async_skips_prints_the_fraction_of_rounds_without_a_send(jobs: Jobs) -> None:
+    out = jobs.run(
+        "-m",
+        "benchmarks.async_skips",
+        "--workers",
+        "2",
+        "--batch-sizes",
+        "32",
+        "--seeds",
+        "1",
+        "--steps",
+        "100",
+        timeout=100,
+        prefix=(sys.executable,),
+    )
+    row = out.splitlines()[1].split()
+    assert row[:3] == ["2", "32", "1"]
+    assert 0.0 <= float(row[3]) <= 1.0  # skipped fraction
+    assert float(row[5]) > 0.5  # accuracy: it trained
+    assert out.splitlines()[2].split()[:3] == ["2", "32", "mean"]
