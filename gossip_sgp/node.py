@@ -285,6 +285,13 @@ class GossipNode:
             return {peer: link.acked_weight for peer, link in self._links.items() if link.acks}
 
     @property
+    def written_off(self) -> dict[int, int]:
+        """Shares written off as lost per peer and not taken back by a late acknowledgement
+        (see :class:`~gossip_sgp.link.OutLink`). A copy, thread-safe."""
+        with self._lock:
+            return {p: len(link.written_off) for p, link in self._links.items() if link.written_off}
+
+    @property
     def rtt(self) -> dict[int, list[float]]:
         """Recent send-to-fold-in round-trip times per peer, in seconds (a copy)."""
         with self._lock:

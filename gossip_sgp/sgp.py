@@ -58,13 +58,19 @@ __all__ = ["SGP"]
 
 log = logging.getLogger(__name__)
 
-_INITIAL_CREDIT = 1
+_INITIAL_CREDIT = 2
 """Asynchronous mode: rounds a worker may gossip ahead of what it has received.
 
 Measured on 4 CPU workers: more credit lets more gossip flow while messages are on the way,
 but puts more of the mass in flight, where the workers' gradient steps cannot act on it
-(``x += w * delta`` scales with the weight a worker holds), and accuracy dropped. So did
-windows per link: see docs/design.md."""
+(``x += w * delta`` scales with the weight a worker holds). Two rounds' worth with the link
+window below trains as well as one round's worth without it (docs/design.md)."""
+
+_LINK_WINDOW = 1
+"""Asynchronous mode: shares a worker has on the way to one peer, at most (not acknowledged
+as folded yet). A share for a full link stays with the sender, which keeps its mass that
+round: a dead, stuck or rejecting peer takes at most this many shares per link into it, and
+no longer collects every worker's send credit (docs/design.md)."""
 
 _WAIT_SLICE = 0.25
 """Seconds between two looks at which peers are suspected down while waiting."""
@@ -186,7 +192,8 @@ class SGP:
         self._inbound_lives: dict[int, int] = {}
         self._outbound_lives: dict[int, int] = {}
         self.skipped_rounds = 0
-        """Asynchronous rounds in which this worker kept its mass (no send credit)."""
+        """Asynchronous rounds in which this worker kept its mass (no send credit, or a full
+        link to its out-peer)."""
         self._initial_credit = _INITIAL_CREDIT * max(
             (len(self.topology.out_peers(node.rank, r)) for r in range(self.topology.period)),
             default=0,
@@ -462,15 +469,19 @@ class SGP:
 
         Every folded message earns a send credit (see ``_absorb``) and every message sent
         costs one (see ``_send``), so no worker gives away mass faster than it receives mass
-        (each starts with enough credit for one round). Without that, a fast worker would halve its
-        weight every step while a slow one hoards the mass: the fast worker's steps would
-        count for almost nothing, and its numerator would underflow. A worker without
-        credit keeps its mass this round and just trains.
+        (each starts with enough credit for two rounds). Without that, a fast worker would halve
+        its weight every step while a slow one hoards the mass: the fast worker's steps would
+        count for almost nothing, and its numerator would underflow. And no link carries
+        more than ``_LINK_WINDOW`` shares not yet folded: a peer that stopped folding (dead,
+        stalled, rejecting) gets no more. A worker without credit, or whose out-peer's link
+        is full, keeps its mass this round and just trains.
         """
         self._absorb(k)
         self._folded_through = k
-        peers = len(self.topology.out_peers(self.node.rank, k))
-        if self._credit >= peers:
+        out_peers = self.topology.out_peers(self.node.rank, k)
+        if self._credit >= len(out_peers) and all(
+            self.node.outstanding(peer) < _LINK_WINDOW for peer in out_peers
+        ):
             self._send(k, 0.0)
         else:
             self.skipped_rounds += 1
@@ -721,10 +732,11 @@ class SGP:
         to peers suspected down before acknowledging them, messages it dropped);
         ``suspected``: peers suspected down now; ``net_weight_to``: per peer (a string
         key), the weight it sent that the peer acknowledged minus the weight it received
-        from the peer. It first waits (at most a second) for the peers to acknowledge the
-        last messages sent. Gather the survivors' reports after ``consensus()`` and
-        :func:`gossip_sgp.liveness.lost_weight` tells how much weight dead workers took
-        with them.
+        from the peer; ``written_off_to``: per peer, the shares written off as lost (in the
+        asynchronous mode at most one on each link into a dead peer). It first waits (at
+        most a second) for the peers to acknowledge the last messages sent. Gather the
+        survivors' reports after ``consensus()`` and :func:`gossip_sgp.liveness.lost_weight`
+        tells how much weight dead workers took with them.
         """
         node, received = self.node, self.protocol.mailbox.weight_from
         node.wait_acknowledged(_ACK_SETTLE)  # the last round's acknowledgements
@@ -736,6 +748,7 @@ class SGP:
             "suspected": sorted(node.down_peers()),
             "rejoined": self.rejoined,
             "net_weight_to": {str(p): acked.get(p, 0.0) - received.get(p, 0.0) for p in peers},
+            "written_off_to": {str(p): n for p, n in sorted(node.written_off.items())},
         }
 
     # --------------------------------------------------------------- checkpoints

@@ -50,7 +50,7 @@ def start_job(
 
 @pytest.mark.measured
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("staleness", ["0"])
+@pytest.mark.parametrize("staleness", ["0", "none"])
 def test_survivors_of_a_kill_9_finish_and_account_for_its_mass(
     jobs: Jobs, tmp_path: Path, record_property: Record, staleness: str
 ) -> None:
@@ -77,6 +77,11 @@ def test_survivors_of_a_kill_9_finish_and_account_for_its_mass(
     assert summary["consensus_error"] <= 1e-3
     for worker in summary["per_worker"]:
         assert 3 in worker["mass"]["suspected"], worker  # every survivor is a neighbour of 3
+        if staleness == "none":
+            # The link window: rank 3 took at most one share per link into it (rank 2's
+            # and rank 1's), besides its own weight; before, each share sent to it took a
+            # send credit along, and the survivors wrote off 2.6-3.2 of the 4 units.
+            assert worker["mass"]["written_off_to"].get("3", 0) <= 1, worker
     # No mass created: the survivors hold at most the 4 units the job started with, and
     # exactly what the ledgers say rank 3 did not take with it.
     weight, lost = summary["weight_sum"], summary["lost_weight"]

@@ -114,6 +114,16 @@ def wait_for_request(sgp: SGP) -> None:
         time.sleep(0.01)
 
 
+def wait_acknowledged(node: GossipNode, peer: int = 1) -> None:
+    """Until ``peer`` has acknowledged every share ``node`` sent it. In the asynchronous
+    mode a share on the way fills its link (the link window): the next round's share to that
+    peer waits for the acknowledgement, so a test that expects one waits for it too."""
+    deadline = time.monotonic() + 5
+    while node.outstanding(peer):
+        assert time.monotonic() < deadline, f"rank {peer} did not acknowledge"
+        time.sleep(0.01)
+
+
 def test_a_join_request_during_consensus_is_refused_at_once() -> None:
     """Rank 1, restarted, asks rank 0 for mass while rank 0 is in its real ``consensus()``
     (held in round 0 until rank 1 answers): rank 0 refuses at once and gives nothing away,
@@ -167,12 +177,15 @@ def test_after_consensus_a_request_is_served_again() -> None:
         node1.send_join(0)
         wait_for_request(sgp)
         weight = sgp.weight
-        sgp.step()  # serves the request first, then gossips its own (asynchronous) round
+        sgp.step()  # serves the request; the half fills the link, so it keeps this round's mass
         assert peer.wait_for(lambda got: any(m.meta.get("join") for m in got)), "no half came"
         (half,) = [m for m in peer.shares() if m.meta.get("join")]
         assert half.meta["join"] == 1
         assert half.weight == weight / 2
         assert not refusals(peer.got)
+        assert sgp.weight == weight / 2
+        wait_acknowledged(node0)
+        sgp.step()  # gossips its own (asynchronous) round
         # two consensus rounds, the join share, the step's own round
         assert peer.wait_for(lambda got: len({m.seq for m in got if m.kind == MASS}) == 4)
         assert sgp.weight == weight / 4
@@ -256,6 +269,7 @@ def test_codec_references_start_afresh_with_a_restarted_peer() -> None:
             time.sleep(0.01)
         for _ in range(3):
             sgp.step()
+            wait_acknowledged(node0)
         assert peer.wait_for(lambda got: len([m for m in got if m.kind == MASS]) >= 3)
         assert [m.meta["key"] for m in peer.shares()] == [1, 0, 0]
         # Its first life's shares folded (acknowledged) first: a copy of one sent after the

@@ -183,6 +183,43 @@ def test_asynchronous_consensus_folds_a_share_lost_near_the_end_of_training(
 
 
 @pytest.mark.timeout(60)
+def test_a_peer_that_stops_folding_gets_one_share_per_link_and_the_others_gossip_on() -> None:
+    # Asynchronous, 4 workers: rank 3 passes the start-up barrier, then stops stepping. Its
+    # node stays up (it heartbeats, so nobody suspects it) and nothing it receives is folded
+    # or acknowledged. Its in-peers (ranks 1 and 2) may have one share on the way to it, no
+    # more (the link window); so it neither takes more of their mass nor collects the send
+    # credit of ranks 0-2, who keep gossiping among themselves. (With the credit alone,
+    # every share sent to rank 3 took a credit along, and rank 0 sent 5 shares in 80 rounds.)
+    n, steps = 4, 80
+    finished = threading.Barrier(n - 1)
+    release = threading.Event()
+
+    def fn(rank: int, node: GossipNode) -> dict[str, Any]:
+        x = torch.nn.Parameter(torch.full((5,), float(rank), dtype=torch.float64))
+        sgp = SGP([x], torch.optim.SGD([x], lr=0.0), node, staleness=None, timeout=30.0)
+        if rank == n - 1:
+            while sgp.round < sgp._start_rounds:
+                sgp.step()
+            release.wait(40)
+            return {}
+        most = 0
+        for _ in range(steps):
+            sgp.step()
+            time.sleep(0.005)  # a step's time: shares flow, and earn send credit back
+            most = max(most, node.outstanding(n - 1))
+        finished.wait(40)
+        release.set()
+        return {"most": most, "sent": steps - sgp.skipped_rounds, "suspected": node.down_peers()}
+
+    results = run_workers(n, fn)[: n - 1]
+    for rank, r in enumerate(results):
+        assert r["suspected"] == set(), (rank, r)
+        assert r["most"] <= 1, (rank, r)  # one share at most on each link into rank 3
+        assert r["sent"] >= 15, (rank, r)  # and gossip among ranks 0-2 goes on
+    assert [r["most"] for r in results[1:]] == [1, 1]  # rank 3's in-peers did send to it
+
+
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("staleness", [1, None])
 def test_training_goes_on_after_consensus(staleness: int | None) -> None:
     n = 4
