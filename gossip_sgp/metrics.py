@@ -20,8 +20,8 @@ import math
 import socket
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 import torch
@@ -37,10 +37,7 @@ from prometheus_client.registry import Collector
 from gossip_sgp.errors import GossipError
 from gossip_sgp.mailbox import Receipt
 from gossip_sgp.message import Message
-
-if TYPE_CHECKING:  # node and sgp import this module
-    from gossip_sgp.node import GossipNode
-    from gossip_sgp.sgp import SGP
+from gossip_sgp.stats import NodeStats, TrainingStats
 
 __all__ = [
     "AGE_BUCKETS",
@@ -109,7 +106,8 @@ class GossipMetrics:
 
     def __init__(
         self,
-        node: GossipNode,
+        rank: int,
+        node_stats: Callable[[], NodeStats],
         registry: CollectorRegistry | None = None,
         *,
         peer_up_window: float = PEER_UP_WINDOW,
@@ -117,11 +115,13 @@ class GossipMetrics:
         if not peer_up_window > 0:
             raise ValueError(f"peer_up_window must be > 0 seconds, got {peer_up_window}")
         self.registry = CollectorRegistry() if registry is None else registry
-        self.node = node
+        self.rank = rank
+        self.node_stats = node_stats
+        """Called at every scrape: the node's counters (``GossipNode.snapshot``)."""
+        self.training_stats: Callable[[], TrainingStats] | None = None
+        """Called at every scrape once an SGP wrapper is attached (``SGP.snapshot``)."""
         self.peer_up_window = float(peer_up_window)
         self.started = time.time()
-        rank = str(node.rank)
-        self._sgp: SGP | None = None
         self._lock = threading.Lock()
         # (sender, seq) -> (sent_at, sample of the sender's de-biased model or None)
         self._pending: dict[tuple[int, int], tuple[float, tuple[torch.Tensor, ...] | None]] = {}
@@ -150,15 +150,16 @@ class GossipMetrics:
             self.registry.register(_Collector(self))
         except ValueError as exc:  # names taken: a registry shared by two nodes
             raise GossipError(
-                f"rank {node.rank}: the metrics registry already holds gossip-sgp metrics; "
+                f"rank {rank}: the metrics registry already holds gossip-sgp metrics; "
                 f"give each GossipNode a registry of its own ({exc})"
             ) from None
-        self._age = age.labels(rank=rank)
-        self._staleness = staleness.labels(rank=rank)
+        self._age = age.labels(rank=str(rank))
+        self._staleness = staleness.labels(rank=str(rank))
 
-    def watch(self, sgp: SGP) -> None:
-        """Read ``sgp``'s state at scrape time (called by ``SGP.__init__``)."""
-        self._sgp = sgp
+    def watch(self, training_stats: Callable[[], TrainingStats]) -> None:
+        """Read the training state from ``training_stats()`` at scrape time (called by
+        ``SGP.__init__`` with its ``snapshot``)."""
+        self.training_stats = training_stats
 
     # ----------------------------------------------------------- hooks (hot path)
     def received(self, message: Message) -> object:
@@ -225,10 +226,6 @@ class GossipMetrics:
             return None
         return relative_distance(*pair)
 
-    def peers(self) -> list[int]:
-        """The ranks this worker exchanges mass with (all others until SGP is attached)."""
-        return sorted(self.node.neighbours)
-
 
 def _counter(name: str, doc: str, labels: Sequence[str] = ()) -> CounterMetricFamily:
     return CounterMetricFamily(name, doc, labels=["rank", *labels])
@@ -246,12 +243,13 @@ class _Collector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         m = self.metrics
-        node, sgp = m.node, m._sgp
-        rank = str(node.rank)
-        yield from self._training(rank, sgp)
+        node = m.node_stats()
+        training = m.training_stats() if m.training_stats is not None else None
+        rank = str(m.rank)
+        yield from self._training(rank, training)
         yield from self._traffic(rank, node)
         yield from self._peers(rank, node)
-        yield from self._losses(rank, node, sgp)
+        yield from self._losses(rank, node, training)
         folded = _counter(
             "gossip_sgp_folded_messages", "Received messages whose mass was folded in"
         )
@@ -274,7 +272,7 @@ class _Collector(Collector):
             g.add_metric([rank], distance)
             yield g
 
-    def _training(self, rank: str, sgp: SGP | None) -> Iterator[Metric]:
+    def _training(self, rank: str, sgp: TrainingStats | None) -> Iterator[Metric]:
         if sgp is None:
             return
         steps = _counter("gossip_sgp_steps", "SGP.step() calls")
@@ -289,23 +287,23 @@ class _Collector(Collector):
         rounds.add_metric([rank], sgp.round)
         skipped = _counter(
             "gossip_sgp_skipped_rounds",
-            "Asynchronous rounds in which this worker kept its mass (no send credit)",
+            "Asynchronous rounds in which this worker kept its mass (no send credit, or its "
+            "out-peer's link still held a share not folded)",
         )
         skipped.add_metric([rank], sgp.skipped_rounds)
         weight = _gauge(
             "gossip_sgp_weight", "Push-sum weight w of this worker at the end of its last round"
         )
-        weight.add_metric([rank], sgp.round_weight)
+        weight.add_metric([rank], sgp.weight)
         yield from (steps, step_time, rounds, skipped, weight)
         if sgp.loss is not None:
             loss = _gauge("gossip_sgp_loss", "Training loss last reported with SGP.report()")
             loss.add_metric([rank], sgp.loss)
             yield loss
 
-    def _traffic(self, rank: str, node: GossipNode) -> Iterator[Metric]:
-        try:
-            stats = node.stats
-        except GossipError:  # not started yet: no transport
+    def _traffic(self, rank: str, node: NodeStats) -> Iterator[Metric]:
+        stats = node.traffic
+        if stats is None:  # not started yet: no transport
             return
         families = (
             ("gossip_sgp_messages_sent", "Messages handed to the wire", stats.messages_sent),
@@ -315,7 +313,7 @@ class _Collector(Collector):
         )
         for name, doc, counts in families:
             family = _counter(name, doc + ", per peer", ["peer"])
-            for peer, value in sorted(dict(counts).items()):
+            for peer, value in sorted(counts.items()):
                 family.add_metric([rank, str(peer)], value)
             yield family
         errors = _counter(
@@ -323,7 +321,7 @@ class _Collector(Collector):
             "Failed sends, per peer (a full queue: sent again; else lost)",
             ["peer"],
         )
-        for peer, value in sorted(dict(node.send_errors).items()):
+        for peer, value in sorted(node.send_errors.items()):
             errors.add_metric([rank, str(peer)], value)
         yield errors
         raw, wire = node.payload_raw_bytes_sent, node.payload_bytes_sent
@@ -344,13 +342,13 @@ class _Collector(Collector):
             ratio.add_metric([rank], raw / wire)
             yield ratio
 
-    def _peers(self, rank: str, node: GossipNode) -> Iterator[Metric]:
+    def _peers(self, rank: str, node: NodeStats) -> Iterator[Metric]:
         rtt = _gauge(
             "gossip_sgp_peer_rtt_seconds",
             "Median time from sending a message to its acknowledgement (fold-in), per peer",
             ["peer"],
         )
-        for peer, seconds in sorted(node.rtt_medians().items()):
+        for peer, seconds in sorted(node.rtt_medians.items()):
             rtt.add_metric([rank, str(peer)], seconds)
         outstanding = _gauge(
             "gossip_sgp_outstanding_messages",
@@ -364,15 +362,13 @@ class _Collector(Collector):
             ["peer"],
         )
         now = time.monotonic()
-        heard = dict(node.last_heard)
-        suspected = node.down_peers()
         count = 0
-        peers = self.metrics.peers()
+        peers = sorted(node.neighbours)  # every other rank until an SGP wrapper picks them
         for peer in peers:
-            outstanding.add_metric([rank, str(peer)], node.outstanding(peer))
+            outstanding.add_metric([rank, str(peer)], node.outstanding.get(peer, 0))
             alive = (
-                peer not in suspected
-                and now - heard.get(peer, -math.inf) <= self.metrics.peer_up_window
+                peer not in node.down
+                and now - node.last_heard.get(peer, -math.inf) <= self.metrics.peer_up_window
             )
             count += alive
             up.add_metric([rank, str(peer)], float(alive))
@@ -382,15 +378,13 @@ class _Collector(Collector):
         downs.add_metric([rank], len(peers) - count)
         yield from (rtt, outstanding, up, ups, downs)
 
-    def _losses(self, rank: str, node: GossipNode, sgp: SGP | None) -> Iterator[Metric]:
+    def _losses(self, rank: str, node: NodeStats, sgp: TrainingStats | None) -> Iterator[Metric]:
         reasons: dict[str, int] = dict(node.rejected)
-        try:
-            for reason, value in dict(node.stats.rejected).items():
-                reasons[reason] = reasons.get(reason, 0) + value
-        except GossipError:
-            pass
-        if sgp is not None:
-            for reason, value in dict(sgp.protocol.mailbox.rejected).items():
+        for more in (
+            node.traffic.rejected if node.traffic is not None else {},
+            sgp.rejected if sgp is not None else {},
+        ):
+            for reason, value in more.items():
                 reasons[reason] = reasons.get(reason, 0) + value
         rejected = _counter(
             "gossip_sgp_rejected_messages", "Received messages refused, per reason", ["reason"]
@@ -402,7 +396,7 @@ class _Collector(Collector):
             "Push-sum messages whose mass this worker lost, per reason",
             ["reason"],
         )
-        for reason, value in sorted(dict(node.dropped).items()):
+        for reason, value in sorted(node.dropped.items()):
             dropped.add_metric([rank, reason], value)
         # A gauge: a write-off taken back (a peer suspected by mistake acknowledges after
         # all) lowers it, which a counter must never do (Prometheus would see a reset).

@@ -32,7 +32,9 @@ import time
 import types
 from collections import Counter, deque
 from collections.abc import Callable, Collection, Coroutine, Sequence
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn
+
+from prometheus_client import CollectorRegistry
 
 from gossip_sgp.config import GossipConfig
 from gossip_sgp.errors import (
@@ -47,11 +49,8 @@ from gossip_sgp.liveness import FailureDetector
 from gossip_sgp.mailbox import Receipt
 from gossip_sgp.message import CONTROL_KINDS, Message, MessageKind
 from gossip_sgp.metrics import GossipMetrics, MetricsServer
-
-if TYPE_CHECKING:  # transports imports gossip_sgp: a runtime import here would be circular
-    from prometheus_client import CollectorRegistry
-
-    from transports.base import Transport, TransportStats
+from gossip_sgp.stats import NodeStats, TrafficStats
+from transports.base import HoldsBacklog, PlansRounds, Transport, TransportStats
 
 __all__ = ["GossipNode"]
 
@@ -266,7 +265,7 @@ class GossipNode:
         self.metrics: GossipMetrics | None = None
         """This worker's metrics; None when off (no ``metrics_port``, no ``registry``)."""
         if registry is not None or config.metrics_port:
-            self.metrics = GossipMetrics(self, registry)
+            self.metrics = GossipMetrics(self.rank, self.snapshot, registry)
         self._metrics_server: MetricsServer | None = None
 
     def _link(self, peer: int) -> OutLink:
@@ -469,8 +468,6 @@ class GossipNode:
                 ) from None
             raise
         self._tasks.add(asyncio.create_task(self._receive(transport)))
-        from transports.base import HoldsBacklog  # see the TYPE_CHECKING import above
-
         if isinstance(transport, HoldsBacklog):
             self._backlog = transport.backlog
         if not self.plans_rounds:  # round-by-round transports: no heartbeats, no retries
@@ -1090,6 +1087,38 @@ class GossipNode:
         with self._lock:
             return self._detector.timeout(peer)
 
+    def snapshot(self) -> NodeStats:
+        """A copy of this node's counters and link states, for the metrics (thread-safe)."""
+        traffic = None
+        if self._transport is not None:
+            t = self._transport.stats
+            traffic = TrafficStats(
+                messages_sent=dict(t.messages_sent),
+                bytes_sent=dict(t.bytes_sent),
+                messages_received=dict(t.messages_received),
+                bytes_received=dict(t.bytes_received),
+                rejected=dict(t.rejected),
+            )
+        neighbours = self.neighbours
+        with self._lock:
+            outstanding = {peer: self._link(peer).outstanding() for peer in neighbours}
+            down = frozenset(self._detector.down)
+        return NodeStats(
+            rank=self.rank,
+            traffic=traffic,
+            send_errors=dict(self.send_errors),
+            payload_bytes_sent=self.payload_bytes_sent,
+            payload_raw_bytes_sent=self.payload_raw_bytes_sent,
+            neighbours=neighbours,
+            rtt_medians=self.rtt_medians(),
+            outstanding=outstanding,
+            last_heard=dict(self.last_heard),
+            down=down,
+            rejected=dict(self.rejected),
+            dropped=dict(self.dropped),
+            lost_weight=self.lost_weight,
+        )
+
     @property
     def neighbours(self) -> frozenset[int]:
         """The peers heartbeats flow to: every other rank, or those SGP's topology pairs."""
@@ -1142,7 +1171,7 @@ class GossipNode:
         :meth:`plan_round` (torch.distributed): it cannot run asynchronous SGP."""
         if self._transport is None:
             return self.config.transport == "torch"
-        return hasattr(self._transport, "plan_round")
+        return isinstance(self._transport, PlansRounds)
 
     def plan_round(self, round: int, receive_from: Sequence[int], send_to: Sequence[int]) -> None:
         """Tell a round-by-round transport whom ``round`` pairs this rank with (thread-safe).
@@ -1152,7 +1181,10 @@ class GossipNode:
         """
         if not self.plans_rounds:
             return
-        plan = self._transport.plan_round  # type: ignore[union-attr]
+        transport = self._transport
+        if not isinstance(transport, PlansRounds):
+            raise GossipError(f"the gossip node of rank {self.rank} has not been started")
+        plan = transport.plan_round
         with self._lock:
             self._running_loop().call_soon_threadsafe(
                 self._plan, plan, round, list(receive_from), list(send_to)

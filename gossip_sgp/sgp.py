@@ -52,6 +52,7 @@ from gossip_sgp.message import Message, MessageKind, fingerprint
 from gossip_sgp.node import GossipNode
 from gossip_sgp.protocol import PushSumProtocol
 from gossip_sgp.pushsum import PushSumState
+from gossip_sgp.stats import TrainingStats
 from topologies import Topology
 
 __all__ = ["SGP"]
@@ -184,8 +185,6 @@ class SGP:
         self.round_weight = self.state.weight
         """The push-sum weight at the end of the last round (mid-round, ``weight`` is split)."""
         self._metrics = node.metrics
-        if self._metrics is not None:
-            self._metrics.watch(self)
         self._folded_through = -1  # every round <= this has been waited for and folded in
         # Per peer, the restarts whose codec references were reset: by the gossip thread for
         # links from the peer, by the training thread for links to it.
@@ -194,6 +193,8 @@ class SGP:
         self.skipped_rounds = 0
         """Asynchronous rounds in which this worker kept its mass (no send credit, or a full
         link to its out-peer)."""
+        if self._metrics is not None:  # read at scrape time: everything snapshot() reads is set
+            self._metrics.watch(self.snapshot)
         self._initial_credit = _INITIAL_CREDIT * max(
             (len(self.topology.out_peers(node.rank, r)) for r in range(self.topology.period)),
             default=0,
@@ -355,6 +356,18 @@ class SGP:
         exported as NaN: a diverging run shows).
         """
         self.loss = float(loss)
+
+    def snapshot(self) -> TrainingStats:
+        """A copy of this wrapper's counters, for the metrics (thread-safe)."""
+        return TrainingStats(
+            steps=self.steps,
+            step_seconds=self.step_seconds,
+            round=self.round,
+            skipped_rounds=self.skipped_rounds,
+            weight=self.round_weight,
+            loss=self.loss,
+            rejected=dict(self.protocol.mailbox.rejected),
+        )
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Same as the wrapped optimizer's ``zero_grad``."""

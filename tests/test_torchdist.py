@@ -27,7 +27,10 @@ from gossip_sgp.launch import find_free_ports
 from gossip_sgp.message import Message, MessageKind
 from tests.procs import Jobs
 from tests.threads import run_threads
+from transports import InProcNetwork
+from transports.base import PlansRounds
 from transports.torchdist import HEADER_BYTES, TorchDistTransport
+from transports.zmq import ZmqTransport
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -129,6 +132,13 @@ async def test_send_needs_a_planned_round_and_drops_acknowledgements() -> None:
     transport.plan_round(7, [0], [0])
     with pytest.raises(WireError, match="bad_weight"):  # refused at send, not in the exchange
         await transport.send(0, _message(sender=1, receiver=0, round=7, weight=float("nan")))
+
+
+def test_only_the_torch_transport_plans_rounds() -> None:
+    assert isinstance(TorchDistTransport(1, 4, device="cpu"), PlansRounds)
+    assert not isinstance(InProcNetwork(2).transport(0), PlansRounds)
+    zmq_transport = ZmqTransport(0, ["tcp://127.0.0.1:1", "tcp://127.0.0.1:2"], fingerprint=None)
+    assert not isinstance(zmq_transport, PlansRounds)  # never started: no socket
 
 
 def test_sgp_refuses_asynchronous_mode_over_torch_distributed() -> None:

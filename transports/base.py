@@ -14,14 +14,14 @@ It is created and used inside one running asyncio event loop (the node's gossip 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from gossip_sgp.errors import TransportClosed
 from gossip_sgp.message import Message
 
-__all__ = ["HoldsBacklog", "Transport", "TransportStats", "iter_messages"]
+__all__ = ["HoldsBacklog", "PlansRounds", "Transport", "TransportStats", "iter_messages"]
 
 
 @dataclass
@@ -72,6 +72,17 @@ class HoldsBacklog(Protocol):
     def backlog(self, peer: int) -> int:
         """Push-sum messages to ``peer`` handed to :meth:`Transport.send` and not yet
         written out to the network."""
+
+
+@runtime_checkable
+class PlansRounds(Protocol):
+    """An optional capability: a transport that exchanges messages only in rounds planned
+    ahead (torch.distributed: both ends of a send must post it). Such a transport carries
+    no heartbeats, acknowledgements or copies, so it cannot run asynchronous SGP."""
+
+    def plan_round(self, round: int, receive_from: Sequence[int], send_to: Sequence[int]) -> None:
+        """Round ``round`` receives from ``receive_from`` and sends to ``send_to``; called
+        in the event loop's thread, rounds in increasing order, each before its sends."""
 
 
 async def iter_messages(transport: Transport) -> AsyncIterator[Message]:
