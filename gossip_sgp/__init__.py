@@ -20,6 +20,7 @@ from gossip_sgp.errors import (
     TransportError,
     WireError,
 )
+from gossip_sgp.settings import LinkSettings
 
 if TYPE_CHECKING:  # the lazy names below, for type checkers
     from gossip_sgp.mailbox import Mailbox
@@ -65,6 +66,7 @@ __all__ = [
     "GossipError",
     "GossipNode",
     "GossipTimeout",
+    "LinkSettings",
     "Mailbox",
     "Message",
     "MessageKind",

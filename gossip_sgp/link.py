@@ -3,8 +3,8 @@
 Everything a worker knows about what it sent to one peer lives in an :class:`OutLink`: the
 push-sum shares not acknowledged yet, the skip notices not acknowledged yet, the shares
 written off as lost (an acknowledgement that comes after all takes one back), the round-trip
-times (Karn's rule) and the retransmission timing (:func:`retry_after`), the weight the peer
-acknowledged, and the incarnation of the peer last heard. Its methods take the time ``now``
+times (Karn's rule) and the retransmission timing (``LinkSettings.retry_after``), the weight
+the peer acknowledged, and the incarnation of the peer last heard. Its methods take the time ``now``
 (monotonic seconds) as an argument and return what to do - which messages to send again,
 which shares are now written off - as :class:`~gossip_sgp.liveness.FailureDetector` does for
 liveness. :class:`~gossip_sgp.node.GossipNode` drives one per peer under its lock: it owns
@@ -22,40 +22,9 @@ import statistics
 from collections import deque
 
 from gossip_sgp.message import Message, MessageKind
+from gossip_sgp.settings import LinkSettings
 
-__all__ = ["MAX_SKIPS", "MAX_UNACKED", "OutLink", "Sent", "retry_after"]
-
-MAX_UNACKED = 1024
-"""Unacknowledged shares kept per link; older ones are written off as lost."""
-MAX_SKIPS = 64
-"""Skip notices awaiting acknowledgement kept per link; older ones are not sent again."""
-RETRY_MIN_S = 0.01
-"""The shortest wait before a message is sent again, however short the round trips."""
-RETRY_RTTS = 4
-"""A message is sent again after this many median round trips without an acknowledgement."""
-RETRY_FIRST_S = 1.0
-"""Before any round trip is known: this long, plus the message's size at the assumed rate."""
-ASSUMED_BYTES_PER_S = 12.5e6
-"""The rate assumed for a link whose round trip is not known yet (100 Mbit/s)."""
-RETRY_MAX_S = 120.0
-"""The longest wait between two copies of a message (after exponential back-off)."""
-
-
-def retry_after(rtt: float | None, nbytes: int, copies: int) -> float:
-    """Seconds without an acknowledgement after which a message of ``nbytes`` bytes that
-    was sent ``copies`` times again already is sent once more.
-
-    ``rtt`` is the median of the link's recent round trips (None while none is known),
-    timed from messages never sent again (Karn's rule: an acknowledgement of a message sent
-    twice does not say which copy it answers). Each copy doubles the wait (exponential
-    back-off), so a slow link gets a few copies, not a storm, and a dead one ever fewer until
-    it is suspected.
-    """
-    if rtt is not None:
-        first = max(RETRY_MIN_S, RETRY_RTTS * rtt)
-    else:
-        first = RETRY_FIRST_S + nbytes / ASSUMED_BYTES_PER_S
-    return min(RETRY_MAX_S, math.ldexp(first, min(copies, 32)))
+__all__ = ["OutLink", "Sent"]
 
 
 @dataclasses.dataclass(slots=True)
@@ -66,7 +35,8 @@ class Sent:
     first_sent: float
     """Monotonic time of the first send (round trips are timed from it)."""
     last_sent: float
-    """Monotonic time of the latest copy (the next copy is due ``retry_after`` later),
+    """Monotonic time of the latest copy (the next copy is due ``retry_after`` later,
+    see :class:`~gossip_sgp.settings.LinkSettings`),
     moved forward by the time the link was busy since (see ``OutLink.due``)."""
     copies: int = 0
     """Times it was sent again."""
@@ -83,18 +53,14 @@ class OutLink:
     """
 
     def __init__(
-        self,
-        peer: int,
-        *,
-        max_unacked: int = MAX_UNACKED,
-        max_skips: int = MAX_SKIPS,
-        max_rtts: int = 64,
+        self, peer: int, *, settings: LinkSettings | None = None, max_rtts: int = 64
     ) -> None:
-        if min(max_unacked, max_skips, max_rtts) < 1:
-            raise ValueError("max_unacked, max_skips and max_rtts must be >= 1")
+        if max_rtts < 1:
+            raise ValueError("max_rtts must be >= 1")
         self.peer = peer
-        self.max_unacked = max_unacked
-        self.max_skips = max_skips
+        self.settings = LinkSettings() if settings is None else settings
+        self.max_unacked = self.settings.max_unacked
+        self.max_skips = self.settings.max_skips
         self.unacked: dict[int, Sent] = {}
         """Shares sent and neither acknowledged nor written off, by sequence number."""
         self.skips: dict[int, Sent] = {}
@@ -164,7 +130,9 @@ class OutLink:
         for entry in (*self.unacked.values(), *self.skips.values()):
             # One comparison for both answers: with ``now - last_sent >= after`` a share
             # could be not due and yet have ``last_sent + after - now`` round to 0.0.
-            due_at = entry.last_sent + retry_after(rtt, entry.message.nbytes, entry.copies)
+            due_at = entry.last_sent + self.settings.retry_after(
+                rtt, entry.message.nbytes, entry.copies
+            )
             if now >= due_at:
                 due.append(entry.message)
                 entry.last_sent, entry.copies = now, entry.copies + 1
@@ -186,7 +154,7 @@ class OutLink:
         acknowledgement already counted, or a forged one)."""
         entry = self.unacked.pop(seq, None)
         if entry is not None:
-            if not entry.copies:  # Karn's rule: see retry_after
+            if not entry.copies:  # Karn's rule: see LinkSettings.retry_after
                 self.rtts.append(now - entry.first_sent)
             weight, taken_back = entry.message.weight, False
         elif seq in self.written_off:

@@ -44,11 +44,12 @@ from gossip_sgp.errors import (
     TransportError,
     WireError,
 )
-from gossip_sgp.link import MAX_UNACKED, RETRY_MIN_S, OutLink, Written
+from gossip_sgp.link import OutLink, Written
 from gossip_sgp.liveness import FailureDetector
 from gossip_sgp.mailbox import Receipt
 from gossip_sgp.message import CONTROL_KINDS, Message, MessageKind
 from gossip_sgp.metrics import GossipMetrics, MetricsServer
+from gossip_sgp.settings import LinkSettings
 from gossip_sgp.stats import NodeStats, TrafficStats
 from transports.base import HoldsBacklog, PlansRounds, Transport, TransportStats
 
@@ -57,19 +58,6 @@ __all__ = ["GossipNode"]
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Message], object]
-
-_HEARTBEAT_S = 0.5
-"""A neighbour that has been sent nothing for this long gets a heartbeat."""
-_SUSPECT_FLOOR_S = 10 * _HEARTBEAT_S
-"""The shortest silence after which a peer heard before is suspected down (see
-:class:`~gossip_sgp.liveness.FailureDetector`: above it the timeout adapts to the gaps
-observed); ten missed heartbeats, so a worker whose gossip thread stalls for a few seconds
-on an overloaded machine is not taken for dead."""
-_SUSPECT_INITIAL_S = 3 * _SUSPECT_FLOOR_S
-"""The timeout while too few gaps have been observed to adapt it."""
-
-_MAX_EARLY = 4096
-"""Messages kept for a subscriber that has not subscribed yet; beyond that the oldest go."""
 
 _START_TIMEOUT = 30.0
 """Seconds the transport gets to start (bind, connect)."""
@@ -177,6 +165,9 @@ class GossipNode:
     ``http://{config.metrics_host}:{port}/metrics`` from start to close. ``registry``
     collects them into a ``prometheus_client.CollectorRegistry`` of your own (one per node)
     whether or not they are served; with neither, metrics cost nothing.
+
+    ``settings``: the liveness, retransmission and memory bounds of the links
+    (:class:`~gossip_sgp.settings.LinkSettings`; the defaults suit most networks).
     """
 
     def __init__(
@@ -185,8 +176,10 @@ class GossipNode:
         *,
         transport: Transport | None = None,
         registry: CollectorRegistry | None = None,
+        settings: LinkSettings | None = None,
     ) -> None:
         self.config = config
+        self.settings = LinkSettings() if settings is None else settings
         self.rank = config.rank
         self.world_size = config.world_size
         self._transport = transport
@@ -211,13 +204,15 @@ class GossipNode:
         self._handler: Handler | None = None
         self._on_close: Callable[[], object] | None = None
         self._fingerprint: int | None = None
-        self._early: deque[Message] = deque(maxlen=_MAX_EARLY)
+        self._early: deque[Message] = deque(maxlen=self.settings.max_early)
         self._sigterm_installed = False
         self._hurry = False
         # What this node sent to each peer and has not had acknowledged, its write-offs,
         # round trips and incarnation: one state machine per link (gossip_sgp/link.py).
         self._links: dict[int, OutLink] = {}
-        self._detector = FailureDetector(floor=_SUSPECT_FLOOR_S, initial=_SUSPECT_INITIAL_S)
+        self._detector = FailureDetector(
+            floor=self.settings.suspect_floor_s, initial=self.settings.suspect_initial_s
+        )
         self._neighbours: frozenset[int] = frozenset(range(self.world_size)) - {self.rank}
         self._last_sent: dict[int, float] = {}  # per peer: a share queued (gossip thread)
         self._last_control: dict[int, float] = {}  # per peer: a control message queued
@@ -245,7 +240,7 @@ class GossipNode:
         """Messages the node rejected after the transport accepted them, per reason."""
         self.dropped: Counter[str] = Counter()
         """Push-sum messages whose mass the node lost, per reason: ``handler_error`` (the
-        subscriber raised), ``early_overflow`` (more than ``_MAX_EARLY`` arrived before
+        subscriber raised), ``early_overflow`` (more than ``settings.max_early`` arrived before
         anyone subscribed), ``closed`` (still unsent when the node closed)."""
         self.lost_weight = 0.0
         """Push-sum weight of the messages in ``dropped`` and of failed sends not sent again,
@@ -272,7 +267,7 @@ class GossipNode:
         """The state machine of the link to ``peer`` (call with ``_lock`` held)."""
         link = self._links.get(peer)
         if link is None:
-            link = self._links[peer] = OutLink(peer)
+            link = self._links[peer] = OutLink(peer, settings=self.settings)
         return link
 
     @property
@@ -734,12 +729,12 @@ class GossipNode:
         waits in this node's queue per peer (the transport may hold more for a dead one:
         ``CONTROL_HWM`` over ZeroMQ).
         """
-        if now - self._last_control.get(peer, -math.inf) < _HEARTBEAT_S:
+        if now - self._last_control.get(peer, -math.inf) < self.settings.heartbeat_s:
             return False
         control = self._control_queues.get(peer)
         if control is not None and control.qsize():
             return False
-        recent = now - self._last_sent.get(peer, -math.inf) < _HEARTBEAT_S
+        recent = now - self._last_sent.get(peer, -math.inf) < self.settings.heartbeat_s
         return not (recent and not self._queued_mass[peer] and not self._backlog(peer))
 
     async def _watch_peers(self) -> None:
@@ -753,9 +748,9 @@ class GossipNode:
         """
         previous = time.monotonic()
         while True:
-            await asyncio.sleep(_HEARTBEAT_S)
+            await asyncio.sleep(self.settings.heartbeat_s)
             now = time.monotonic()
-            stalled, previous = now - previous > 2 * _HEARTBEAT_S, now
+            stalled, previous = now - previous > 2 * self.settings.heartbeat_s, now
             with self._lock:
                 down = [] if stalled else self._detector.check(now)
             for peer in down:
@@ -782,16 +777,16 @@ class GossipNode:
                 )
 
     async def _retransmit(self) -> None:
-        """Send again what a live peer has not acknowledged in time (``retry_after``: 4
-        median round trips, at least ``RETRY_MIN_S``; before any round trip is known 1 s
-        plus the message's size at 100 Mbit/s; doubled for every copy): the message or its
+        """Send again what a live peer has not acknowledged in time (``settings.retry_after``:
+        4 median round trips, at least 10 ms; before any round trip is known 1 s plus the
+        message's size at 100 Mbit/s; doubled for every copy): the message or its
         acknowledgement was lost on the way. The receiver folds a message
         once, whatever the number of copies (sequence numbers), and acknowledges every copy.
         So a lost message costs a synchronous worker a few round trips of waiting instead of
         a ``GossipTimeout``, and an asynchronous one gets its send credit back."""
         while True:
             due: list[Message] = []
-            wait = _HEARTBEAT_S
+            wait = self.settings.heartbeat_s
             with self._lock:
                 now = time.monotonic()
                 for peer, link in self._links.items():
@@ -810,7 +805,7 @@ class GossipNode:
             if due:
                 self.retransmitted += len(due)
                 self._enqueue(due)
-            await asyncio.sleep(max(wait, RETRY_MIN_S))
+            await asyncio.sleep(max(wait, self.settings.retry_min_s))
 
     def _return_unsent(self, peer: int) -> None:
         """Give the ``on_take_back`` handler the shares to ``peer`` (just suspected down)
@@ -981,7 +976,7 @@ class GossipNode:
         """
         now = time.monotonic()
         late: dict[int, Written] = {}  # to peers suspected down
-        old: dict[int, Written] = {}  # beyond MAX_UNACKED: the oldest
+        old: dict[int, Written] = {}  # beyond settings.max_unacked: the oldest
         with self._lock:
             loop = self._running_loop()
             for m in messages:
@@ -1001,7 +996,7 @@ class GossipNode:
             why = "is suspected down (a message sent to it since)"
             for peer, lost in late.items():
                 loop.call_soon_threadsafe(self._report_write_off, peer, lost, why)
-            why = f"has not acknowledged {MAX_UNACKED} messages"
+            why = f"has not acknowledged {self.settings.max_unacked} messages"
             for peer, lost in old.items():
                 loud = _worth_logging(self._links[peer].overflows)  # a peer that takes nothing
                 loop.call_soon_threadsafe(
@@ -1154,7 +1149,7 @@ class GossipNode:
         """Tell ``peers`` that this node sends them no mass in ``round`` (thread-safe).
 
         A synchronous peer waits for this notice as it would for a share, so it is sent
-        again, as a share is, until the peer acknowledges it (at most ``MAX_SKIPS`` rounds
+        again, as a share is, until the peer acknowledges it (at most ``settings.max_skips`` rounds
         kept per peer).
         """
         notices = [self._heartbeat(peer, round, skip=True) for peer in peers]

@@ -200,7 +200,7 @@ class Job:
             share = Message(w.rank, peer, w.round, seq, w.weight, tensors=(), fingerprint=1)
             self.shares[(w.rank, peer, seq)] = w.weight
             self._unfolded += _units(w.weight)
-            assert not w.link(peer).sent(share, self.now)  # far below MAX_UNACKED
+            assert not w.link(peer).sent(share, self.now)  # far below settings.max_unacked
             self._send(w, share)
         w.round += 1
 

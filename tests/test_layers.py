@@ -35,7 +35,7 @@ LAYERS = (
     (
         "push-sum and the link",
         _of("compression", "config", "keys", "link", "liveness", "mailbox", "protocol")
-        + _of("pushsum", "stats"),
+        + _of("pushsum", "settings", "stats"),
     ),
     ("the worker", ("gossip_sgp", *_of("baselines", "metrics", "node", "sgp"))),
     (

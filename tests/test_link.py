@@ -17,8 +17,12 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from gossip_sgp.link import RETRY_MAX_S, RETRY_MIN_S, OutLink, retry_after
+from gossip_sgp.link import OutLink
 from gossip_sgp.message import Message, MessageKind
+from gossip_sgp.settings import LinkSettings
+
+DEFAULTS = LinkSettings()
+retry_after = DEFAULTS.retry_after
 
 PEER = 1
 
@@ -47,9 +51,9 @@ def test_retry_after_waits_for_the_size_at_first_and_backs_off() -> None:
     assert retry_after(None, 0, 0) == 1.0  # before any round trip: 1 s ...
     assert retry_after(None, 64_000_000, 0) == pytest.approx(1.0 + 5.12)  # + 64 MB at 100 Mbit/s
     assert retry_after(0.2, 64_000_000, 0) == pytest.approx(0.8)  # 4 median round trips
-    assert retry_after(0.0001, 0, 0) == RETRY_MIN_S
+    assert retry_after(0.0001, 0, 0) == DEFAULTS.retry_min_s
     assert [retry_after(0.1, 0, c) for c in range(4)] == pytest.approx([0.4, 0.8, 1.6, 3.2])
-    assert retry_after(None, 0, 10**6) == RETRY_MAX_S  # capped, no overflow
+    assert retry_after(None, 0, 10**6) == DEFAULTS.retry_max_s  # capped, no overflow
 
 
 def test_a_late_acknowledgement_takes_a_write_off_back_once() -> None:
@@ -125,7 +129,7 @@ def test_a_new_life_of_the_peer_writes_off_what_its_old_life_owed() -> None:
 
 
 def test_the_window_writes_off_the_oldest_share_beyond_max_unacked() -> None:
-    link = OutLink(PEER, max_unacked=2)
+    link = OutLink(PEER, settings=LinkSettings(max_unacked=2))
     assert link.sent(share(0, 0.25), 0.0) == {}
     assert link.sent(share(1, 0.25), 0.0) == {}
     assert set(link.sent(share(2, 0.25), 0.0)) == {0}
@@ -166,7 +170,7 @@ def test_the_ledger_closes_exactly_under_any_schedule(events: list[tuple[Any, ..
     late acknowledgement of a written-off share does not forget the write-off (a second copy
     of it counts twice), and when round trips are also timed from copied shares (Karn's
     rule)."""
-    link = OutLink(PEER, max_unacked=4, max_skips=3)
+    link = OutLink(PEER, settings=LinkSettings(max_unacked=4, max_skips=3))
     now, seq, incarnation = 0.0, 0, 1
     sent = acked = written = 0.0
     acked_seqs: set[int] = set()
@@ -235,3 +239,20 @@ def test_the_ledger_closes_exactly_under_any_schedule(events: list[tuple[Any, ..
         assert link.acked_weight == acked
         assert sum(link.written_off.values()) <= written
         assert link.outstanding() <= 4
+
+
+def test_settings_are_checked_when_made() -> None:
+    with pytest.raises(ValueError, match=r"heartbeat_s must be finite and > 0, got 0"):
+        LinkSettings(heartbeat_s=0)
+    with pytest.raises(ValueError, match="retry_max_s"):
+        LinkSettings(retry_max_s=float("inf"))
+    with pytest.raises(TypeError, match="max_unacked must be an integer"):
+        LinkSettings(max_unacked=2.5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="must be a number"):
+        LinkSettings(max_skips=True)
+    with pytest.raises(ValueError, match=r"suspect_initial_s .* at least suspect_floor_s"):
+        LinkSettings(suspect_floor_s=10.0, suspect_initial_s=5.0)
+    with pytest.raises(TypeError):
+        LinkSettings(1.0)  # type: ignore[misc]  # keyword-only
+    link = OutLink(PEER, settings=LinkSettings(retry_min_s=0.5))
+    assert link.settings.retry_after(0.001, 0, 0) == 0.5

@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from gossip_sgp import SGP, GossipConfig, GossipNode, Message
-from gossip_sgp import node as node_module
 from gossip_sgp.liveness import FailureDetector
 from gossip_sgp.message import MessageKind
+from gossip_sgp.settings import LinkSettings
 from tests.threads import run_workers, wait_until
 from transports import InProcNetwork, InProcTransport
 
@@ -59,12 +59,8 @@ def test_timeout_never_below_the_floor_and_unheard_peers_are_not_suspected() -> 
         FailureDetector(floor=1.0, initial=1.0, min_samples=1)
 
 
-@pytest.fixture
-def fast_liveness(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Heartbeats every 0.1 s and suspicion after 1 s, so the tests take seconds."""
-    monkeypatch.setattr(node_module, "_HEARTBEAT_S", 0.1)
-    monkeypatch.setattr(node_module, "_SUSPECT_FLOOR_S", 1.0)
-    monkeypatch.setattr(node_module, "_SUSPECT_INITIAL_S", 2.0)
+FAST = LinkSettings(heartbeat_s=0.1, suspect_floor_s=1.0, suspect_initial_s=2.0)
+"""Heartbeats every 0.1 s and suspicion after 1 s, so the tests with nodes take seconds."""
 
 
 def training(steps: int, *, staleness: int | None, dies: int, at: int) -> Any:
@@ -100,11 +96,12 @@ def training(steps: int, *, staleness: int | None, dies: int, at: int) -> Any:
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.usefixtures("fast_liveness")
 @pytest.mark.parametrize("staleness", [0, 1, None])
 def test_workers_detect_a_dead_peer_and_finish_without_it(staleness: int | None) -> None:
     n, dies = 4, 3
-    results = run_workers(n, training(600, staleness=staleness, dies=dies, at=50), join=80)
+    results = run_workers(
+        n, training(600, staleness=staleness, dies=dies, at=50), join=80, settings=FAST
+    )
     survivors = [r for rank, r in enumerate(results) if rank != dies]
     assert results[dies]["died"]
     for r in survivors:
@@ -137,8 +134,8 @@ def two_nodes() -> Iterator[
     received: queue.Queue[Message] = queue.Queue()
     write_offs: list[tuple[int, int]] = []
     with (
-        GossipNode(configs[0], transport=net.transport(0)) as n0,
-        GossipNode(configs[1], transport=net.transport(1)) as n1,
+        GossipNode(configs[0], transport=net.transport(0), settings=FAST) as n0,
+        GossipNode(configs[1], transport=net.transport(1), settings=FAST) as n1,
     ):
         n0.subscribe(lambda m: True, fingerprint=1)
         n0.on_write_off(lambda peer, count: write_offs.append((peer, count)))
@@ -183,7 +180,6 @@ def checks_of(node: GossipNode, monkeypatch: pytest.MonkeyPatch) -> list[tuple[f
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.usefixtures("fast_liveness")
 def test_a_mistaken_suspicion_heals(monkeypatch: pytest.MonkeyPatch) -> None:
     """Rank 1's gossip thread freezes (as on an overloaded machine) while a message from
     rank 0 waits for its fold: rank 0 suspects rank 1 and writes the message off; rank 1,
@@ -224,7 +220,6 @@ def test_a_mistaken_suspicion_heals(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.usefixtures("fast_liveness")
 def test_mass_sent_to_a_peer_already_suspected_counts_as_lost_at_once() -> None:
     """SGP looks whether an out-peer is suspected before it sends; if the suspicion comes
     between the look and the send, the write-off of that peer's messages is over already.
@@ -269,7 +264,6 @@ class _StuckToPeer1(InProcTransport):
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.usefixtures("fast_liveness")
 def test_shares_that_never_left_come_back_when_their_peer_is_suspected() -> None:
     """Rank 0 sends rank 1 five shares (1/2, 1/4, ... of its mass); the first is in flight,
     four wait in the queue when rank 1 dies. Those four provably never left: their mass
@@ -279,8 +273,8 @@ def test_shares_that_never_left_come_back_when_their_peer_is_suspected() -> None
     ports = [41500, 41501]
     config = functools.partial(GossipConfig.local, 2, ports=ports, transport="inproc")
     with (
-        GossipNode(config(0), transport=_StuckToPeer1(net, 0)) as n0,
-        GossipNode(config(1), transport=net.transport(1)) as n1,
+        GossipNode(config(0), transport=_StuckToPeer1(net, 0), settings=FAST) as n0,
+        GossipNode(config(1), transport=net.transport(1), settings=FAST) as n1,
     ):
         x = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
         sgp = SGP([x], torch.optim.SGD([x], lr=0.0), n0, staleness=0)

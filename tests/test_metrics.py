@@ -28,11 +28,11 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from gossip_sgp import SGP, GossipConfig, GossipError, GossipNode, Message, TransportError
-from gossip_sgp import node as node_module
 from gossip_sgp.cli import main
 from gossip_sgp.config import ConfigError
 from gossip_sgp.launch import find_free_ports
 from gossip_sgp.metrics import MetricsServer, relative_distance, scrape_config
+from gossip_sgp.settings import LinkSettings
 from gossip_sgp.top import Snapshot, render, scrape, summarize
 from tests import threads
 from transports import FaultSpec, InProcNetwork
@@ -47,11 +47,12 @@ def run_workers(
     *,
     faults: FaultSpec | None = None,
     metrics_ports: list[int] | None = None,
+    settings: LinkSettings | None = None,
 ) -> tuple[list[Any], list[CollectorRegistry]]:
     """Run ``fn(rank, node)`` on n threads, each node with a fresh registry."""
     registries = [CollectorRegistry() for _ in range(n)]
     results = threads.run_workers(
-        n, fn, faults=faults, metrics_ports=metrics_ports, registries=registries
+        n, fn, faults=faults, metrics_ports=metrics_ports, registries=registries, settings=settings
     )
     return results, registries
 
@@ -148,11 +149,11 @@ def test_one_registry_per_node() -> None:
 
 
 @pytest.mark.timeout(60)
-def test_training_moves_the_metrics(monkeypatch: pytest.MonkeyPatch) -> None:
-    # No heartbeats during this short run, so the message counts below are exact.
-    monkeypatch.setattr(node_module, "_HEARTBEAT_S", 3600.0)
+def test_training_moves_the_metrics() -> None:
     steps = 6
-    results, registries = run_workers(2, train(steps))
+    # No heartbeats during this short run, so the message counts below are exact.
+    quiet = LinkSettings(heartbeat_s=3600.0, suspect_floor_s=3600.0, suspect_initial_s=3600.0)
+    results, registries = run_workers(2, train(steps), settings=quiet)
     for rank, (result, registry) in enumerate(zip(results, registries, strict=True)):
         r, peer = str(rank), str(1 - rank)
         assert value(registry, "gossip_sgp_steps_total", rank=r) == steps

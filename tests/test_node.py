@@ -32,6 +32,7 @@ from gossip_sgp.config import ENV_PEERS, ENV_RANK
 from gossip_sgp.errors import ConfigError, SendTimeout
 from gossip_sgp.launch import find_free_ports
 from gossip_sgp.message import MessageKind
+from gossip_sgp.settings import LinkSettings
 from tests.threads import wait_until
 from transports import FaultSpec, FaultyTransport, InProcNetwork, InProcTransport
 from transports.base import HoldsBacklog
@@ -110,8 +111,12 @@ def nodes() -> Iterator[Nodes]:
     started: list[GossipNode] = []
     sigterm = signal.getsignal(signal.SIGTERM)
 
-    def start(config: GossipConfig, transport: InProcTransport | None = None) -> GossipNode:
-        node = GossipNode(config, transport=transport)
+    def start(
+        config: GossipConfig,
+        transport: InProcTransport | None = None,
+        settings: LinkSettings | None = None,
+    ) -> GossipNode:
+        node = GossipNode(config, transport=transport, settings=settings)
         started.append(node)
         return node.start()
 
@@ -141,13 +146,14 @@ def silent_port() -> Iterator[int]:
 
 @pytest.fixture
 def inproc(nodes: Nodes) -> Callable[[int], list[GossipNode]]:
-    """``inproc(n)``: n started nodes on one in-process network."""
+    """``inproc(n, settings=None)``: n started nodes on one in-process network."""
 
-    def start(n: int) -> list[GossipNode]:
+    def start(n: int, settings: LinkSettings | None = None) -> list[GossipNode]:
         net = InProcNetwork(n)
         ports = list(range(40000, 40000 + n))
         return [
-            nodes(local_config(n, r, ports, transport="inproc"), net.transport(r)) for r in range(n)
+            nodes(local_config(n, r, ports, transport="inproc"), net.transport(r), settings)
+            for r in range(n)
         ]
 
     return start
@@ -570,8 +576,7 @@ def test_early_buffer_overflow_is_counted(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    monkeypatch.setattr(node_module, "_MAX_EARLY", 4)
-    a, b = inproc(2)
+    a, b = inproc(2, LinkSettings(max_early=4))
     a.send([mass(0, 1, seq) for seq in range(6)])
     assert wait_until(lambda: b.dropped["early_overflow"] == 2)
     delivered: list[int] = []
@@ -626,11 +631,14 @@ def test_a_node_that_cannot_receive_stops_and_says_why(
     assert "cannot receive" in caplog.text
 
 
-def assert_stops_and_says_why(transport: InProcTransport, cause: str) -> None:
+def assert_stops_and_says_why(
+    transport: InProcTransport, cause: str, settings: LinkSettings | None = None
+) -> None:
     """Rank 0 of two, on ``transport``, stops by itself (its subscriber is woken) and its
     next send raises ``GossipError`` naming ``cause``."""
     woken = threading.Event()
-    node = GossipNode(local_config(2, 0, [1, 2], transport="inproc"), transport=transport)
+    config = local_config(2, 0, [1, 2], transport="inproc")
+    node = GossipNode(config, transport=transport, settings=settings)
     node.subscribe(lambda m: True, fingerprint=FP, on_close=woken.set)
     node.start()
     try:
@@ -651,8 +659,8 @@ def test_a_node_whose_failure_detector_fails_stops_and_says_why(
         raise RuntimeError("detector exploded")
 
     monkeypatch.setattr(node_module.FailureDetector, "check", broken_check)
-    monkeypatch.setattr(node_module, "_HEARTBEAT_S", 0.01)
-    assert_stops_and_says_why(InProcNetwork(2).transport(0), "detector exploded")
+    fast = LinkSettings(heartbeat_s=0.01)
+    assert_stops_and_says_why(InProcNetwork(2).transport(0), "detector exploded", fast)
     assert "failure detector failed" in caplog.text
     assert not gossip_threads()
 

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from gossip_sgp import SGP, GossipError, GossipNode, GossipTimeout, Message
-from gossip_sgp import link as link_module
 from gossip_sgp.message import MessageKind
+from gossip_sgp.settings import LinkSettings
 from tests.threads import Worker, run_workers, wait_until
 from transports import FaultSpec, Transport
 
@@ -142,13 +142,12 @@ class _LosesOneShare:
 
 @pytest.mark.timeout(60)
 def test_asynchronous_consensus_folds_a_share_lost_near_the_end_of_training(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     # Rank 0 loses one of its last training shares; the copy comes 2 s later, after the
     # consensus rounds would be over. consensus() first waits until the shares sent while
     # training are folded (rank 1 folds the copy while it waits for rank 0's first
     # consensus message), so the weights add up to exactly 2 (they used to end short).
-    monkeypatch.setattr(link_module, "RETRY_MIN_S", 2.0)
     steps, lossy = 40, []
 
     def wrap(rank: int, transport: Transport) -> Transport:
@@ -171,7 +170,7 @@ def test_asynchronous_consensus_folds_a_share_lost_near_the_end_of_training(
             "x": x.detach().clone(),
         }
 
-    results = run_workers(2, fn, wrap=wrap)
+    results = run_workers(2, fn, wrap=wrap, settings=LinkSettings(retry_min_s=2.0))
     assert [m.round < steps for m in lossy[0].lost] == [True]  # a training share was lost
     assert math.fsum(r["weight"] for r in results) == pytest.approx(2.0, abs=1e-12)
     total = results[0]["numerator"] + results[1]["numerator"]

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 from prometheus_client import CollectorRegistry
 
 from gossip_sgp import GossipConfig, GossipNode
+from gossip_sgp.settings import LinkSettings
 from transports import FaultSpec, FaultyTransport, InProcNetwork, Transport
 
 T = TypeVar("T")
@@ -59,12 +60,13 @@ def run_workers(
     metrics_ports: list[int] | None = None,
     registries: Sequence[CollectorRegistry] | None = None,
     wrap: Callable[[int, Transport], Transport] | None = None,
+    settings: LinkSettings | None = None,
 ) -> list[Any]:
     """Run ``fn(rank, node)`` on n threads, each with its own started node; return results.
 
     The nodes gossip over one in-process network (through a ``FaultyTransport`` seeded with
     the rank if ``faults`` is given, then through ``wrap(rank, transport)`` if given);
-    ``registries[rank]`` is rank's metrics registry.
+    ``registries[rank]`` is rank's metrics registry; every node gets ``settings``.
     """
     net = InProcNetwork(n)
 
@@ -83,7 +85,7 @@ def run_workers(
         if wrap is not None:
             transport = wrap(rank, transport)
         registry = None if registries is None else registries[rank]
-        with GossipNode(config, transport=transport, registry=registry) as node:
+        with GossipNode(config, transport=transport, registry=registry, settings=settings) as node:
             return fn(rank, node)
 
     return run_threads(n, worker, join=join)
