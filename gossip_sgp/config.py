@@ -33,8 +33,9 @@ import difflib
 import ipaddress
 import math
 import os
+import socket
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -488,7 +489,7 @@ def _peers_from_store(env: Mapping[str, str], rank: int) -> tuple[PeerSpec, ...]
     except ValueError:
         raise ConfigError(f"{ENV_TIMEOUT} must be a number of seconds, got {timeout!r}") from None
     host = _route_host(master)
-    mine = _free_port(host)
+    (mine,) = find_free_ports(host, 1)
     run = f"{env.get('TORCHELASTIC_RUN_ID', 'run')}/{env.get('TORCHELASTIC_RESTART_COUNT', '0')}"
     keys = [f"{r}" for r in range(world)]
     try:
@@ -515,8 +516,6 @@ def _peers_from_store(env: Mapping[str, str], rank: int) -> tuple[PeerSpec, ...]
 
 def _route_host(master: str) -> str:
     """This machine's address on the route to ``master`` (loopback for a local master)."""
-    import socket
-
     try:
         infos = socket.getaddrinfo(master, 1, type=socket.SOCK_DGRAM)
         family, _, _, _, address = infos[0]
@@ -528,14 +527,42 @@ def _route_host(master: str) -> str:
     return host
 
 
-def _free_port(host: str) -> int:
-    import socket
+def find_free_ports(host: str, count: int, *, exclude: Collection[int] = ()) -> list[int]:
+    """``count`` distinct TCP ports that are free on ``host`` now, none of them in ``exclude``.
 
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-    return port
+    Each port comes from binding port 0; the sockets stay open until all are found (so the
+    ports differ) and are closed on return. Another process may still take a port before the
+    worker binds it: the usual race of every launcher that picks ports this way.
+    """
+    sockets: list[socket.socket] = []
+    ports: list[int] = []
+    try:
+        while len(ports) < count:
+            sock = socket.socket(address_family(host), socket.SOCK_STREAM)
+            sockets.append(sock)
+            try:
+                sock.bind((host, 0))
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot bind a port on host {host!r} ({exc.strerror or exc}); "
+                    "the host must be an address of this machine"
+                ) from None
+            port: int = sock.getsockname()[1]
+            if port not in exclude:
+                ports.append(port)
+    finally:
+        for sock in sockets:
+            sock.close()
+    return ports
+
+
+def address_family(host: str) -> socket.AddressFamily:
+    """The socket family ``host`` resolves to (``ConfigError`` if it does not resolve)."""
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise ConfigError(f"cannot resolve host {host!r}: {exc.strerror}") from None
+    return infos[0][0]
 
 
 def _env(env: Mapping[str, str], name: str) -> str | None:

@@ -34,7 +34,7 @@ import sys
 import threading
 import time
 import types
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import IO, TextIO
 
 from gossip_sgp import prefork
@@ -47,6 +47,8 @@ from gossip_sgp.config import (
     ENV_TIMEOUT,
     ENV_TRANSPORT,
     GossipConfig,
+    address_family,
+    find_free_ports,
     format_peer_list,
 )
 from gossip_sgp.errors import ConfigError
@@ -203,43 +205,6 @@ def run(
     return worker.code
 
 
-def find_free_ports(host: str, count: int, *, exclude: Collection[int] = ()) -> list[int]:
-    """``count`` distinct TCP ports that are free on ``host`` now, none of them in ``exclude``.
-
-    Each port comes from binding port 0; the sockets stay open until all are found (so the
-    ports differ) and are closed on return. Another process may still take a port before the
-    worker binds it: the usual race of every launcher that picks ports this way.
-    """
-    sockets: list[socket.socket] = []
-    ports: list[int] = []
-    try:
-        while len(ports) < count:
-            sock = socket.socket(_family(host), socket.SOCK_STREAM)
-            sockets.append(sock)
-            try:
-                sock.bind((host, 0))
-            except OSError as exc:
-                raise ConfigError(
-                    f"cannot bind a port on host {host!r} ({exc.strerror or exc}); "
-                    "the host must be an address of this machine"
-                ) from None
-            port: int = sock.getsockname()[1]
-            if port not in exclude:
-                ports.append(port)
-    finally:
-        for sock in sockets:
-            sock.close()
-    return ports
-
-
-def _family(host: str) -> socket.AddressFamily:
-    try:
-        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        raise ConfigError(f"cannot resolve host {host!r}: {exc.strerror}") from None
-    return infos[0][0]
-
-
 def _launch_envs(
     nproc: int,
     host: str,
@@ -286,7 +251,7 @@ def _metrics_ports(base: int, nproc: int, host: str = "127.0.0.1") -> list[int]:
             f"metrics ports {base}..{base + nproc - 1} for {nproc} workers exceed 65535"
         )
     ports = [base + rank for rank in range(nproc)]
-    family = _family(host)
+    family = address_family(host)
     for port in ports:
         with socket.socket(family, socket.SOCK_STREAM) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
