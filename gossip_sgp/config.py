@@ -16,6 +16,9 @@ The TOML format, with every key optional except ``rank``, ``host`` and ``port``:
     transport = "zmq"
     timeout = 120.0
 
+    [link]                 # optional: gossip_sgp.LinkSettings, e.g. for stalls over 5 s
+    suspect_floor_s = 20.0
+
     [[peers]]
     rank = 0
     host = "192.168.1.10"
@@ -40,6 +43,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gossip_sgp.errors import ConfigError
+from gossip_sgp.settings import LinkSettings
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -103,6 +107,9 @@ _JOB_KEYS = {
 }
 _PEER_KEYS = {"rank": int, "host": str, "port": int, "metrics_port": int, "public_key": str}
 _REQUIRED_PEER_KEYS = ("rank", "host", "port")
+_LINK_KEYS: dict[str, type] = {
+    f.name: int if f.type == "int" else float for f in dataclasses.fields(LinkSettings)
+}
 _KIND = {str: "a string", int: "an integer", float: "a number"}
 
 
@@ -240,6 +247,9 @@ class GossipConfig:
     """``none``, or ``curve`` for CurveZMQ (every peer then needs a ``public_key``)."""
     secret_key_file: str | None = None
     """File holding this worker's CurveZMQ secret key (``curve`` only)."""
+    link: LinkSettings = dataclasses.field(default_factory=LinkSettings)
+    """The links' liveness, retransmission and memory bounds (the peer list's ``[link]``
+    table); a ``GossipNode`` made from this config uses them unless given its own."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.peers, tuple):
@@ -273,6 +283,8 @@ class GossipConfig:
             raise ConfigError(
                 f"max_message_bytes must be an integer >= 1, got {self.max_message_bytes!r}"
             )
+        if not isinstance(self.link, LinkSettings):
+            raise ConfigError(f"link must be a LinkSettings, got {_type_name(self.link)}")
         self._check_security()
 
     def _check_endpoints(self) -> None:
@@ -709,18 +721,32 @@ def _config_from_document(document: Mapping[str, Any], rank: int) -> GossipConfi
             f"missing rank(s) {absent}, found {sorted(by_rank)}"
         )
     peers = tuple(PeerSpec(**entries[by_rank[r] - 1]) for r in range(len(entries)))
-    return GossipConfig(rank=rank, peers=peers, **job)
+    return GossipConfig(
+        rank=rank, peers=peers, link=_link_settings(document.get("link", {})), **job
+    )
+
+
+def _link_settings(table: Mapping[str, Any]) -> LinkSettings:
+    """The ``[link]`` table as :class:`LinkSettings` (its keys are the field names)."""
+    _check_keys(table, _LINK_KEYS, "[link]")
+    try:
+        return LinkSettings(**table)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"[link]: {exc}") from None
 
 
 def _check_top_level(document: Mapping[str, Any]) -> None:
-    allowed = {"job", "peers"}
+    allowed = {"job", "link", "peers"}
     for key in document:
         if key not in allowed:
             close = difflib.get_close_matches(key, list(allowed), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"unknown top-level key {key!r}{hint} (allowed: [job] and [[peers]])")
-    if "job" in document and not isinstance(document["job"], dict):
-        raise ConfigError("'job' must be a table: write [job]")
+            raise ConfigError(
+                f"unknown top-level key {key!r}{hint} (allowed: [job], [link] and [[peers]])"
+            )
+    for table in ("job", "link"):
+        if table in document and not isinstance(document[table], dict):
+            raise ConfigError(f"'{table}' must be a table: write [{table}]")
     if "peers" not in document:
         raise ConfigError("no peers: add one [[peers]] table per worker")
     peers = document["peers"]

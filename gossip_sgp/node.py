@@ -167,7 +167,8 @@ class GossipNode:
     whether or not they are served; with neither, metrics cost nothing.
 
     ``settings``: the liveness, retransmission and memory bounds of the links
-    (:class:`~gossip_sgp.settings.LinkSettings`; the defaults suit most networks).
+    (:class:`~gossip_sgp.settings.LinkSettings`; default ``config.link``, the peer list's
+    ``[link]`` table, whose defaults suit most networks).
     """
 
     def __init__(
@@ -179,7 +180,7 @@ class GossipNode:
         settings: LinkSettings | None = None,
     ) -> None:
         self.config = config
-        self.settings = LinkSettings() if settings is None else settings
+        self.settings = config.link if settings is None else settings
         self.rank = config.rank
         self.world_size = config.world_size
         self._transport = transport

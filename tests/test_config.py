@@ -14,6 +14,9 @@ from gossip_sgp.config import (
     parse_peer_list,
 )
 from gossip_sgp.errors import ConfigError
+from gossip_sgp.node import GossipNode
+from gossip_sgp.settings import LinkSettings
+from transports import InProcNetwork
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "peers.example.toml"
 KEY = "rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7"  # the CurveZMQ docs' example public key
@@ -71,6 +74,17 @@ def test_toml_happy_path(tmp_path: Path) -> None:
     assert GossipConfig.from_toml(str(path), rank=0).metrics_port == 9100
 
 
+def test_the_link_table_sets_the_nodes_link_settings(tmp_path: Path) -> None:
+    text = ONE_PEER + "[link]\nsuspect_floor_s = 20.0\nsuspect_initial_s = 60\nmax_unacked = 8\n"
+    config = GossipConfig.from_toml(write(tmp_path, text), rank=0)
+    assert config.link == LinkSettings(suspect_floor_s=20.0, suspect_initial_s=60.0, max_unacked=8)
+    node = GossipNode(config, transport=InProcNetwork(1).transport(0))  # never started
+    assert node.settings is config.link
+    own = LinkSettings(heartbeat_s=0.1)
+    assert GossipNode(config, transport=InProcNetwork(1).transport(0), settings=own).settings is own
+    assert GossipConfig.from_toml(write(tmp_path, ONE_PEER), rank=0).link == LinkSettings()
+
+
 def test_toml_defaults(tmp_path: Path) -> None:
     config = GossipConfig.from_toml(write(tmp_path, ONE_PEER), rank=0)
     assert config.transport == "zmq"
@@ -92,6 +106,22 @@ def test_example_peer_list_is_valid(rank: int) -> None:
     [
         ("[[peers]\nrank = 0", "invalid TOML"),
         (ONE_PEER + "[jobs]\n", "unknown top-level key 'jobs'; did you mean 'job'?"),
+        (ONE_PEER + "[links]\n", "unknown top-level key 'links'; did you mean 'link'?"),
+        ("link = 3\n" + ONE_PEER, "'link' must be a table: write [link]"),
+        (
+            ONE_PEER + "[link]\nheartbeat = 1.0\n",
+            "unknown key 'heartbeat' in [link]; did you mean 'heartbeat_s'?",
+        ),
+        (ONE_PEER + '[link]\nheartbeat_s = "1"\n', "[link]: heartbeat_s must be a number"),
+        (ONE_PEER + "[link]\nmax_unacked = 2.5\n", "[link]: max_unacked must be an integer"),
+        (
+            ONE_PEER + "[link]\nsuspect_floor_s = -1.0\n",
+            "[link]: LinkSettings.suspect_floor_s must be finite and > 0, got -1.0",
+        ),
+        (
+            ONE_PEER + "[link]\nsuspect_floor_s = 30.0\n",
+            "[link]: LinkSettings.suspect_initial_s (15.0) must be at least suspect_floor_s",
+        ),
         (peers_toml('rank = 0\nhost = "h"\nport = 1', job="timout = 3"), "did you mean 'timeout'"),
         (
             peers_toml('rank = 0\nhost = "h"\nport = 1\nmetric_port = 9100'),

@@ -233,6 +233,9 @@ def test_training_goes_on_after_consensus(staleness: int | None) -> None:
                 opt.zero_grad()
                 (0.5 * (x - float(rank)).pow(2).sum()).backward()
                 sgp.step()
+                # A step's time: the acknowledgements of the last consensus round's shares
+                # come back meanwhile (until then their links are full: the link window).
+                time.sleep(0.005)
 
         train(30)
         sgp.consensus(max_rounds=16)
