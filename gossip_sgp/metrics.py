@@ -2,9 +2,10 @@
 
 A :class:`~gossip_sgp.GossipNode` whose config has a ``metrics_port`` (or that is given a
 ``registry=``) owns a :class:`GossipMetrics`: one ``prometheus_client.CollectorRegistry``
-holding a collector that reads the node's counters (transport bytes and messages per peer,
-rejections, drops, round trips) and the :class:`~gossip_sgp.SGP` wrapper's state (steps,
-rounds, weight, loss) when Prometheus asks, so nothing is kept in sync on the hot path.
+holding a collector that reads snapshots (:mod:`gossip_sgp.stats`) of the node's counters
+(transport bytes and messages per peer, rejections, drops, round trips) and of the
+:class:`~gossip_sgp.SGP` wrapper's state (steps, rounds, weight, loss) when Prometheus asks,
+so nothing is kept in sync on the hot path, and this module knows neither class.
 Two histograms (message age, staleness) are observed when the training thread folds
 messages in, and a small strided sample of each received model feeds the consensus
 distance, which is computed at scrape time. With metrics off none of this runs.
