@@ -59,8 +59,6 @@ class OutLink:
             raise ValueError("max_rtts must be >= 1")
         self.peer = peer
         self.settings = LinkSettings() if settings is None else settings
-        self.max_unacked = self.settings.max_unacked
-        self.max_skips = self.settings.max_skips
         self.unacked: dict[int, Sent] = {}
         """Shares sent and neither acknowledged nor written off, by sequence number."""
         self.skips: dict[int, Sent] = {}
@@ -94,7 +92,7 @@ class OutLink:
         if down:
             return self._write_off({share.seq: entry})
         self.unacked[share.seq] = entry
-        if len(self.unacked) <= self.max_unacked:
+        if len(self.unacked) <= self.settings.max_unacked:
             return {}
         self.overflows += 1
         oldest = next(iter(self.unacked))
@@ -104,7 +102,7 @@ class OutLink:
         """Book a skip notice ("no mass from me in ``notice.round``"), sent again until
         acknowledged; beyond ``max_skips`` the oldest is no longer sent."""
         self.skips[notice.round] = Sent(notice, now, now)
-        while len(self.skips) > self.max_skips:
+        while len(self.skips) > self.settings.max_skips:
             del self.skips[next(iter(self.skips))]
 
     def due(self, now: float, *, busy: bool = False) -> tuple[list[Message], float]:
@@ -208,6 +206,6 @@ class OutLink:
 
     def _write_off(self, lost: Written) -> Written:
         self.written_off.update((seq, entry.message.weight) for seq, entry in lost.items())
-        while len(self.written_off) > self.max_unacked:
+        while len(self.written_off) > self.settings.max_unacked:
             del self.written_off[next(iter(self.written_off))]
         return lost
