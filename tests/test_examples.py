@@ -57,11 +57,17 @@ def test_the_example_uses_the_public_api_only() -> None:
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("staleness", ["0", "none"])
 def test_the_example_trains_four_workers_to_one_model(jobs: Jobs, staleness: str) -> None:
-    """As the README runs it: four workers agree exactly and classify the held-out digits."""
+    """As the README runs it: four workers agree and classify the held-out digits.
+
+    ``consensus()`` stops once the largest change of a model in one round is at most its
+    ``tol`` (1e-6); the models are then the same up to rounding, which usually, not always,
+    leaves them bit-identical (a CI run printed 3.3e-08: the workers sum the same shares in
+    different orders)."""
     out = jobs.run("launch", "--nproc", "4", str(EXAMPLE), "--staleness", staleness, timeout=150)
     finals = [line for line in out.splitlines() if "] test accuracy " in line]
     assert len(finals) == 4, out[-3000:]
     accuracies = {float(line.split("test accuracy ")[1].split()[0]) for line in finals}
     assert len(accuracies) == 1, finals  # consensus(): one model
     assert min(accuracies) >= 0.9, finals
-    assert all("differ by 0.0e+00" in line for line in finals), finals
+    disagreements = [float(line.split("differ by ")[1].rstrip(")")) for line in finals]
+    assert max(disagreements) <= 1e-6, finals
