@@ -4,11 +4,13 @@ Everything a worker knows about what it sent to one peer lives in an :class:`Out
 push-sum shares not acknowledged yet, the skip notices not acknowledged yet, the shares
 written off as lost (an acknowledgement that comes after all takes one back), the round-trip
 times (Karn's rule) and the retransmission timing (``LinkSettings.retry_after``), the weight
-the peer acknowledged, and the incarnation of the peer last heard. Its methods take the time ``now``
-(monotonic seconds) as an argument and return what to do - which messages to send again,
-which shares are now written off - as :class:`~gossip_sgp.liveness.FailureDetector` does for
-liveness. :class:`~gossip_sgp.node.GossipNode` drives one per peer under its lock: it owns
-the event loop, the transport, the timers, the logging and the weight ledger. So the rules
+the peer acknowledged, the incarnation of the peer last heard, and the written-off shares
+whose fate the peer has not told yet (an audit asks it, once it is heard again). Its
+methods take the time ``now`` (monotonic seconds) as an argument and return what to do -
+which messages to send again, which shares are now written off - as
+:class:`~gossip_sgp.liveness.FailureDetector` does for liveness.
+:class:`~gossip_sgp.node.GossipNode` drives one per peer under its lock: it owns the event
+loop, the transport, the timers, the logging and the weight ledger. So the rules
 of a link are tested in one process, without threads or sockets
 (``tests/test_link.py``: hypothesis schedules of sends, losses, duplicate and late
 acknowledgements, suspicions and restarts against an exact ledger).
@@ -66,6 +68,9 @@ class OutLink:
         self.written_off: dict[int, float] = {}
         """Weight of the shares written off (at most ``max_unacked`` remembered), by
         sequence number: an acknowledgement that comes after all takes one back."""
+        self.unaudited: set[int] = set()
+        """Written-off shares the peer has not said it folded or never received (see
+        :meth:`audit`)."""
         self.rtts: deque[float] = deque(maxlen=max_rtts)
         """Recent send-to-fold-in round trips, in seconds, of shares never sent again."""
         self.acked_weight = 0.0
@@ -157,11 +162,34 @@ class OutLink:
             weight, taken_back = entry.message.weight, False
         elif seq in self.written_off:
             weight, taken_back = self.written_off.pop(seq), True
+            self.unaudited.discard(seq)
         else:
             return None
         self.acked_weight += weight
         self.acks += 1
         return weight, taken_back
+
+    def audit(self, limit: int = 64) -> tuple[int, int] | None:
+        """The range ``(first, last)`` of sequence numbers to ask the peer about, or None.
+
+        A share written off when its peer was suspected by mistake may have been folded:
+        its acknowledgement was lost, or came after the write-off and was lost too, and
+        nothing is sent again to a suspected peer. Once the peer is heard again, its
+        driver asks (at most ``limit`` numbers at a time, from the oldest not answered):
+        the peer acknowledges the shares it folded, which takes them back, and says which
+        it never received (:meth:`never_received`; they stay written off, and are taken back
+        if an acknowledgement comes after all). A share still waiting in the peer's inbox is
+        acknowledged by its fold; until then it is asked about again.
+        """
+        if not self.unaudited:
+            return None
+        first = min(self.unaudited)
+        last = max(seq for seq in self.unaudited if seq < first + limit)
+        return first, last
+
+    def never_received(self, seq: int) -> None:
+        """The peer says share ``seq`` never reached it: no need to ask again."""
+        self.unaudited.discard(seq)
 
     def skip_acked(self, round: int) -> None:
         """The peer acknowledged the skip notice of ``round``: not sent again."""
@@ -206,6 +234,9 @@ class OutLink:
 
     def _write_off(self, lost: Written) -> Written:
         self.written_off.update((seq, entry.message.weight) for seq, entry in lost.items())
+        self.unaudited.update(lost)
         while len(self.written_off) > self.settings.max_unacked:
-            del self.written_off[next(iter(self.written_off))]
+            oldest = next(iter(self.written_off))
+            del self.written_off[oldest]
+            self.unaudited.discard(oldest)
         return lost

@@ -38,12 +38,14 @@ class SequenceWindow:
     up on (the message was lost); if it shows up later it is rejected as stale.
     """
 
-    __slots__ = ("floor", "seen", "window")
+    __slots__ = ("floor", "seen", "trusted", "window")
 
     def __init__(self, window: int = 4096) -> None:
         self.floor = 0
         self.seen: set[int] = set()
         self.window = window
+        self.trusted = 0
+        """Below this, numbers were given up on or seen, and which is not known."""
 
     def accept(self, seq: int) -> bool:
         """Record ``seq``; False when it was seen before (or is too old to tell)."""
@@ -60,7 +62,13 @@ class SequenceWindow:
             while self.floor in self.seen:
                 self.seen.remove(self.floor)
                 self.floor += 1
+            self.trusted = self.floor
         return True
+
+    def has_seen(self, seq: int) -> bool:
+        """Whether ``seq`` was accepted; False also where that is not known any more (a
+        number below a gap given up on)."""
+        return seq >= self.trusted and (seq < self.floor or seq in self.seen)
 
 
 def _sum(shares: list[Share]) -> Share:
@@ -279,6 +287,30 @@ class Mailbox:
                         self._stored -= 1
             self._arrived = {a for a in self._arrived if max_round is not None and a[1] > max_round}
             return _sum(shares) if shares else None
+
+    def is_duplicate(self, sender: int, seq: int) -> bool:
+        """Whether :meth:`put` would take message ``seq`` of ``sender`` for a duplicate (of
+        the sender's current incarnation)."""
+        with self._cond:
+            window = self._seqs.get(sender)
+            return window is not None and (seq < window.floor or seq in window.seen)
+
+    def folded(self, sender: int, seqs: Collection[int]) -> tuple[list[int], list[int]]:
+        """Of ``sender``'s messages ``seqs``: (those whose mass has been folded in, those
+        never received). A message received and still waiting is in neither (its fold
+        acknowledges it), and so is one too old to tell. Answers a sender's audit of the
+        shares it wrote off."""
+        with self._cond:
+            window = self._seqs.get(sender)
+            folded, never = [], []
+            for seq in seqs:
+                if window is not None and seq < window.trusted:
+                    continue
+                if window is None or not window.has_seen(seq):
+                    never.append(seq)
+                elif (sender, seq) not in self._unfolded:
+                    folded.append(seq)
+            return folded, never
 
     def set_coalesce(self, coalesce: bool) -> None:
         """Switch between one running sum and per-round storage for messages from now on."""

@@ -80,6 +80,10 @@ _CANCEL_TIMEOUT = 0.5
 _CLOSE_TIMEOUT = 1.0
 """Seconds the transport gets to close its sockets (and release what it sent)."""
 
+_AUDIT_LIMIT = 64
+"""Sequence numbers one audit asks about, at most (``OutLink.audit``): a peer answers each
+with one acknowledgement, so a query from the network costs at most this many."""
+
 
 def _new_event_loop() -> asyncio.AbstractEventLoop:
     try:
@@ -220,6 +224,7 @@ class GossipNode:
         self._backlog: Callable[[int], int] = lambda peer: 0  # see transports.base.HoldsBacklog
         self._write_off_handlers: list[Callable[[int, int], object]] = []
         self._take_back: Callable[[Message], bool] | None = None
+        self._audit: Callable[[int, range], tuple[list[int], list[int]]] | None = None
         self.returned = 0
         """Shares taken back unsent when their peer was suspected (see ``on_take_back``)."""
         self.returned_weight = 0.0
@@ -598,6 +603,8 @@ class GossipNode:
                 stale_ack = True  # meant for an earlier life of this worker
             elif message.kind == MessageKind.ACK and message.meta.get("skip"):
                 link.skip_acked(message.round)
+            elif message.kind == MessageKind.ACK and message.meta.get("never"):
+                link.never_received(message.seq)  # the answer to an audit: see OutLink.audit
             elif message.kind == MessageKind.ACK:
                 acked = link.acked(message.seq, now)
                 if acked is not None and acked[1]:  # written off by mistake: taken back
@@ -617,6 +624,8 @@ class GossipNode:
             self._written_off_changed(message.sender, -1)
         if stale_ack:
             self._reject("stale_ack", message)
+        if message.kind == MessageKind.HEARTBEAT and "audit_from" in message.meta:
+            self._answer_audit(message)
         if not for_subscriber:
             return  # an acknowledgement, or a heartbeat: liveness only
         if overflow:
@@ -643,6 +652,25 @@ class GossipNode:
             # a skip notice, noted (or a copy of one): say so, or it comes again
             ack = self._heartbeat(message.sender, message.round, skip=True)
             self._queue_control([dataclasses.replace(ack, kind=MessageKind.ACK)])
+
+    def _answer_audit(self, query: Message) -> None:
+        """A peer asks which of the shares it wrote off this node folded (``OutLink.audit``):
+        acknowledge those, say "never received" of those that never came (gossip thread)."""
+        first, last = query.meta.get("audit_from", -1), query.meta.get("audit_to", -1)
+        if not 0 <= first <= last < first + _AUDIT_LIMIT:
+            self._reject("bad_audit", query)
+            return
+        handler = self._audit
+        if handler is None:  # nothing folds here yet
+            return
+        folded, never = handler(query.sender, range(first, last + 1))
+        answers = self._acks([(query.sender, seq, 0) for seq in folded])
+        answers += [
+            dataclasses.replace(ack, meta={"never": 1})
+            for ack in self._acks([(query.sender, seq, 0) for seq in never])
+        ]
+        if answers:
+            self._queue_control(answers)
 
     def _acks(self, receipts: Sequence[Receipt]) -> list[Message]:
         return [
@@ -764,6 +792,19 @@ class GossipNode:
                 self._heartbeat(peer, 0)
                 for peer in self._neighbours
                 if self._needs_heartbeat(peer, now)
+            ]
+            with self._lock:  # written-off shares to peers heard again: see OutLink.audit
+                audits = {
+                    peer: asked
+                    for peer, link in self._links.items()
+                    if peer not in self._detector.down
+                    and (asked := link.audit(_AUDIT_LIMIT)) is not None
+                }
+            beats += [
+                dataclasses.replace(
+                    self._heartbeat(peer, 0), meta={"audit_from": first, "audit_to": last}
+                )
+                for peer, (first, last) in audits.items()
             ]
             if beats:
                 self._enqueue(beats)
@@ -1130,6 +1171,12 @@ class GossipNode:
         and with ``count = -1`` when one of them is acknowledged after all (a mistaken
         suspicion: its weight leaves ``lost_weight`` again)."""
         self._write_off_handlers.append(handler)
+
+    def on_audit(self, handler: Callable[[int, range], tuple[list[int], list[int]]]) -> None:
+        """Answer a peer's audit with ``handler(peer, seqs)``, called in the gossip thread:
+        (the shares of ``seqs`` from ``peer`` folded, those never received); see
+        ``OutLink.audit``. ``SGP`` asks its mailbox."""
+        self._audit = handler
 
     def on_take_back(self, handler: Callable[[Message], bool]) -> None:
         """When a peer is suspected down, call ``handler(share)`` in the gossip thread for

@@ -163,15 +163,21 @@ class PushSumProtocol:
         difference-coded message (codec option ``ref``) decodes against the reference of
         its link, which ``commit`` then advances (``commit=False`` only looks, e.g. to count
         the mass of messages in flight); one already applied comes back as it is, for the
-        mailbox to reject as a duplicate by its sequence number. Raises ``WireError`` for an
-        unknown codec or a payload that does not fit.
+        mailbox to reject as a duplicate by its sequence number, and one older than the
+        link's reference that the mailbox never saw is a ``no_reference`` reject. Raises
+        ``WireError`` for an unknown codec or a payload that does not fit.
         """
         try:
             codec = _codec(message.codec)
         except ValueError as exc:
             raise WireError("bad_codec", str(exc)) from None
         if codec.reference and self._references.applied(message):
-            return message
+            if self.mailbox.is_duplicate(message.sender, message.seq):
+                return message
+            # Older than its link's reference but never received: a late copy of a message
+            # a key frame overtook. Its payload is a difference from a reference gone by:
+            # it cannot be placed (and must not reach the mailbox as it is).
+            raise WireError("no_reference", f"message {message.seq} of a link already past it")
         try:
             if codec.reference:
                 tensors = self._references.decode(codec, message, self.layout, commit=commit)

@@ -232,6 +232,7 @@ class SGP:
         node.set_neighbours(set(self._neighbours))
         node.on_write_off(self._written_off)
         node.on_take_back(self._take_back)
+        node.on_audit(self.protocol.mailbox.folded)
         node.subscribe(
             self._receive,
             fingerprint=self.fingerprint,

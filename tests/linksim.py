@@ -9,7 +9,9 @@ adaptive timeouts) and a :class:`~gossip_sgp.mailbox.SequenceWindow` per sender
 ``step`` seconds (fold what arrived and acknowledge it, then send half of the weight to the
 round's out-peer on the exponential graph, or keep it while that peer is suspected, as SGP
 does), and every ``tick`` seconds heartbeats to the neighbours, suspicions (their
-unacknowledged shares written off) and copies of what is overdue. Messages cross a network
+unacknowledged shares written off), audits of the shares written off to peers heard again
+(``OutLink.audit``; the peer acknowledges those it folded and says which never came) and
+copies of what is overdue. Messages cross a network
 that loses, duplicates and delays them as a :class:`~transports.faults.FaultSpec` says (its
 jitter reorders them). Workers die at given times:
 from then on they neither send nor fold. Workers pause at given times, for given lengths (a
@@ -26,6 +28,7 @@ milliseconds, and hypothesis can try hundreds of fault schedules.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
 import random
@@ -152,7 +155,7 @@ class Job:
             if w.inbox or self.now < w.paused_until:
                 return False
             for peer, link in w.links.items():
-                if self.workers[peer].alive and link.outstanding():
+                if self.workers[peer].alive and (link.outstanding() or link.unaudited):
                     return False
             dead = {p for p in self.neighbours[w.rank] if not self.workers[p].alive}
             if w.detector.down != dead:
@@ -216,6 +219,12 @@ class Job:
         for peer in sorted(self.neighbours[w.rank]):
             self._send(w, self._control(w, peer, MessageKind.HEARTBEAT))
         for peer, link in sorted(w.links.items()):
+            asked = None if peer in w.detector.down else link.audit()
+            if asked is not None:
+                audit = self._control(w, peer, MessageKind.HEARTBEAT)
+                meta = {"audit_from": asked[0], "audit_to": asked[1]}
+                self._send(w, dataclasses.replace(audit, meta=meta))
+        for peer, link in sorted(w.links.items()):
             if peer not in w.detector.down:
                 for copy in link.due(self.now)[0]:
                     self._send(w, copy)
@@ -242,7 +251,9 @@ class Job:
         if not w.alive:
             return
         w.detector.heard(m.sender, self.now)
-        if m.kind == MessageKind.ACK:
+        if m.kind == MessageKind.ACK and m.meta.get("never"):
+            w.link(m.sender).never_received(m.seq)
+        elif m.kind == MessageKind.ACK:
             # An acknowledgement says "folded": never sent for a share still waiting.
             assert (w.rank, m.sender, m.seq) in self.folded, ("acknowledged unfolded", m)
             acked = w.link(m.sender).acked(m.seq, self.now)
@@ -258,6 +269,17 @@ class Job:
                 # A copy of a folded share: our acknowledgement may have been lost. (A copy
                 # of one still in the inbox is acknowledged by its fold, as the mailbox does.)
                 self._send(w, self._control(w, m.sender, MessageKind.ACK, seq=m.seq))
+        elif m.kind == MessageKind.HEARTBEAT and "audit_from" in m.meta:
+            # As GossipNode answers an audit from its mailbox: acknowledge what was folded,
+            # say what never came; a share still in the inbox is acknowledged by its fold.
+            window = w.windows.get(m.sender)
+            waiting = {x.seq for x in w.inbox if x.sender == m.sender}
+            for seq in range(m.meta["audit_from"], m.meta["audit_to"] + 1):
+                if window is None or not window.has_seen(seq):
+                    never = self._control(w, m.sender, MessageKind.ACK, seq=seq)
+                    self._send(w, dataclasses.replace(never, meta={"never": 1}))
+                elif seq not in waiting:
+                    self._send(w, self._control(w, m.sender, MessageKind.ACK, seq=seq))
 
     # ------------------------------------------------------------------ the books
     # Sums of weights kept exact: each weight is an exact double, but a float sum of two

@@ -315,6 +315,15 @@ def test_difference_coding_rejects_messages_out_of_sequence() -> None:
         receiver.receive(messages[2])  # message 1 was lost
     assert exc.value.reason == "no_reference"
     assert receiver.receive(messages[3])  # the next key frame restarts the link
+    stored = len(receiver.mailbox.pending())
+    with pytest.raises(WireError) as exc:
+        # A late copy of message 2: older than the link's reference, never received. Its
+        # payload is a difference from a reference gone by; as it was, it reached the
+        # mailbox undecoded (a fuzz found one with no tensors, whose fold then raised).
+        receiver.receive(messages[2])
+    assert exc.value.reason == "no_reference"
+    assert receiver.receive(messages[3])  # a copy of the key frame: a duplicate, as before
+    assert len(receiver.mailbox.pending()) == stored
     forged = dataclasses.replace(messages[1], meta={**messages[1].meta, "ref": 5})
     fresh = PushSumProtocol(1, topo, PushSumState([torch.zeros(500)]))
     with pytest.raises(WireError) as exc:

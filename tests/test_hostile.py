@@ -61,10 +61,14 @@ META_KEYS = (
     "ref",
     "key",
     "adpsgd",
+    "audit_from",
+    "audit_to",
+    "never",
 )
-NODE_REASONS = {"duplicate", "stale_ack"}
+NODE_REASONS = {"duplicate", "stale_ack", "bad_audit"}
 """Rejects of the node and mailbox beside the wire format's: a replayed share, an
-acknowledgement meant for an earlier life of the worker."""
+acknowledgement meant for an earlier life of the worker, an audit of a range that is no
+range or longer than the node answers."""
 
 
 class Worker:
@@ -327,3 +331,19 @@ def test_shares_whose_sum_overflows_are_counted_and_taken_out_again(
     assert sgp.state.weight == weight
     assert_finite(synchronous_worker)
     assert torch.equal(sgp.state.numerator[1], raw)  # nothing overflowed there
+
+
+@pytest.mark.parametrize(("first", "last"), [(0, 10**6), (5, 4), (-1, 3), (2**62, 2**62 + 64)])
+def test_an_audit_of_a_bad_range_is_rejected_unanswered(
+    synchronous_worker: Worker, first: int, last: int
+) -> None:
+    """An audit asks a node about at most 64 of the sender's shares (``OutLink.audit``): one
+    asking about a million would cost a million acknowledgements."""
+    node = synchronous_worker.nodes[0]
+    query = Message(
+        sender=1, receiver=0, round=0, seq=0, weight=0.0, tensors=(), fingerprint=0,
+        kind=MessageKind.HEARTBEAT, meta={"audit_from": first, "audit_to": last},
+    )  # fmt: skip
+    node._dispatch(query)
+    assert node.rejected["bad_audit"] == 1
+    assert not node._control_queues.get(1) or node._control_queues[1].empty()

@@ -67,6 +67,25 @@ def test_a_late_acknowledgement_takes_a_write_off_back_once() -> None:
     assert not link.rtts  # no round trip from a write-off
 
 
+def test_an_audit_asks_about_the_write_offs_until_the_peer_answers() -> None:
+    link = OutLink(PEER)
+    assert link.audit() is None
+    for seq in range(5):
+        link.sent(share(seq, 0.5 ** (seq + 1)), now=0.0)
+    link.acked(1, now=0.1)
+    link.suspected()  # 0, 2, 3, 4 written off
+    assert link.audit() == (0, 4)
+    assert link.audit(limit=3) == (0, 2)  # at most 3 numbers: 0 up to 2
+    assert link.acked(0, now=1.0) == (0.5, True)  # folded after all: taken back
+    link.never_received(2)
+    assert link.audit() == (3, 4)
+    link.never_received(3)
+    link.never_received(4)
+    assert link.audit() is None
+    assert link.acked(4, now=2.0) == (0.5**5, True)  # it came after all: still taken back
+    assert link.written_off == {2: 0.125, 3: 0.0625}
+
+
 def test_round_trips_follow_karns_rule_and_copies_back_off() -> None:
     link = OutLink(PEER)
     link.sent(share(0, 0.25), now=0.0)

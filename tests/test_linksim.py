@@ -53,27 +53,27 @@ def test_the_books_close_under_loss_duplicates_reordering_pauses_and_deaths(case
     """After every event: weight held + weight of shares never folded = n, exactly (no
     share is folded twice, whatever the copies and duplicates). Once the job has settled
     (live workers suspect exactly their dead neighbours, every share between live workers
-    is acknowledged or written off): when the network loses nothing, every share a live
-    worker still counts as lost is to a dead peer - a worker suspected by mistake (a long
-    pause) folds its shares late, acknowledges them, and its senders take the write-offs
-    back. What a live worker wrote off to a dead peer is exactly what it sent the peer and
-    never had acknowledged.
-
-    Not asserted, because it does not hold: with losses, a write-off to a peer suspected by
-    mistake can stand although the peer folded the share (its acknowledgement was lost, and
-    nothing is sent again to a suspected peer, so nothing is acknowledged again: this test
-    found it), or because the share itself was lost (then truly lost). docs/reliability.md
-    has it under "Not yet".
+    is acknowledged or written off, and every write-off to a live peer audited): when the
+    network loses nothing, every share a live worker still counts as lost is to a dead peer
+    - a worker suspected by mistake (a long pause) folds its shares late, acknowledges
+    them, and its senders take the write-offs back. With losses too, a write-off to a live
+    peer stands only for a share that peer never folded (lost on the way): one it folded
+    and whose acknowledgement was lost (nothing is sent again to a suspected peer) is
+    acknowledged when the sender audits the peer it hears again (``OutLink.audit``). What a
+    live worker wrote off to a dead peer is exactly what it sent the peer and never had
+    acknowledged.
 
     And (in the harness, on every delivery) an acknowledgement is only ever sent for a share
     that was folded: a copy of a share still waiting in the inbox is acknowledged by that
     share's fold, as ``Mailbox.put`` does.
 
-    Fails (checked) when a duplicate is folded again (``SequenceWindow.accept`` ignoring
-    what it has seen), when an acknowledgement that comes after a write-off does not
-    forget it (``OutLink.acked`` taking it back on every copy), when shares to a
-    suspected peer are not written off (``OutLink.suspected`` returning nothing), and when
-    a copy of a waiting share is acknowledged at once (the old receiver rule)."""
+    Fails (checked) when no audit is sent (the write-off of a folded share whose
+    acknowledgement was lost stands), when a duplicate is folded again
+    (``SequenceWindow.accept`` ignoring what it has seen), when an acknowledgement that
+    comes after a write-off does not forget it (``OutLink.acked`` taking it back on every
+    copy), when shares to a suspected peer are not written off (``OutLink.suspected``
+    returning nothing), and when a copy of a waiting share is acknowledged at once (the old
+    receiver rule)."""
     n, network, deaths, pauses, seed = case
     job = Job(n, network=network, deaths=deaths, pauses=pauses, seed=seed)
     job.checks.append(lambda: close_books(job))
@@ -83,6 +83,12 @@ def test_the_books_close_under_loss_duplicates_reordering_pauses_and_deaths(case
     for w in (w for w in job.workers if w.alive):
         if network.drop == 0:
             assert all(receiver in dead for receiver, _ in w.standing)
+        folded_by_live = [
+            (receiver, seq)
+            for receiver, seq in w.standing
+            if receiver not in dead and (w.rank, receiver, seq) in job.folded
+        ]
+        assert not folded_by_live, "written off, though a live peer folded them"
         to_dead = {
             (receiver, seq): weight
             for (sender, receiver, seq), weight in job.shares.items()

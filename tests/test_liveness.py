@@ -19,6 +19,7 @@ import torch
 
 from gossip_sgp import SGP, GossipConfig, GossipNode, Message
 from gossip_sgp.liveness import FailureDetector
+from gossip_sgp.mailbox import Mailbox
 from gossip_sgp.message import MessageKind
 from gossip_sgp.settings import LinkSettings
 from tests.threads import run_workers, wait_until
@@ -216,6 +217,39 @@ def test_a_mistaken_suspicion_heals(monkeypatch: pytest.MonkeyPatch) -> None:
         assert until(lambda: len(write_offs) == 2), write_offs
         assert write_offs == [(1, 1), (1, -1)]
         assert n0.lost_weight == 0.0
+        assert n0.acked_weight == {1: 0.5}
+
+
+@pytest.mark.timeout(30)
+def test_an_audit_takes_back_what_a_peer_suspected_by_mistake_folded() -> None:
+    """Rank 0 sends rank 1 two shares; rank 1 folds the first, but its acknowledgement is
+    lost, and the second never reaches its mailbox (lost on the way). Rank 1 freezes; rank
+    0 suspects it and writes both off. Nothing is sent again to a suspected peer, so
+    without more the first write-off would stand for mass rank 1 holds. Once rank 1 is
+    heard again, rank 0 audits it (``OutLink.audit``): rank 1 answers from its mailbox,
+    acknowledging the first and saying the second never came, and rank 0 takes the first
+    back. Fails without the audit (the first write-off stands: lost weight 0.75)."""
+    mailbox = Mailbox()
+    with two_nodes() as (n0, n1, received, write_offs):
+        n1.on_audit(mailbox.folded)
+        shares = [
+            Message(
+                sender=0, receiver=1, round=0, seq=seq, weight=weight,
+                tensors=(torch.ones(3),), fingerprint=1,
+            )
+            for seq, weight in ((0, 0.5), (1, 0.25))
+        ]  # fmt: skip
+        n0.send(shares)
+        mailbox.put(received.get(timeout=5))  # the first: stored...
+        received.get(timeout=5)  # ... the second: lost
+        assert mailbox.take() is not None  # folded, not acknowledged (the ack was lost)
+        with frozen(n1):  # rank 1 stalls until rank 0 has written both off
+            assert until(lambda: write_offs == [(1, 2)]), write_offs
+            assert n0.lost_weight == 0.75
+        assert until(lambda: not n0.is_down(1)), "rank 1 was not re-admitted"
+        assert until(lambda: write_offs == [(1, 2), (1, -1)]), write_offs
+        assert until(lambda: not n0._links[1].unaudited), "the second was not answered"
+        assert n0.lost_weight == 0.25  # the share that never came stays written off
         assert n0.acked_weight == {1: 0.5}
 
 

@@ -48,6 +48,30 @@ def test_sequence_window_memory_is_bounded() -> None:
     assert not w.accept(1)  # long given up on: stale
 
 
+def test_sequence_window_knows_what_it_saw_and_never_guesses_past_a_gap_given_up() -> None:
+    w = SequenceWindow(window=4)
+    for s in (0, 1, 3):
+        w.accept(s)
+    assert [w.has_seen(s) for s in range(5)] == [True, True, False, True, False]
+    for s in range(5, 12, 2):  # 2 and every even number from 4 on lost: gaps given up
+        w.accept(s)
+    assert w.trusted == w.floor > 3
+    assert not w.has_seen(0)  # seen once, but below what it still knows: not claimed
+    assert w.has_seen(11)
+    assert not w.has_seen(12)
+
+
+def test_an_audit_is_answered_folded_never_received_or_not_at_all() -> None:
+    """``Mailbox.folded``: what a sender's audit of its write-offs is told."""
+    box = Mailbox(coalesce=False)
+    for seq in (0, 1):
+        assert box.put(msg(0, seq, 0, 1.0))
+    assert box.take() is not None  # 0 and 1 folded
+    assert box.put(msg(0, 3, 1, 1.0))  # 3 waits: its fold acknowledges it
+    assert box.folded(0, range(5)) == ([0, 1], [2, 4])
+    assert box.folded(7, range(2)) == ([], [0, 1])  # nothing ever came from rank 7
+
+
 @pytest.mark.parametrize("coalesce", [False, True])
 def test_duplicate_is_rejected_and_counted(coalesce: bool) -> None:
     """A copy is never stored. While its original waits to be folded, put() says True (no
