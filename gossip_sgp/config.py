@@ -107,9 +107,7 @@ _JOB_KEYS = {
 }
 _PEER_KEYS = {"rank": int, "host": str, "port": int, "metrics_port": int, "public_key": str}
 _REQUIRED_PEER_KEYS = ("rank", "host", "port")
-_LINK_KEYS: dict[str, type] = {
-    f.name: int if f.type == "int" else float for f in dataclasses.fields(LinkSettings)
-}
+_LINK_KEYS: dict[str, type] = LinkSettings.field_types()
 _KIND = {str: "a string", int: "an integer", float: "a number"}
 
 

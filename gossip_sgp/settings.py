@@ -48,15 +48,22 @@ class LinkSettings:
     """Messages kept for a subscriber that has not subscribed yet; beyond that the oldest
     go."""
 
+    @classmethod
+    def field_types(cls) -> dict[str, type]:
+        """Each field's type, ``int`` or ``float`` (the peer list's ``[link]`` table is
+        checked against it)."""
+        return {f.name: int if f.type == "int" else float for f in fields(cls)}
+
     def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
+        types = self.field_types()
+        for name, kind in types.items():
+            value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"LinkSettings.{f.name} must be a number, got {value!r}")
+                raise TypeError(f"LinkSettings.{name} must be a number, got {value!r}")
             if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"LinkSettings.{f.name} must be finite and > 0, got {value!r}")
-            if f.type == "int" and not isinstance(value, int):
-                raise TypeError(f"LinkSettings.{f.name} must be an integer, got {value!r}")
+                raise ValueError(f"LinkSettings.{name} must be finite and > 0, got {value!r}")
+            if kind is int and not isinstance(value, int):
+                raise TypeError(f"LinkSettings.{name} must be an integer, got {value!r}")
         if self.suspect_initial_s < self.suspect_floor_s:
             raise ValueError(
                 f"LinkSettings.suspect_initial_s ({self.suspect_initial_s}) must be at least "
