@@ -493,6 +493,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Push-sum messages sent (training and consensus), and copies of them sent again.
             result["shares_sent"] = sum(sgp.protocol.sequence_numbers().values())
             result["copies_sent"] = node.retransmitted
+            result["answered"] = sgp.answered  # in consensus(): shares of peers still training
             result["mass"] = sgp.mass_report()  # weight held, lost, and moved per peer
         seconds = time.perf_counter() - started
         result["accuracy"] = accuracy(model, x_test, y_test)

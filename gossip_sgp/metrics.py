@@ -292,11 +292,17 @@ class _Collector(Collector):
             "out-peer's link still held a share not folded)",
         )
         skipped.add_metric([rank], sgp.skipped_rounds)
+        answered = _counter(
+            "gossip_sgp_answered_shares",
+            "Shares of peers still training answered with a little of this worker's mass "
+            "while it waited in consensus() (asynchronous mode)",
+        )
+        answered.add_metric([rank], sgp.answered)
         weight = _gauge(
             "gossip_sgp_weight", "Push-sum weight w of this worker at the end of its last round"
         )
         weight.add_metric([rank], sgp.weight)
-        yield from (steps, step_time, rounds, skipped, weight)
+        yield from (steps, step_time, rounds, skipped, answered, weight)
         if sgp.loss is not None:
             loss = _gauge("gossip_sgp_loss", "Training loss last reported with SGP.report()")
             loss.add_metric([rank], sgp.loss)

@@ -1244,6 +1244,12 @@ class GossipNode:
         with self._lock:
             return self._link(peer).outstanding()
 
+    def is_outstanding(self, peer: int, seq: int) -> bool:
+        """Whether share ``seq`` to ``peer`` was sent and is neither acknowledged nor
+        written off yet (thread-safe)."""
+        with self._lock:
+            return seq in self._link(peer).unacked
+
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every queued message has been handed to the transport.
 

@@ -70,12 +70,31 @@ class PushSumProtocol:
         if self.codec.step != 1.0:  # a damped consensus step keeps more of the mass
             out = {peer: p * self.codec.step for peer, p in out.items()}
             self_weight = 1.0 - sum(out.values())
+        return self._emit(round, self_weight, out, gauge=gauge)
+
+    def answer(self, peer: int, round: int, fraction: float) -> Message:
+        """Split off ``fraction`` of this node's mass for ``peer``, off the topology's
+        schedule, as a message of ``round`` marked ``meta["answer"] = 1``, coded like every
+        share of the link (``SGP.consensus``: a finished worker answers one still training)."""
+        out = {peer: fraction}
+        (message,) = self._emit(round, 1.0 - fraction, out, gauge=0.0, marks={"answer": 1})
+        return message
+
+    def _emit(
+        self,
+        round: int,
+        self_weight: float,
+        out: dict[int, float],
+        *,
+        gauge: float,
+        marks: dict[str, int] | None = None,
+    ) -> list[Message]:
         shares = self.state.split(self_weight, out)
         now = time.time()
         messages = []
-        codec, meta = self.codec, {}
+        codec, meta = self.codec, dict(marks or {})
         if codec.name != "none":
-            meta = {"raw_bytes": sum(n * dtype.itemsize for n, dtype, _ in self.layout)}
+            meta["raw_bytes"] = sum(n * dtype.itemsize for n, dtype, _ in self.layout)
         for peer, (tensors, weight) in shares.items():
             seq = self._next_seq.get(peer, 0)
             extra: dict[str, int] = {}

@@ -74,6 +74,8 @@ class TrainingStats:
     """Gossip rounds run (training and consensus)."""
     skipped_rounds: int
     """Asynchronous rounds in which the worker kept its mass."""
+    answered: int
+    """Shares of peers still training that it answered while in ``consensus()``."""
     weight: float
     """Push-sum weight at the end of the last round."""
     loss: float | None

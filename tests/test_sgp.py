@@ -229,6 +229,77 @@ def test_a_peer_that_stops_folding_gets_one_share_per_link_and_the_others_gossip
     assert [r["left"] for r in results] == [0, 1, 1]  # rank 3's in-peers did send to it
 
 
+class _DelaysLateAnswers:
+    """A transport that loses the first copy of every answer (see ``SGP.consensus``) to a
+    share of round ``>= after``: the node sends it again when no acknowledgement comes."""
+
+    def __init__(self, inner: Transport, after: int, lost: list[Message]) -> None:
+        self.inner, self.after, self.lost = inner, after, lost
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def send(self, peer: int, message: Message) -> None:
+        first = all(m.seq != message.seq or m.receiver != peer for m in self.lost)
+        if message.meta.get("answer") and message.round >= self.after and first:
+            self.lost.append(message)
+            return
+        await self.inner.send(peer, message)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("lose", [False, True], ids=["delivered", "late-answers-lost"])
+def test_finished_workers_answer_a_straggler_and_every_answer_is_folded(lose: bool) -> None:
+    # Asynchronous, 4 workers pulling x towards their ranks; rank 3 steps 20x slower, so
+    # ranks 0-2 wait in consensus() while it trains most of its schedule. They answer each
+    # share it sends them with a little of their mass: it earns the send credit to hand its
+    # own mass over (alone it would keep it, and its x would end near 3), and its model is
+    # pulled back towards theirs. An answered share is acknowledged only once the answer is
+    # folded, so rank 3's drain waits for every answer: the weights add up to exactly 4
+    # also when the answers to its last shares are lost and come again 2 s later, after
+    # the consensus rounds would have ended.
+    n, steps = 4, 60
+    lost: list[Message] = []
+
+    def wrap(rank: int, transport: Transport) -> Transport:
+        if not lose or rank == n - 1:
+            return transport
+        return _DelaysLateAnswers(transport, steps - 15, lost)  # type: ignore[return-value]
+
+    def fn(rank: int, node: GossipNode) -> dict[str, Any]:
+        x = torch.nn.Parameter(torch.zeros(5, dtype=torch.float64))
+        opt = torch.optim.SGD([x], lr=0.1)
+        sgp = SGP([x], opt, node, staleness=None, timeout=30.0)
+        for _ in range(steps):
+            opt.zero_grad()
+            (0.5 * (x - float(rank)).pow(2).sum()).backward()
+            sgp.step()
+            time.sleep(0.04 if rank == n - 1 else 0.002)
+        trained, weight = float(x.detach().mean()), sgp.weight
+        disagreement = sgp.consensus(max_rounds=64, tol=1e-12)
+        return {
+            "answered": sgp.answered,
+            "trained": trained,
+            "trained_weight": weight,
+            "weight": sgp.weight,
+            "disagreement": disagreement,
+            "x": x.detach().clone(),
+        }
+
+    results = run_workers(n, fn, wrap=wrap, settings=LinkSettings(retry_min_s=2.0))
+    assert sum(r["answered"] for r in results) >= 5, results
+    assert results[n - 1]["answered"] == 0  # nobody was training when rank 3 finished
+    if not lose:  # (with answers lost, rank 3 trains its last 15 steps alone)
+        assert results[n - 1]["trained_weight"] < 0.05, results  # handed over
+        assert results[n - 1]["trained"] < 2.7, results  # alone: 3 - 3 * 0.9**50 = 2.98
+    assert math.fsum(r["weight"] for r in results) == pytest.approx(n, abs=1e-12)
+    for r in results:
+        assert r["disagreement"] <= 1e-12
+        torch.testing.assert_close(r["x"], results[0]["x"])
+    if lose:
+        assert lost, "no answer to a late share was sent"
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("staleness", [1, None])
 def test_training_goes_on_after_consensus(staleness: int | None) -> None:
