@@ -225,7 +225,12 @@ def test_a_peer_that_stops_folding_gets_one_share_per_link_and_the_others_gossip
     for rank, r in enumerate(results):
         assert r["suspected"] == set(), (rank, r)
         assert r["settled"], (rank, r)  # one share at most on each link into rank 3
-        assert r["sent"] >= 15, (rank, r)  # and gossip among ranks 0-2 goes on
+    # And gossip among ranks 0-2 goes on. Per rank it varies by design: rank 1 hears only
+    # from rank 0 (its other in-peer is rank 3), so its credit comes from the half of rank
+    # 0's shares that go to it (rank 1 sent in 14 to 41 of 80 rounds, ranks 0 and 2 in 43 or
+    # 44; 14 was a CI run's, where a gate of 15 per rank failed); without the window 8 to 11
+    # each, 26 to 32 together.
+    assert sum(r["sent"] for r in results) >= 60, results
     assert [r["left"] for r in results] == [0, 1, 1]  # rank 3's in-peers did send to it
 
 
