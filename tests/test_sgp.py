@@ -204,9 +204,7 @@ def test_a_peer_that_stops_folding_gets_one_share_per_link_and_the_others_gossip
         for _ in range(steps):
             sgp.step()
             # A step's time: shares flow, and their acknowledgements (send credit, room on
-            # the link) come back. With 5 ms, beside the rest of the suite on 2 cores, rank 1
-            # once sent in only 14 rounds; without the window the others send 5-8 whatever
-            # the step's time (their credit sits in the links to rank 3).
+            # the link) come back meanwhile.
             time.sleep(0.02)
         # Rank 3 acknowledged its start-up rounds' shares (it folded them), and none since:
         # what is still outstanding to it was sent in the asynchronous rounds.
