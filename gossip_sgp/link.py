@@ -26,7 +26,11 @@ from collections import deque
 from gossip_sgp.message import Message, MessageKind
 from gossip_sgp.settings import LinkSettings
 
-__all__ = ["OutLink", "Sent"]
+__all__ = ["AUDIT_LIMIT", "OutLink", "Sent"]
+
+AUDIT_LIMIT = 64
+"""Sequence numbers one audit asks about, at most (:meth:`OutLink.audit`): the peer answers
+each with one acknowledgement, so an audit from the network costs it at most this many."""
 
 
 @dataclasses.dataclass(slots=True)
@@ -169,7 +173,7 @@ class OutLink:
         self.acks += 1
         return weight, taken_back
 
-    def audit(self, limit: int = 64) -> tuple[int, int] | None:
+    def audit(self, limit: int = AUDIT_LIMIT) -> tuple[int, int] | None:
         """The range ``(first, last)`` of sequence numbers to ask the peer about, or None.
 
         A share written off when its peer was suspected by mistake may have been folded:

@@ -47,9 +47,13 @@ class SequenceWindow:
         self.trusted = 0
         """Below this, numbers were given up on or seen, and which is not known."""
 
+    def refuses(self, seq: int) -> bool:
+        """Whether :meth:`accept` would refuse ``seq``: seen before, or too old to tell."""
+        return seq < self.floor or seq in self.seen
+
     def accept(self, seq: int) -> bool:
         """Record ``seq``; False when it was seen before (or is too old to tell)."""
-        if seq < self.floor or seq in self.seen:
+        if self.refuses(seq):
             return False
         self.seen.add(seq)
         while self.floor in self.seen:
@@ -68,7 +72,7 @@ class SequenceWindow:
     def has_seen(self, seq: int) -> bool:
         """Whether ``seq`` was accepted; False also where that is not known any more (a
         number below a gap given up on)."""
-        return seq >= self.trusted and (seq < self.floor or seq in self.seen)
+        return seq >= self.trusted and self.refuses(seq)
 
 
 def _sum(shares: list[Share]) -> Share:
@@ -293,7 +297,7 @@ class Mailbox:
         the sender's current incarnation)."""
         with self._cond:
             window = self._seqs.get(sender)
-            return window is not None and (seq < window.floor or seq in window.seen)
+            return window is not None and window.refuses(seq)
 
     def folded(self, sender: int, seqs: Collection[int]) -> tuple[list[int], list[int]]:
         """Of ``sender``'s messages ``seqs``: (those whose mass has been folded in, those

@@ -44,7 +44,7 @@ from gossip_sgp.errors import (
     TransportError,
     WireError,
 )
-from gossip_sgp.link import OutLink, Written
+from gossip_sgp.link import AUDIT_LIMIT, OutLink, Written
 from gossip_sgp.liveness import FailureDetector
 from gossip_sgp.mailbox import Receipt
 from gossip_sgp.message import CONTROL_KINDS, Message, MessageKind
@@ -79,10 +79,6 @@ _CANCEL_TIMEOUT = 0.5
 
 _CLOSE_TIMEOUT = 1.0
 """Seconds the transport gets to close its sockets (and release what it sent)."""
-
-_AUDIT_LIMIT = 64
-"""Sequence numbers one audit asks about, at most (``OutLink.audit``): a peer answers each
-with one acknowledgement, so a query from the network costs at most this many."""
 
 
 def _new_event_loop() -> asyncio.AbstractEventLoop:
@@ -657,7 +653,7 @@ class GossipNode:
         """A peer asks which of the shares it wrote off this node folded (``OutLink.audit``):
         acknowledge those, say "never received" of those that never came (gossip thread)."""
         first, last = query.meta.get("audit_from", -1), query.meta.get("audit_to", -1)
-        if not 0 <= first <= last < first + _AUDIT_LIMIT:
+        if not 0 <= first <= last < first + AUDIT_LIMIT:
             self._reject("bad_audit", query)
             return
         handler = self._audit
@@ -797,8 +793,7 @@ class GossipNode:
                 audits = {
                     peer: asked
                     for peer, link in self._links.items()
-                    if peer not in self._detector.down
-                    and (asked := link.audit(_AUDIT_LIMIT)) is not None
+                    if peer not in self._detector.down and (asked := link.audit()) is not None
                 }
             beats += [
                 dataclasses.replace(
