@@ -8,7 +8,9 @@ time, then per algorithm the mean over seeds and its difference to AllReduce.
 
 By default every world size trains for the same number of steps per worker: 40 epochs at 4
 workers, 80 at 8 (each worker's shard is half as large), as in tests/test_training.py.
-``--epochs E`` runs E epochs at every size instead.
+``--epochs E`` runs E epochs at every size instead. ``--min-step-ms MS`` pads every step's
+compute to MS milliseconds with a sleep (the CPU stays free, as if each worker had a core or
+an accelerator of its own; see benchmarks/async_skips.py), ``--algorithms`` picks a subset.
 """
 
 from __future__ import annotations
@@ -49,7 +51,24 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         help="epochs per run at every size (default: 10 x workers, the same steps per worker)",
     )
+    p.add_argument(
+        "--algorithms",
+        nargs="+",
+        choices=list(ALGORITHMS),
+        default=list(ALGORITHMS),
+        metavar="NAME",
+        help=f"which to run (default all: {', '.join(repr(a) for a in ALGORITHMS)})",
+    )
+    p.add_argument(
+        "--min-step-ms",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="pad each step's compute to at least MS milliseconds with a sleep (default 0)",
+    )
     args = p.parse_args(argv)
+    if not 0 <= args.min_step_ms <= 60_000:
+        p.error("--min-step-ms must be in 0..60000")
     if args.epochs is not None and args.epochs < 1:
         p.error("--epochs must be at least 1")
     if any(n < 1 for n in args.workers):
@@ -61,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     for n in args.workers:
         epochs = args.epochs if args.epochs is not None else 10 * n
         means: dict[str, float] = {}
-        for name, extra in ALGORITHMS.items():
+        for name in args.algorithms:
+            extra = [*ALGORITHMS[name], "--min-step-ms", str(args.min_step_ms)]
             accs = []
             for seed in args.seeds:
                 r = run(n, extra, seed, epochs)
@@ -73,8 +93,10 @@ def main(argv: list[str] | None = None) -> int:
                 )
             means[name] = statistics.mean(accs)
         for name, mean in means.items():
-            diff = 100 * (mean - means["allreduce"])
-            print(f"{n:>7} {name:<12} mean {mean:.4f}  ({diff:+.2f} points vs allreduce)")
+            vs = ""
+            if "allreduce" in means:
+                vs = f"  ({100 * (mean - means['allreduce']):+.2f} points vs allreduce)"
+            print(f"{n:>7} {name:<12} mean {mean:.4f}{vs}")
     return 0
 
 

@@ -207,6 +207,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "compute time), to try stragglers out",
     )
     p.add_argument(
+        "--min-step-ms",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="every worker sleeps until each step's compute has taken at least MS "
+        "milliseconds: the CPU stays free meanwhile, as when an accelerator computes, so "
+        "more workers than cores behave as if each had its own (default 0: no padding)",
+    )
+    p.add_argument(
         "--compression",
         default="none",
         help="SGP only: message codec: none, fp16, bf16, int8[:BLOCK], topk:FRACTION",
@@ -237,6 +246,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error("--resume needs --checkpoint DIR")
     if args.eval_every < 0:
         p.error("--eval-every must be >= 0")
+    if not 0 <= args.min_step_ms <= 60_000:
+        p.error(f"--min-step-ms must be in 0..60000, got {args.min_step_ms}")
     for name in ("epochs", "batch_size", "threads", "width"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -429,6 +440,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 optimizer.zero_grad()
                 loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
                 loss.backward()  # type: ignore[no-untyped-call]
+                if args.min_step_ms:
+                    time.sleep(
+                        max(0.0, args.min_step_ms / 1000 - (time.perf_counter() - computing))
+                    )
                 if args.straggler is not None and args.straggler[0] == rank:
                     time.sleep((args.straggler[1] - 1) * (time.perf_counter() - computing))
                 if gossip:
@@ -629,6 +644,7 @@ def report(
         "parameters": sum(p.numel() for p in model.parameters()),
         "batch_size": args.batch_size,
         "straggler": list(args.straggler) if args.straggler else None,
+        "min_step_ms": args.min_step_ms,
         # every step of every worker: compute, communication and waiting
         "iteration_seconds": {
             "median": float(np.median(step_seconds)) if step_seconds else math.nan,

@@ -51,11 +51,14 @@ def test_async_skips_prints_the_fraction_of_rounds_without_a_send(jobs: Jobs) ->
         "1",
         "--steps",
         "100",
+        "--min-step-ms",
+        "3",
         timeout=100,
         prefix=(sys.executable,),
     )
     row = out.splitlines()[1].split()
-    assert row[:3] == ["2", "32", "1"]
-    assert 0.0 <= float(row[3]) <= 1.0  # skipped fraction
-    assert float(row[5]) > 0.5  # accuracy: it trained
-    assert out.splitlines()[2].split()[:3] == ["2", "32", "mean"]
+    assert row[:4] == ["2", "32", "3", "1"]  # workers, batch, padding, seed
+    assert 0.0 <= float(row[4]) <= 1.0  # skipped fraction
+    assert float(row[5]) >= 3.0  # median step in ms: the padding took effect
+    assert float(row[6]) > 0.5  # accuracy: it trained
+    assert out.splitlines()[2].split()[:4] == ["2", "32", "3", "mean"]

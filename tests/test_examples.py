@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gossip_sgp.digits import digits, load_digits_split
+from gossip_sgp.digits import digits, load_digits_split, parse_args
 from tests.procs import Jobs
 
 
@@ -28,6 +28,30 @@ def test_digits_are_scikit_learns_digits() -> None:
     assert float(x_train.min()) == 0.0
     assert sorted(set(y_test.tolist())) == list(range(10))
     assert len(y_train) + len(y_test) == 1797
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--min-step-ms", "-1"], "--min-step-ms must be in 0..60000"),
+        (["--min-step-ms", "1e9"], "--min-step-ms must be in 0..60000"),
+        (["--straggler", "3"], "--straggler must be RANK:FACTOR"),
+        (["--staleness", "soon"], "--staleness must be an integer"),
+    ],
+)
+def test_the_digits_trainer_refuses_bad_arguments_with_a_clear_error(
+    argv: list[str], expected: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(argv)
+    assert exit_info.value.code == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_the_digits_trainer_pads_steps_only_when_asked() -> None:
+    assert parse_args([]).min_step_ms == 0.0
+    assert parse_args(["--min-step-ms", "20"]).min_step_ms == 20.0
 
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "train_digits.py"
