@@ -38,9 +38,8 @@ __all__ = ["ADPSGD", "ALGORITHMS", "adpsgd", "dpsgd"]
 ALGORITHMS = ("dpsgd", "adpsgd")
 """The decentralized baselines of this module, by name."""
 
-_KIND = "adpsgd"
-"""Message meta key that marks AD-PSGD exchanges: a request or an answer."""
 _REQUEST = 1
+"""``Message.adpsgd`` of an exchange's request; ``_ANSWER`` of its answer."""
 _ANSWER = 2
 
 
@@ -96,8 +95,8 @@ class ADPSGD(SGP):
 
     def _receive(self, message: Message) -> bool:
         fresh = super()._receive(message)  # the mass is in the mailbox before it is noted
-        kind = message.meta.get(_KIND)
-        if fresh and kind is not None:
+        kind = message.adpsgd
+        if fresh and kind:
             with self._lock:
                 if kind == _REQUEST:
                     self._requests.append(message.sender)
@@ -133,7 +132,7 @@ class ADPSGD(SGP):
     def _request(self, k: int) -> None:
         self._check_running()
         messages = self.protocol.emit(k)  # half to the round's partner: the bipartite mixing
-        self.node.send([dataclasses.replace(m, meta={**m.meta, _KIND: _REQUEST}) for m in messages])
+        self.node.send([dataclasses.replace(m, adpsgd=_REQUEST) for m in messages])
         self.pending = bool(messages)
 
     def _answer(self, k: int, senders: list[int]) -> None:
@@ -156,7 +155,7 @@ class ADPSGD(SGP):
                 tensors=tensors,
                 fingerprint=self.fingerprint,
                 sent_at=now,
-                meta={_KIND: _ANSWER},
+                adpsgd=_ANSWER,
             )
             for peer, (tensors, weight) in shares.items()
         ]

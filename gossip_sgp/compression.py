@@ -26,7 +26,7 @@ nodes and messages is unchanged, up to floating-point rounding of the subtractio
 receiver runs the same :meth:`Codec.decode`, so it adds exactly what the sender gave away.
 The push-sum weight is never compressed.
 
-:meth:`Codec.decode` validates the codec name, ``meta["raw_bytes"]``, the number, dtypes and
+:meth:`Codec.decode` validates the codec name, ``Message.raw_bytes``, the number, dtypes and
 lengths of the parts, block scales and index ranges against the receiver's own layout before
 it reads a value, and raises :class:`~gossip_sgp.errors.WireError` otherwise.
 """
@@ -144,12 +144,12 @@ class Codec:
         self,
         parts: Sequence[torch.Tensor],
         layout: Layout,
-        meta: dict[str, int] | None = None,
+        raw_bytes: int | None = None,
     ) -> tuple[torch.Tensor, ...]:
         """Validate ``parts`` against ``layout`` and rebuild the dense tensors.
 
-        ``meta`` is the message's meta map; for a compressed message it must hold
-        ``raw_bytes``, the uncompressed payload size. Raises ``WireError`` (reasons
+        ``raw_bytes`` is the message's ``raw_bytes``: for a compressed message it must be
+        the uncompressed payload size of ``layout``. Raises ``WireError`` (reasons
         ``malformed``, ``bad_dtype``, ``size_mismatch``, ``non_finite``) before reading any
         value of an invalid payload.
         """
@@ -158,7 +158,7 @@ class Codec:
         if len(parts) != n_parts:
             raise WireError("size_mismatch", f"{len(parts)} tensors, {self.spec} needs {n_parts}")
         if self.name != "none":
-            _check_raw_bytes(meta, layout)
+            _check_raw_bytes(raw_bytes, layout)
         for i, (part, (dtype, length)) in enumerate(
             zip(parts, (s for e in expected for s in e), strict=True)
         ):
@@ -328,8 +328,9 @@ class References:
         peer: int,
         seq: int,
         share: Sequence[torch.Tensor],
-    ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], dict[str, int]]:
-        """``(wire tensors, residual, meta)`` of message ``seq`` to ``peer``."""
+    ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], tuple[int, bool]]:
+        """``(wire tensors, residual, (ref, key))`` of message ``seq`` to ``peer``: the
+        message's ``Message.ref`` and ``Message.key``."""
         link = self.out.get(peer)
         key = link is None or bool(codec.key_interval and seq - link.start >= codec.key_interval)
         if link is None or key:
@@ -342,7 +343,7 @@ class References:
             link.tensors = tuple(h + d for h, d in zip(link.tensors, sent, strict=True))
             link.next = seq + 1
         residual = tuple(m - h for m, h in zip(share, link.tensors, strict=True))
-        return parts, residual, {"ref": link.start, "key": int(key)}
+        return parts, residual, (link.start, key)
 
     def applied(self, message: Message) -> bool:
         """Whether ``message`` is older than its link's next one (a duplicate or replay)."""
@@ -357,15 +358,14 @@ class References:
         Raises ``WireError``: ``no_reference`` for a message that does not follow its
         link's last one (check :meth:`applied` first), or a decoder's reason.
         """
-        meta, seq = message.meta, message.seq
-        start, key = meta.get("ref"), meta.get("key", 0)
-        if type(start) is not int or not 0 <= start <= seq or key not in (0, 1):
-            raise WireError("malformed", f"reference fields ref={start!r} key={key!r}")
+        start, key, seq = message.ref, message.key, message.seq
+        if start is None or not 0 <= start <= seq:
+            raise WireError("malformed", f"reference field ref={start!r} of message {seq}")
         link = self.inbound.get(message.sender)
         if key:
             if start != seq:
                 raise WireError("malformed", f"key frame {seq} names reference {start}")
-            tensors = codec.decode(message.tensors, layout, meta)
+            tensors = codec.decode(message.tensors, layout, message.raw_bytes)
         else:
             if link is None or link.start != start or seq != link.next:
                 expected = None if link is None else (link.start, link.next)
@@ -374,7 +374,7 @@ class References:
                     f"message {seq} on reference {start} of rank {message.sender}; "
                     f"this link holds (reference, next) {expected}",
                 )
-            delta = codec.decode(message.tensors, layout, meta)
+            delta = codec.decode(message.tensors, layout, message.raw_bytes)
             tensors = tuple(h + d for h, d in zip(link.tensors, delta, strict=True))
             if not all(all_finite(t) for t in tensors):  # before it becomes the reference
                 raise WireError("non_finite", "reference plus difference overflows")
@@ -383,11 +383,10 @@ class References:
         return tensors
 
 
-def _check_raw_bytes(meta: dict[str, int] | None, layout: Layout) -> None:
+def _check_raw_bytes(got: int | None, layout: Layout) -> None:
     raw = sum(numel * dtype.itemsize for numel, dtype, _ in layout)
-    got = None if meta is None else meta.get("raw_bytes")
     if got != raw:
-        raise WireError("malformed", f"meta raw_bytes {got!r}, expected {raw}")
+        raise WireError("malformed", f"raw_bytes {got!r}, expected {raw}")
 
 
 def compress_share(

@@ -174,12 +174,12 @@ class Mailbox:
         acknowledgement may have been lost), True when the original still waits here (its
         fold acknowledges it).
 
-        A sender that restarted (a larger ``meta["incarnation"]``) numbers its messages from
+        A sender that restarted (a larger ``Message.incarnation``) numbers its messages from
         0 again: its sequence window starts over. A message from an earlier incarnation
         than one already heard raises ``WireError("stale")`` (nothing is stored).
         """
         with self._cond:
-            incarnation = message.meta.get("incarnation", 0)
+            incarnation = message.incarnation
             known = self._incarnations.get(message.sender, 0)
             if incarnation and incarnation < known:
                 self.rejected["stale"] += 1

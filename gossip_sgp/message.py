@@ -14,7 +14,7 @@ from __future__ import annotations
 import enum
 import hashlib
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -31,14 +31,14 @@ class MessageKind(enum.IntEnum):
     weight 0. Lets a sender bound the mass it has in flight and measure round trips."""
     HEARTBEAT = 2
     """No tensors, weight 0: "I am alive", sent to a neighbour that has heard nothing else
-    from this node for a while. With ``meta["skip"] == 1`` it also says "no mass for you
-    in ``round``" (the sender kept its mass because it suspects the receiver is down), so
+    from this node for a while. With ``skip`` set it also says "no mass for you in
+    ``round``" (the sender kept its mass because it suspects the receiver is down), so
     a receiver that is in fact alive does not wait for that round's message."""
     JOIN = 3
     """No tensors, weight 0: "I restarted, give me half of your mass" (see ``SGP.rejoin``).
     The receiver answers, at its next step, with a MASS message of half its numerator and
-    weight, its ``round`` telling the joiner where the job is. With ``meta["refused"] == 1``
-    it is the answer "too late": the sender is in ``consensus()``, the job is finishing."""
+    weight, its ``round`` telling the joiner where the job is. With ``refused`` set it is
+    the answer "too late": the sender is in ``consensus()``, the job is finishing."""
 
 
 CONTROL_KINDS = frozenset({MessageKind.ACK, MessageKind.HEARTBEAT})
@@ -78,8 +78,39 @@ class Message:
     """Name of the codec that encoded ``tensors``."""
     gauge: float = 0.0
     """A scalar the sender piggybacks (``SGP.consensus`` spreads its disagreement estimate)."""
-    meta: dict[str, int] = field(default_factory=dict)
-    """Small integer fields for extensions (codec parameters and the like)."""
+    # The header fields below are optional: on the wire, one whose value is its default is
+    # left out (the wire format's ``meta`` map, see docs/wire-format.md).
+    incarnation: int = 0
+    """The sender's incarnation: 0 at its first start, larger after each restart. A sender
+    that restarted numbers its messages from 0 again (see ``Mailbox``)."""
+    to_incarnation: int | None = None
+    """On control messages (``CONTROL_KINDS``): the receiver's incarnation as the sender
+    knows it, so an acknowledgement meant for a previous life is not taken by this one.
+    None: not said."""
+    skip: bool = False
+    """``HEARTBEAT``: "no mass for you in ``round``" (a skip notice); ``ACK``: receipt of
+    a skip notice."""
+    never: bool = False
+    """``ACK`` answering an audit: message ``seq`` was never received (see ``OutLink``)."""
+    audit: tuple[int, int] | None = None
+    """``HEARTBEAT``: "which of my messages ``first..last`` did you receive?" (inclusive),
+    asked about shares written off while the receiver was suspected."""
+    join: bool = False
+    """``MASS``: half of the sender's mass for a worker that rejoins (``SGP.rejoin``)."""
+    refused: bool = False
+    """``JOIN``: the answer "too late": the sender is finishing the job."""
+    answer: bool = False
+    """``MASS``: a share off the schedule, answering a worker still training while the
+    sender is in ``consensus()``; never answered itself."""
+    raw_bytes: int | None = None
+    """Compressed ``MASS``: the payload's size before compression (codecs check it)."""
+    ref: int | None = None
+    """Difference-coded ``MASS`` (codec option ``ref``): the sequence number of the key
+    frame the link's reference started from."""
+    key: bool = False
+    """Difference-coded ``MASS``: this message is a key frame (its reference restarts)."""
+    adpsgd: int = 0
+    """AD-PSGD exchanges (``gossip_sgp.baselines``): 1 a request, 2 an answer; 0 neither."""
 
     @property
     def nbytes(self) -> int:

@@ -254,9 +254,9 @@ class GossipNode:
         self.payload_bytes_sent = 0
         """Numerator bytes of the push-sum messages handed to the transport, as encoded."""
         self.payload_raw_bytes_sent = 0
-        """The same before compression (a codec's ``meta["raw_bytes"]``)."""
+        """The same before compression (a codec's ``Message.raw_bytes``)."""
         self.incarnation = time.time_ns()
-        """This node's incarnation, sent with every message (``meta["incarnation"]``): the
+        """This node's incarnation, sent with every message (``Message.incarnation``): the
         wall-clock time it was created, in ns. A worker restarted with the same rank has a
         larger one, so its peers know that its sequence numbers start again from 0."""
         self.metrics: GossipMetrics | None = None
@@ -582,24 +582,25 @@ class GossipNode:
         now = time.monotonic()
         self.last_heard[message.sender] = now
         for_subscriber = message.kind in (MessageKind.MASS, MessageKind.JOIN) or (
-            message.kind == MessageKind.HEARTBEAT and message.meta.get("skip")  # see SGP._send
+            message.kind == MessageKind.HEARTBEAT and message.skip  # see SGP._send
         )
         overflow, lost, handler, fp, taken_back = False, 0.0, None, None, False
         stale_ack = False
-        incarnation = message.meta.get("incarnation", 0)
+        incarnation = message.incarnation
         with self._lock:  # one lock per message on this hot path
             back = self._detector.heard(message.sender, now)
             link = self._link(message.sender)
             previous_life = link.heard(incarnation)
             if previous_life is not None:
                 self.peers_restarted[message.sender] += 1
-            if message.kind == MessageKind.ACK and (
-                message.meta.get("to_incarnation", self.incarnation) != self.incarnation
+            if message.kind == MessageKind.ACK and message.to_incarnation not in (
+                None,
+                self.incarnation,
             ):
                 stale_ack = True  # meant for an earlier life of this worker
-            elif message.kind == MessageKind.ACK and message.meta.get("skip"):
+            elif message.kind == MessageKind.ACK and message.skip:
                 link.skip_acked(message.round)
-            elif message.kind == MessageKind.ACK and message.meta.get("never"):
+            elif message.kind == MessageKind.ACK and message.never:
                 link.never_received(message.seq)  # the answer to an audit: see OutLink.audit
             elif message.kind == MessageKind.ACK:
                 acked = link.acked(message.seq, now)
@@ -620,7 +621,7 @@ class GossipNode:
             self._written_off_changed(message.sender, -1)
         if stale_ack:
             self._reject("stale_ack", message)
-        if message.kind == MessageKind.HEARTBEAT and "audit_from" in message.meta:
+        if message.kind == MessageKind.HEARTBEAT and message.audit is not None:
             self._answer_audit(message)
         if not for_subscriber:
             return  # an acknowledgement, or a heartbeat: liveness only
@@ -652,7 +653,7 @@ class GossipNode:
     def _answer_audit(self, query: Message) -> None:
         """A peer asks which of the shares it wrote off this node folded (``OutLink.audit``):
         acknowledge those, say "never received" of those that never came (gossip thread)."""
-        first, last = query.meta.get("audit_from", -1), query.meta.get("audit_to", -1)
+        first, last = query.audit or (-1, -1)
         if not 0 <= first <= last < first + AUDIT_LIMIT:
             self._reject("bad_audit", query)
             return
@@ -662,7 +663,7 @@ class GossipNode:
         folded, never = handler(query.sender, range(first, last + 1))
         answers = self._acks([(query.sender, seq, 0) for seq in folded])
         answers += [
-            dataclasses.replace(ack, meta={"never": 1})
+            dataclasses.replace(ack, never=True)
             for ack in self._acks([(query.sender, seq, 0) for seq in never])
         ]
         if answers:
@@ -731,7 +732,7 @@ class GossipNode:
                 task = asyncio.get_running_loop().create_task(self._sender(m.receiver, q))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
-            meta = {**m.meta, "incarnation": self.incarnation}
+            to_incarnation = m.to_incarnation
             if m.kind == MessageKind.ACK:
                 # Which life of the receiver this acknowledges: a restarted peer that binds
                 # the old address ignores what was queued for its previous life (otherwise
@@ -739,8 +740,9 @@ class GossipNode:
                 # incarnation heard: it is set by this thread, so reading it needs no lock.
                 link = self._links.get(m.receiver)
                 if link is not None and link.incarnation:
-                    meta["to_incarnation"] = link.incarnation
-            q.put_nowait(dataclasses.replace(m, meta=meta))
+                    to_incarnation = link.incarnation
+            m = dataclasses.replace(m, incarnation=self.incarnation, to_incarnation=to_incarnation)
+            q.put_nowait(m)
             (self._last_control if control else self._last_sent)[m.receiver] = now
             if mass:
                 self._queued_mass[m.receiver] += 1
@@ -796,9 +798,7 @@ class GossipNode:
                     if peer not in self._detector.down and (asked := link.audit()) is not None
                 }
             beats += [
-                dataclasses.replace(
-                    self._heartbeat(peer, 0), meta={"audit_from": first, "audit_to": last}
-                )
+                dataclasses.replace(self._heartbeat(peer, 0), audit=(first, last))
                 for peer, (first, last) in audits.items()
             ]
             if beats:
@@ -918,7 +918,7 @@ class GossipNode:
             tensors=(),
             fingerprint=self._fingerprint or 0,
             kind=MessageKind.HEARTBEAT,
-            meta={"skip": 1} if skip else {},
+            skip=skip,
         )
 
     def _lose(self, message: Message) -> None:
@@ -963,7 +963,9 @@ class GossipNode:
             else:
                 if message.kind == MessageKind.MASS:
                     self.payload_bytes_sent += message.nbytes
-                    self.payload_raw_bytes_sent += message.meta.get("raw_bytes", message.nbytes)
+                    self.payload_raw_bytes_sent += (
+                        message.nbytes if message.raw_bytes is None else message.raw_bytes
+                    )
             finally:
                 q.task_done()
                 if message.kind == MessageKind.MASS:
@@ -1183,9 +1185,7 @@ class GossipNode:
     def send_join(self, peer: int, *, refused: bool = False) -> None:
         """Ask ``peer`` for half of its mass (a restarted worker; see ``SGP.rejoin``), or,
         with ``refused``, answer such a request with "too late, the job is finishing"."""
-        join = dataclasses.replace(
-            self._heartbeat(peer, 0), kind=MessageKind.JOIN, meta={"refused": 1} if refused else {}
-        )
+        join = dataclasses.replace(self._heartbeat(peer, 0), kind=MessageKind.JOIN, refused=refused)
         self.send([join])
 
     def send_skip(self, peers: Sequence[int], round: int) -> None:

@@ -74,10 +74,10 @@ class PushSumProtocol:
 
     def answer(self, peer: int, round: int, fraction: float) -> Message:
         """Split off ``fraction`` of this node's mass for ``peer``, off the topology's
-        schedule, as a message of ``round`` marked ``meta["answer"] = 1``, coded like every
+        schedule, as a message of ``round`` marked ``answer``, coded like every
         share of the link (``SGP.consensus``: a finished worker answers one still training)."""
         out = {peer: fraction}
-        (message,) = self._emit(round, 1.0 - fraction, out, gauge=0.0, marks={"answer": 1})
+        (message,) = self._emit(round, 1.0 - fraction, out, gauge=0.0, answer=True)
         return message
 
     def _emit(
@@ -87,20 +87,21 @@ class PushSumProtocol:
         out: dict[int, float],
         *,
         gauge: float,
-        marks: dict[str, int] | None = None,
+        answer: bool = False,
     ) -> list[Message]:
         shares = self.state.split(self_weight, out)
         now = time.time()
         messages = []
-        codec, meta = self.codec, dict(marks or {})
+        codec = self.codec
+        raw_bytes = None
         if codec.name != "none":
-            meta["raw_bytes"] = sum(n * dtype.itemsize for n, dtype, _ in self.layout)
+            raw_bytes = sum(n * dtype.itemsize for n, dtype, _ in self.layout)
         for peer, (tensors, weight) in shares.items():
             seq = self._next_seq.get(peer, 0)
-            extra: dict[str, int] = {}
+            ref: tuple[int, bool] | None = None
             residual: tuple[torch.Tensor, ...] | None = None
             if codec.reference:
-                tensors, residual, extra = self._references.encode(codec, peer, seq, tensors)
+                tensors, residual, ref = self._references.encode(codec, peer, seq, tensors)
             elif codec.name != "none":
                 tensors, residual = compress_share(codec, tensors)
             if residual is not None:
@@ -115,7 +116,10 @@ class PushSumProtocol:
                     now,
                     gauge=gauge,
                     codec=codec.spec,
-                    meta={**meta, **extra},
+                    answer=answer,
+                    raw_bytes=raw_bytes,
+                    ref=None if ref is None else ref[0],
+                    key=ref is not None and ref[1],
                 )
             )
         return messages
@@ -156,9 +160,9 @@ class PushSumProtocol:
 
     def give_half(self, peer: int, round: int) -> Message:
         """Split off half of this node's mass for ``peer`` (a worker that rejoins the job),
-        as one uncompressed message of ``round`` marked ``meta["join"] = 1``."""
+        as one uncompressed message of ``round`` marked ``join``."""
         ((tensors, weight),) = self.state.split(0.5, {peer: 0.5}).values()
-        return self._message(peer, round, tensors, weight, time.time(), meta={"join": 1})
+        return self._message(peer, round, tensors, weight, time.time(), join=True)
 
     def receive(self, message: Message) -> bool:
         """Decode a received message and store its mass; False for a duplicate.
@@ -201,7 +205,7 @@ class PushSumProtocol:
             if codec.reference:
                 tensors = self._references.decode(codec, message, self.layout, commit=commit)
             else:
-                tensors = codec.decode(message.tensors, self.layout, message.meta)
+                tensors = codec.decode(message.tensors, self.layout, message.raw_bytes)
         except WireError:
             raise
         except Exception as exc:  # nothing a peer sends may raise anything but a WireError

@@ -259,7 +259,7 @@ class SGP:
             self.protocol.mailbox.mark_arrived(message.sender, message.round)
             return True
         if message.kind == MessageKind.JOIN:  # served by the training thread, see _round
-            if message.meta.get("refused"):  # a neighbour's "too late": see rejoin()
+            if message.refused:  # a neighbour's "too late": see rejoin()
                 with self._refund_lock:
                     self._refused_by.add(message.sender)
                 return True
@@ -270,13 +270,13 @@ class SGP:
             if finishing:
                 self.node.send_join(message.sender, refused=True)
             return True
-        if message.meta.get("join") and not self._joined.is_set():
+        if message.join and not self._joined.is_set():
             fresh = self.protocol.receive(message)  # a donor's half: see rejoin()
             self._join_round = max(self._join_round, message.round)
             self._joined.set()
             return fresh
         answerable = False
-        if message.round < self._finish_round and not message.meta.get("answer"):
+        if message.round < self._finish_round and not message.answer:
             with self._refund_lock:  # a share sent while training: see _answer_stragglers
                 answerable = message.round < self._finish_round  # not just out of consensus()
                 if answerable:

@@ -29,6 +29,7 @@ __all__ = [
     "all_finite",
     "decode",
     "encode",
+    "meta",
     "tensor_spec",
 ]
 
@@ -90,6 +91,13 @@ _KEYS = frozenset(
     | {"codec", "gauge", "meta", "tensors"}
 )
 
+_FLAGS = ("skip", "never", "join", "refused", "answer", "key")
+"""Optional header fields that are booleans: 1 on the wire when set, left out when not."""
+_NUMBERS = ("incarnation", "to_incarnation", "raw_bytes", "ref")
+"""Optional header fields that are integers in 0..2**63-1, left out at their default."""
+_META_KEYS = frozenset({*_FLAGS, *_NUMBERS, "audit_from", "audit_to", "adpsgd"})
+"""Every key the ``meta`` map may hold; anything else is ``malformed``."""
+
 FrameBuffer = bytes | bytearray | memoryview
 """One received frame, e.g. ``zmq.Frame.buffer`` (any buffer-protocol object works)."""
 
@@ -150,13 +158,59 @@ def _header(message: Message, weight: float, specs: list[list[Any]]) -> bytes:
         "sent_at": float(message.sent_at),
         "codec": message.codec,
         "gauge": float(message.gauge),
-        "meta": dict(message.meta),
+        "meta": meta(message),
         "tensors": specs,
     }
     packed: bytes = msgpack.packb(header, use_bin_type=True)
     if len(packed) > MAX_HEADER_BYTES:
         raise WireError("oversized", f"header of {len(packed)} bytes > {MAX_HEADER_BYTES}")
     return packed
+
+
+def meta(message: Message) -> dict[str, int]:
+    """The header's ``meta`` map of ``message``: its optional fields (``incarnation`` and
+    the ones after it) that differ from their defaults, as integers."""
+    out = {name: 1 for name in _FLAGS if getattr(message, name)}
+    defaults = {"incarnation": 0}
+    for name in _NUMBERS:
+        value = getattr(message, name)
+        if value is not None and value != defaults.get(name):
+            out[name] = _checked(name, value, *_UINT63)
+    if message.audit is not None:
+        first, last = message.audit
+        out["audit_from"] = _checked("audit_from", first, *_UINT63)
+        out["audit_to"] = _checked("audit_to", last, *_UINT63)
+    if message.adpsgd:
+        out["adpsgd"] = _checked("adpsgd", message.adpsgd, 1, 2)
+    return out
+
+
+def _checked(name: str, value: int, lo: int, hi: int) -> int:
+    if type(value) is not int or not lo <= value <= hi:
+        raise WireError("malformed", f"header field {name} = {value!r} is not in {lo}..{hi}")
+    return value
+
+
+def _fields(meta: Any) -> dict[str, Any]:
+    """The ``Message`` keyword arguments of a received ``meta`` map, every value checked."""
+    if type(meta) is not dict or not meta.keys() <= _META_KEYS:
+        keys = sorted(meta, key=str) if type(meta) is dict else type(meta).__name__
+        raise WireError("malformed", f"meta {keys} (known: {sorted(_META_KEYS)})")
+    fields: dict[str, Any] = {}
+    for name in _FLAGS:
+        if name in meta:
+            fields[name] = bool(_checked(name, meta[name], 0, 1))
+    for name in _NUMBERS:
+        if name in meta:
+            fields[name] = _checked(name, meta[name], *_UINT63)
+    if ("audit_from" in meta) != ("audit_to" in meta):
+        raise WireError("malformed", "audit_from and audit_to come together")
+    if "audit_from" in meta:
+        audit = _checked("audit_from", meta["audit_from"], *_UINT63)
+        fields["audit"] = (audit, _checked("audit_to", meta["audit_to"], *_UINT63))
+    if "adpsgd" in meta:
+        fields["adpsgd"] = _checked("adpsgd", meta["adpsgd"], 1, 2)
+    return fields
 
 
 def decode(
@@ -225,11 +279,7 @@ def decode(
     codec = header["codec"]
     if type(codec) is not str or not codec:
         raise WireError("malformed", f"codec {codec!r}")
-    meta = header["meta"]
-    if type(meta) is not dict or not all(
-        type(k) is str and type(v) is int and _INT64[0] <= v <= _INT64[1] for k, v in meta.items()
-    ):
-        raise WireError("malformed", "meta is not a map of str to int64")
+    fields = _fields(header["meta"])
     specs = _tensor_specs(header["tensors"], len(views) - 1, max_bytes)
     pairs = list(zip(views[1:], specs, strict=True))
     for i, (view, (dtype, shape, nbytes)) in enumerate(pairs):
@@ -257,7 +307,7 @@ def decode(
         kind=MessageKind(kind),
         codec=codec,
         gauge=gauge,
-        meta=meta,
+        **fields,
     )
 
 

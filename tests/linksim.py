@@ -222,8 +222,7 @@ class Job:
             asked = None if peer in w.detector.down else link.audit()
             if asked is not None:
                 audit = self._control(w, peer, MessageKind.HEARTBEAT)
-                meta = {"audit_from": asked[0], "audit_to": asked[1]}
-                self._send(w, dataclasses.replace(audit, meta=meta))
+                self._send(w, dataclasses.replace(audit, audit=asked))
         for peer, link in sorted(w.links.items()):
             if peer not in w.detector.down:
                 for copy in link.due(self.now)[0]:
@@ -251,7 +250,7 @@ class Job:
         if not w.alive:
             return
         w.detector.heard(m.sender, self.now)
-        if m.kind == MessageKind.ACK and m.meta.get("never"):
+        if m.kind == MessageKind.ACK and m.never:
             w.link(m.sender).never_received(m.seq)
         elif m.kind == MessageKind.ACK:
             # An acknowledgement says "folded": never sent for a share still waiting.
@@ -269,15 +268,15 @@ class Job:
                 # A copy of a folded share: our acknowledgement may have been lost. (A copy
                 # of one still in the inbox is acknowledged by its fold, as the mailbox does.)
                 self._send(w, self._control(w, m.sender, MessageKind.ACK, seq=m.seq))
-        elif m.kind == MessageKind.HEARTBEAT and "audit_from" in m.meta:
+        elif m.kind == MessageKind.HEARTBEAT and m.audit is not None:
             # As GossipNode answers an audit from its mailbox: acknowledge what was folded,
             # say what never came; a share still in the inbox is acknowledged by its fold.
             window = w.windows.get(m.sender)
             waiting = {x.seq for x in w.inbox if x.sender == m.sender}
-            for seq in range(m.meta["audit_from"], m.meta["audit_to"] + 1):
+            for seq in range(m.audit[0], m.audit[1] + 1):
                 if window is None or not window.has_seen(seq):
                     never = self._control(w, m.sender, MessageKind.ACK, seq=seq)
-                    self._send(w, dataclasses.replace(never, meta={"never": 1}))
+                    self._send(w, dataclasses.replace(never, never=True))
                 elif seq not in waiting:
                     self._send(w, self._control(w, m.sender, MessageKind.ACK, seq=seq))
 

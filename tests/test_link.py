@@ -43,7 +43,7 @@ def notice(round: int) -> Message:
         tensors=(),
         fingerprint=0,
         kind=MessageKind.HEARTBEAT,
-        meta={"skip": 1},
+        skip=True,
     )
 
 

@@ -212,14 +212,14 @@ def test_close_wakes_a_waiter_at_once() -> None:
 
 def test_a_restarted_sender_numbers_from_zero_and_its_earlier_life_is_stale() -> None:
     box = Mailbox()
-    first, second = {"incarnation": 100}, {"incarnation": 200}
-    assert box.put(dataclasses.replace(msg(1, 0, 0, 1.0), meta=first))
-    assert box.put(dataclasses.replace(msg(1, 1, 1, 1.0), meta=first))
+    first, second = {"incarnation": 100}, {"incarnation": 200}  # two lives of rank 1
+    assert box.put(dataclasses.replace(msg(1, 0, 0, 1.0), **first))
+    assert box.put(dataclasses.replace(msg(1, 1, 1, 1.0), **first))
     # restarted: sequence numbers start again, and are not taken for replays
-    assert box.put(dataclasses.replace(msg(1, 0, 5, 2.0), meta=second))
-    assert box.put(dataclasses.replace(msg(1, 0, 5, 2.0), meta=second))  # a copy, not stored
+    assert box.put(dataclasses.replace(msg(1, 0, 5, 2.0), **second))
+    assert box.put(dataclasses.replace(msg(1, 0, 5, 2.0), **second))  # a copy, not stored
     with pytest.raises(WireError) as caught:  # a late message of the earlier life
-        box.put(dataclasses.replace(msg(1, 2, 2, 3.0), meta=first))
+        box.put(dataclasses.replace(msg(1, 2, 2, 3.0), **first))
     assert caught.value.reason == "stale"
     assert box.rejected == {"duplicate": 1, "stale": 1}
     assert box.weight_from == {1: 1.5}

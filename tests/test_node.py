@@ -335,7 +335,7 @@ class _LosesFirstSkip(InProcTransport):
     lost = 0
 
     async def send(self, peer: int, message: Message) -> None:
-        if message.kind == MessageKind.HEARTBEAT and message.meta.get("skip") and not self.lost:
+        if message.kind == MessageKind.HEARTBEAT and message.skip and not self.lost:
             self.lost += 1
             return
         await super().send(peer, message)
@@ -422,7 +422,7 @@ def test_a_lost_skip_notice_is_sent_again_until_acknowledged(nodes: Nodes) -> No
     a.subscribe(lambda m: True, fingerprint=FP)  # its notices name the model, as SGP's do
     a.send_skip([1], 7)
     notice = delivered.get(timeout=10)  # the copy sent again (after 1 s: no round trip yet)
-    assert (notice.kind, notice.round, notice.meta.get("skip")) == (MessageKind.HEARTBEAT, 7, 1)
+    assert (notice.kind, notice.round, notice.skip) == (MessageKind.HEARTBEAT, 7, True)
     assert transport.lost == 1
     assert a.retransmitted >= 1
     assert wait_until(lambda: not a._links[1].skips)  # acknowledged: not sent again
@@ -834,7 +834,8 @@ def test_an_acknowledgement_for_an_earlier_life_is_ignored(
         tensors=(),
         fingerprint=FP,
         kind=MessageKind.ACK,
-        meta={"incarnation": b.incarnation, "to_incarnation": a.incarnation - 1},
+        incarnation=b.incarnation,
+        to_incarnation=a.incarnation - 1,
     )
     a._dispatch(stale)
     assert a.outstanding(1) == 1

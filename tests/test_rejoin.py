@@ -67,7 +67,7 @@ class Peer:
         answer = None
         if message.kind == MessageKind.MASS:
             self.node.acknowledge([(message.sender, message.seq, message.round)])
-            if not message.meta.get("join"):
+            if not message.join:
                 answer = message.round
         with self._changed:
             self.got.append(message)
@@ -101,7 +101,7 @@ class Peer:
 
 
 def refusals(got: list[Message]) -> list[Message]:
-    return [m for m in got if m.kind == MessageKind.JOIN and m.meta.get("refused") == 1]
+    return [m for m in got if m.kind == MessageKind.JOIN and m.refused]
 
 
 def wait_for_request(sgp: SGP) -> None:
@@ -149,7 +149,7 @@ def test_a_join_request_during_consensus_is_refused_at_once() -> None:
     (refusal,) = refusals(peer.got)
     assert (refusal.sender, refusal.weight, refusal.tensors) == (0, 0.0, ())
     shares = peer.shares()
-    assert [(m.round, m.meta.get("join")) for m in shares] == [(0, None), (1, None)]
+    assert [(m.round, m.join) for m in shares] == [(0, False), (1, False)]
     assert sgp.weight == 0.25  # two consensus rounds, each sending half; no join share
     assert sgp.weight + sum(m.weight for m in shares) == 1.0
 
@@ -164,7 +164,7 @@ def test_a_request_still_waiting_when_consensus_begins_is_refused() -> None:
         assert peer.wait_for(refusals)
         assert len(refusals(peer.got)) == 1
         shares = peer.shares()
-        assert [(m.round, m.meta.get("join")) for m in shares] == [(0, None), (1, None)]
+        assert [(m.round, m.join) for m in shares] == [(0, False), (1, False)]
         assert sgp.weight + sum(m.weight for m in shares) == 1.0
 
 
@@ -178,9 +178,9 @@ def test_after_consensus_a_request_is_served_again() -> None:
         wait_for_request(sgp)
         weight = sgp.weight
         sgp.step()  # serves the request; the half fills the link, so it keeps this round's mass
-        assert peer.wait_for(lambda got: any(m.meta.get("join") for m in got)), "no half came"
-        (half,) = [m for m in peer.shares() if m.meta.get("join")]
-        assert half.meta["join"] == 1
+        assert peer.wait_for(lambda got: any(m.join for m in got)), "no half came"
+        (half,) = [m for m in peer.shares() if m.join]
+        assert half.join
         assert half.weight == weight / 2
         assert not refusals(peer.got)
         assert sgp.weight == weight / 2
@@ -271,7 +271,7 @@ def test_codec_references_start_afresh_with_a_restarted_peer() -> None:
             sgp.step()
             wait_acknowledged(node0)
         assert peer.wait_for(lambda got: len([m for m in got if m.kind == MASS]) >= 3)
-        assert [m.meta["key"] for m in peer.shares()] == [1, 0, 0]
+        assert [m.key for m in peer.shares()] == [True, False, False]
         # Its first life's shares folded (acknowledged) first: a copy of one sent after the
         # "restart" below would carry the new incarnation, which a real restart never does.
         deadline = time.monotonic() + 10
@@ -286,7 +286,7 @@ def test_codec_references_start_afresh_with_a_restarted_peer() -> None:
             assert time.monotonic() < deadline, "rank 0 never heard rank 1's new life"
             time.sleep(0.01)
         (share,) = second_life.emit(3)
-        assert (share.seq, share.meta["key"]) == (0, 1)
+        assert (share.seq, share.key) == (0, True)
         received = sgp.protocol.mailbox.received
         node1.send([share])
         deadline = time.monotonic() + 5
@@ -302,4 +302,4 @@ def test_codec_references_start_afresh_with_a_restarted_peer() -> None:
         sgp.step()  # folds the new life's share, sends rank 1 a share of its own
         assert torch.isfinite(x).all()
         assert peer.wait_for(lambda got: len({m.seq for m in got if m.kind == MASS}) >= 4)
-        assert peer.shares()[-1].meta["key"] == 1  # a key frame for rank 1's new life
+        assert peer.shares()[-1].key  # a key frame for rank 1's new life

@@ -244,7 +244,7 @@ class _DelaysLateAnswers:
 
     async def send(self, peer: int, message: Message) -> None:
         first = all(m.seq != message.seq or m.receiver != peer for m in self.lost)
-        if message.meta.get("answer") and message.round >= self.after and first:
+        if message.answer and message.round >= self.after and first:
             self.lost.append(message)
             return
         await self.inner.send(peer, message)

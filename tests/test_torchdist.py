@@ -48,7 +48,8 @@ def _message(**changes: object) -> Message:
         "sent_at": 1.5,
         "codec": "int8",
         "gauge": 0.25,
-        "meta": {"block": 64},
+        "raw_bytes": 64,
+        "incarnation": 3,
     }
     fields.update(changes)
     return Message(**fields)  # type: ignore[arg-type]
@@ -69,12 +70,8 @@ def test_header_carries_every_message_field() -> None:
     assert specs == [(torch.float64, (2, 3)), (torch.float32, (4,))]
     for name in ("sender", "receiver", "round", "seq", "weight", "fingerprint", "sent_at"):
         assert getattr(message, name) == getattr(sent, name), name
-    assert (message.kind, message.codec, message.gauge, message.meta) == (
-        MessageKind.MASS,
-        "int8",
-        0.25,
-        {"block": 64},
-    )
+    assert (message.kind, message.codec, message.gauge) == (MessageKind.MASS, "int8", 0.25)
+    assert (message.raw_bytes, message.incarnation) == (64, 3)
 
 
 @pytest.mark.parametrize(

@@ -84,7 +84,8 @@ def test_round_trip_mixed_tensors_and_fields() -> None:
         torch.tensor(2.5, dtype=torch.float64),  # 0-dim
         torch.arange(10, dtype=torch.bfloat16),
         codec="int8-block",
-        meta={"block": 256, "neg": -(1 << 63)},
+        incarnation=(1 << 63) - 1,
+        raw_bytes=0,
         seq=(1 << 63) - 1,
         weight=5e-324,  # the smallest positive float is still a valid weight
     )
@@ -149,17 +150,57 @@ def test_encode_refuses_what_decode_would_reject(bad: Message, reason: str) -> N
     assert info.value.reason == reason
 
 
+OPTIONAL_FIELDS: dict[str, Any] = {
+    "incarnation": 7,
+    "to_incarnation": 0,
+    "skip": True,
+    "never": True,
+    "audit": (3, 9),
+    "join": True,
+    "refused": True,
+    "answer": True,
+    "raw_bytes": 24,
+    "ref": 0,
+    "key": True,
+    "adpsgd": 2,
+}
+"""A value other than the default for every optional header field of ``Message``."""
+
+
+def test_every_optional_header_field_crosses_the_wire_and_defaults_cost_nothing() -> None:
+    required = {"sender", "receiver", "round", "seq", "weight", "tensors", "fingerprint"}
+    required |= {"sent_at", "kind", "codec", "gauge"}
+    assert {f.name for f in dataclasses.fields(Message)} - required == OPTIONAL_FIELDS.keys()
+    sent = message(torch.ones(2, 3), **OPTIONAL_FIELDS)
+    got = decode(writable(wire.encode(sent)))
+    assert_same(got, sent)
+    assert msgpack.unpackb(wire.encode(message())[0])["meta"] == {}
+    for name, value in OPTIONAL_FIELDS.items():  # each alone, too
+        assert getattr(decode(writable(wire.encode(message(**{name: value})))), name) == value
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("incarnation", -1), ("ref", 1 << 63), ("audit", (-1, 3)), ("adpsgd", 3), ("raw_bytes", 1.0)],
+)
+def test_a_header_field_out_of_range_is_refused_by_the_sender_too(field: str, value: Any) -> None:
+    with pytest.raises(WireError) as info:
+        wire.encode(message(**{field: value}))
+    assert info.value.reason == "malformed"
+
+
 @pytest.mark.parametrize("kind", [MessageKind.HEARTBEAT, MessageKind.JOIN])
 def test_heartbeat_and_join_round_trip_and_rules(kind: MessageKind) -> None:
-    beat = message(weight=0.0, kind=kind, meta={"skip": 1, "incarnation": 1 << 62}, round=7)
+    beat = message(weight=0.0, kind=kind, skip=True, incarnation=1 << 62, round=7)
     got = wire.decode(
         wire.encode(beat), rank=RANK, world_size=WORLD, fingerprint=FP, max_bytes=LIMIT
     )
-    assert (got.kind, got.weight, got.tensors, got.meta, got.round) == (
+    assert (got.kind, got.weight, got.tensors, got.skip, got.incarnation, got.round) == (
         kind,
         0.0,
         (),
-        {"skip": 1, "incarnation": 1 << 62},
+        True,
+        1 << 62,
         7,
     )
     for bad in (
@@ -229,8 +270,15 @@ HEADER_CASES: list[tuple[str, Callable[[dict[str, Any]], Any], str]] = [
     ("codec too long", setter("codec", "x" * 65), "malformed"),
     ("codec as int", setter("codec", 5), "malformed"),
     ("meta as list", setter("meta", []), "malformed"),
-    ("meta str value", setter("meta", {"a": "b"}), "malformed"),
-    ("meta float value", setter("meta", {"a": 1.5}), "malformed"),
+    ("meta unknown key", setter("meta", {"block": 1}), "malformed"),
+    ("meta str value", setter("meta", {"skip": "b"}), "malformed"),
+    ("meta float value", setter("meta", {"ref": 1.5}), "malformed"),
+    ("meta bool value", setter("meta", {"raw_bytes": True}), "malformed"),
+    ("meta flag of 2", setter("meta", {"key": 2}), "malformed"),
+    ("meta negative number", setter("meta", {"incarnation": -1}), "malformed"),
+    ("meta number too large", setter("meta", {"to_incarnation": 1 << 63}), "malformed"),
+    ("meta half an audit", setter("meta", {"audit_from": 3}), "malformed"),
+    ("meta adpsgd of 3", setter("meta", {"adpsgd": 3}), "malformed"),
     ("meta too many", setter("meta", {str(i): i for i in range(33)}), "malformed"),
     ("meta bytes key", setter("meta", {b"k": 1}), "malformed"),
     ("tensors not list", setter("tensors", {}), "malformed"),
@@ -325,7 +373,10 @@ def check_decoded(frames: list[bytes], **kw: Any) -> None:
     header = msgpack.unpackb(frames[0])
     for key in ("sender", "receiver", "round", "seq", "weight", "fingerprint", "sent_at", "gauge"):
         assert getattr(got, key) == header[key]
-    assert (int(got.kind), got.codec, got.meta) == (header["kind"], header["codec"], header["meta"])
+    assert (int(got.kind), got.codec) == (header["kind"], header["codec"])
+    # What the header said, less what says nothing: a flag of 0, incarnation 0 (defaults).
+    silent = {"skip", "never", "join", "refused", "answer", "key", "incarnation"}
+    assert wire.meta(got) == {k: v for k, v in header["meta"].items() if v or k not in silent}
     assert len(got.tensors) == len(header["tensors"]) == len(frames) - 1
     for tensor, (name, shape), frame in zip(
         got.tensors, header["tensors"], frames[1:], strict=True

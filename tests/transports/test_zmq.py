@@ -88,12 +88,12 @@ async def test_two_ranks_exchange_messages() -> None:
     x = torch.randn(1000, dtype=torch.float64)
     y = torch.randn(7, 3).to(torch.bfloat16)
     async with network(2) as (_, (t0, t1)):
-        await t0.send(1, message(0, 1, x, y, meta={"k": 4}))
+        await t0.send(1, message(0, 1, x, y, incarnation=4))
         await t1.send(0, message(1, 0, y, weight=0.1 + 0.2))
         got1, got0 = await recv(t1), await recv(t0)
     assert_bit_equal(got1.tensors[0], x)
     assert_bit_equal(got1.tensors[1], y)
-    assert (got1.sender, got1.weight, got1.meta, got1.round) == (0, 1 / 3, {"k": 4}, 3)
+    assert (got1.sender, got1.weight, got1.incarnation, got1.round) == (0, 1 / 3, 4, 3)
     assert got1.sent_at > 0  # stamped by the transport
     assert (got0.sender, got0.weight) == (1, 0.1 + 0.2)
     assert_bit_equal(got0.tensors[0], y)
@@ -258,7 +258,7 @@ async def test_control_messages_overtake_the_shares_queued_before_them() -> None
             await t0.send(1, message(0, 1, share, seq=seq))
         await t0.send(1, message(0, 1, kind=MessageKind.HEARTBEAT, weight=0.0))
         await t0.send(1, message(0, 1, kind=MessageKind.ACK, seq=5, weight=0.0))
-        await t0.send(1, message(0, 1, kind=MessageKind.JOIN, weight=0.0, meta={"refused": 1}))
+        await t0.send(1, message(0, 1, kind=MessageKind.JOIN, weight=0.0, refused=True))
         kinds = [(await recv(t1)).kind for _ in range(15)]
     # The PULL socket takes one message from each connection in turn.
     assert kinds.index(MessageKind.HEARTBEAT) < kinds.index(MessageKind.ACK) <= 6, kinds
