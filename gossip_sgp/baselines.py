@@ -21,9 +21,7 @@ wire format and mass accounting), so a benchmark compares algorithms, not implem
 
 from __future__ import annotations
 
-import dataclasses
 import threading
-import time
 from collections.abc import Iterable
 
 import torch
@@ -131,8 +129,9 @@ class ADPSGD(SGP):
 
     def _request(self, k: int) -> None:
         self._check_running()
-        messages = self.protocol.emit(k)  # half to the round's partner: the bipartite mixing
-        self.node.send([dataclasses.replace(m, adpsgd=_REQUEST) for m in messages])
+        # half to the round's partner: the bipartite mixing
+        messages = self.protocol.emit(k, adpsgd=_REQUEST)
+        self.node.send(messages)
         self.pending = bool(messages)
 
     def _answer(self, k: int, senders: list[int]) -> None:
@@ -142,23 +141,4 @@ class ADPSGD(SGP):
         out: dict[int, float] = {}
         for s in senders:  # an active rank has one request out at a time; be safe anyway
             out[s] = out.get(s, 0.0) + fraction
-        shares = self.state.split(1.0 - sum(out.values()), out)
-        next_seq = self.protocol.sequence_numbers()
-        now = time.time()
-        messages = [
-            Message(
-                sender=self.node.rank,
-                receiver=peer,
-                round=k,
-                seq=next_seq.get(peer, 0),
-                weight=weight,
-                tensors=tensors,
-                fingerprint=self.fingerprint,
-                sent_at=now,
-                adpsgd=_ANSWER,
-            )
-            for peer, (tensors, weight) in shares.items()
-        ]
-        # The protocol numbers this rank's other messages: keep one sequence per link.
-        self.protocol.restore_sequence_numbers({m.receiver: m.seq + 1 for m in messages})
-        self.node.send(messages)
+        self.node.send(self.protocol.give(out, k, adpsgd=_ANSWER))

@@ -60,25 +60,31 @@ class PushSumProtocol:
         self._next_seq: dict[int, int] = {}
         self._references = References()
 
-    def emit(self, round: int, *, gauge: float = 0.0) -> list[Message]:
+    def emit(self, round: int, *, gauge: float = 0.0, adpsgd: int = 0) -> list[Message]:
         """Split this node's mass for ``round`` and return one message per out-peer.
 
-        ``gauge`` is a scalar piggybacked on every message (see ``SGP.consensus``).
+        ``gauge`` is a scalar piggybacked on every message (see ``SGP.consensus``);
+        ``adpsgd`` marks the messages as AD-PSGD requests (``Message.adpsgd``).
         """
         mixing = self.topology.mixing(self.rank, round)
         self_weight, out = mixing.self_weight, mixing.out
         if self.codec.step != 1.0:  # a damped consensus step keeps more of the mass
             out = {peer: p * self.codec.step for peer, p in out.items()}
             self_weight = 1.0 - sum(out.values())
-        return self._emit(round, self_weight, out, gauge=gauge)
+        return self._emit(round, self_weight, out, gauge=gauge, adpsgd=adpsgd)
 
-    def answer(self, peer: int, round: int, fraction: float) -> Message:
-        """Split off ``fraction`` of this node's mass for ``peer``, off the topology's
-        schedule, as a message of ``round`` marked ``answer``, coded like every
-        share of the link (``SGP.consensus``: a finished worker answers one still training)."""
-        out = {peer: fraction}
-        (message,) = self._emit(round, 1.0 - fraction, out, gauge=0.0, answer=True)
-        return message
+    def give(
+        self, out: dict[int, float], round: int, *, answer: bool = False, adpsgd: int = 0
+    ) -> list[Message]:
+        """Split off ``out[peer]`` of this node's mass for each peer, off the topology's
+        schedule, as messages of ``round`` coded like every share of their links and
+        numbered in their links' sequences. ``answer`` marks them as a finished worker's
+        answers to one still training (``SGP.consensus``), ``adpsgd`` as AD-PSGD answers."""
+        if not out or any(not 0.0 < p < 1.0 for p in out.values()) or sum(out.values()) >= 1.0:
+            raise ValueError(f"fractions {out} must be in (0, 1) and sum to less than 1")
+        return self._emit(
+            round, 1.0 - sum(out.values()), out, gauge=0.0, answer=answer, adpsgd=adpsgd
+        )
 
     def _emit(
         self,
@@ -88,6 +94,7 @@ class PushSumProtocol:
         *,
         gauge: float,
         answer: bool = False,
+        adpsgd: int = 0,
     ) -> list[Message]:
         shares = self.state.split(self_weight, out)
         now = time.time()
@@ -117,6 +124,7 @@ class PushSumProtocol:
                     gauge=gauge,
                     codec=codec.spec,
                     answer=answer,
+                    adpsgd=adpsgd,
                     raw_bytes=raw_bytes,
                     ref=None if ref is None else ref[0],
                     key=ref is not None and ref[1],

@@ -581,7 +581,8 @@ class SGP:
             if not self._answering or peer in down or self.node.outstanding(peer):
                 now += held  # before the drain, or no room on the link: no answer
                 continue
-            answer = self.protocol.answer(peer, max(r for _, _, r in held), _ANSWER_FRACTION)
+            round = max(r for _, _, r in held)
+            (answer,) = self.protocol.give({peer: _ANSWER_FRACTION}, round, answer=True)
             self.node.send([answer])
             self.answered += 1
             self._held.append((peer, answer.seq, held))

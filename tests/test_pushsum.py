@@ -1,10 +1,13 @@
-"""Push-sum state math: split, fold, de-bias, on every supported dtype."""
+"""Push-sum state math: split, fold, de-bias, on every supported dtype; shares off the
+schedule."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+import topologies
+from gossip_sgp.protocol import PushSumProtocol
 from gossip_sgp.pushsum import PushSumState
 
 
@@ -92,3 +95,35 @@ def test_a_fold_that_would_overflow_is_taken_out_again(dtype: torch.dtype) -> No
     assert not state.fold_finite([share], 0.5)
     assert state.weight == 1.0
     assert torch.equal(state.numerator[0], torch.tensor([0.0, 1.0, 0.0, 2.0], dtype=dtype))
+
+
+@pytest.mark.parametrize("codec", ["none", "int8,ref"])
+def test_shares_given_off_the_schedule_are_numbered_and_coded_like_the_links_others(
+    codec: str,
+) -> None:
+    """``PushSumProtocol.give`` (answers to stragglers, AD-PSGD answers) splits the mass as
+    asked, continues each link's sequence and codes the share with the link's codec: a
+    share built by hand would reuse a sequence number (a duplicate to the receiver) or
+    break a ``,ref`` link's reference."""
+    topo = topologies.get("exponential", 4)
+    start = torch.randn(300, dtype=torch.float64)
+    state = PushSumState([start.clone()])
+    protocol = PushSumProtocol(0, topo, state, compression=codec)
+    (first,) = protocol.emit(0)  # to rank 1
+    given = protocol.give({1: 0.25, 2: 0.125}, 0, adpsgd=2)
+    assert [(m.receiver, m.seq, m.adpsgd) for m in given] == [(1, 1, 2), (2, 0, 2)]
+    assert all(m.codec == protocol.codec.spec for m in given)
+    assert sum(m.weight for m in [first, *given]) + state.weight == pytest.approx(1.0, abs=0)
+    receivers = {
+        r: PushSumProtocol(r, topo, PushSumState([torch.zeros(300, dtype=torch.float64)]))
+        for r in (1, 2)
+    }
+    total = state.numerator[0].clone()
+    for m in [first, *given]:
+        total += receivers[m.receiver].decode(m).tensors[0]
+    torch.testing.assert_close(total, start, rtol=0, atol=1e-12)  # no mass made or lost
+    (answer,) = protocol.give({3: 1 / 1024}, 5, answer=True)
+    assert (answer.receiver, answer.round, answer.answer) == (3, 5, True)
+    for bad in ({}, {1: 0.0}, {1: 1.0}, {1: 0.5, 2: 0.5}):
+        with pytest.raises(ValueError, match="fractions"):
+            protocol.give(bad, 0)
