@@ -26,12 +26,11 @@ from collections.abc import Iterable
 
 import torch
 
-from gossip_sgp.errors import GossipError
 from gossip_sgp.message import Message
 from gossip_sgp.node import GossipNode
-from gossip_sgp.sgp import SGP
+from gossip_sgp.sgp import SGP, GossipPolicy
 
-__all__ = ["ADPSGD", "ALGORITHMS", "adpsgd", "dpsgd"]
+__all__ = ["ALGORITHMS", "PairwiseExchange", "adpsgd", "dpsgd"]
 
 ALGORITHMS = ("dpsgd", "adpsgd")
 """The decentralized baselines of this module, by name."""
@@ -58,87 +57,80 @@ def adpsgd(
     node: GossipNode,
     *,
     timeout: float | None = None,
-) -> ADPSGD:
-    """AD-PSGD: asynchronous pairwise averaging, active even ranks and passive odd ranks."""
-    return ADPSGD(params, optimizer, node, timeout=timeout)
+) -> SGP:
+    """AD-PSGD: asynchronous pairwise averaging, active even ranks and passive odd ranks.
 
-
-class ADPSGD(SGP):
-    """AD-PSGD over push-sum messages (see the module docstring).
-
-    The first rounds are the synchronous start-up barrier of :class:`SGP`, and
+    An :class:`SGP` on the ``bipartite`` topology whose rounds follow
+    :class:`PairwiseExchange` (``sgp.policy``; its ``exchanges`` counts the averagings
+    done). The first rounds are the synchronous start-up barrier of :class:`SGP`, and
     :meth:`~SGP.consensus` works as there. The world size must be even (or 1).
     """
+    policy = PairwiseExchange(active=node.rank % 2 == 0)
+    return SGP(
+        params,
+        optimizer,
+        node,
+        topology="bipartite",
+        staleness=None,
+        timeout=timeout,
+        policy=policy,
+    )
 
-    def __init__(
-        self,
-        params: Iterable[torch.Tensor],
-        optimizer: torch.optim.Optimizer,
-        node: GossipNode,
-        *,
-        timeout: float | None = None,
-    ) -> None:
-        self._lock = threading.Lock()
-        self._requests: list[int] = []  # senders of requests received, not yet answered
-        self._answers = 0  # answers received, not yet folded
-        super().__init__(
-            params, optimizer, node, topology="bipartite", staleness=None, timeout=timeout
-        )
-        self.active = node.rank % 2 == 0
+
+class PairwiseExchange(GossipPolicy):
+    """AD-PSGD's rounds over push-sum messages (see the module docstring)."""
+
+    staleness = None
+
+    def __init__(self, *, active: bool) -> None:
+        self.active = active
         """Even ranks start exchanges; odd ranks answer them."""
         self.pending = False
         """Active rank: a request is out and its answer has not been folded in yet."""
         self.exchanges = 0
         """Exchanges completed: answers folded in (active) or requests answered (passive)."""
+        self._lock = threading.Lock()
+        self._requests: list[int] = []  # senders of requests received, not yet answered
+        self._answers = 0  # answers received, not yet folded
 
-    def _receive(self, message: Message) -> bool:
-        fresh = super()._receive(message)  # the mass is in the mailbox before it is noted
-        kind = message.adpsgd
-        if fresh and kind:
+    def received(self, sgp: SGP, message: Message) -> None:
+        """Gossip thread: note a request or an answer (its mass is in the mailbox)."""
+        if message.adpsgd:
             with self._lock:
-                if kind == _REQUEST:
+                if message.adpsgd == _REQUEST:
                     self._requests.append(message.sender)
-                elif kind == _ANSWER:
+                elif message.adpsgd == _ANSWER:
                     self._answers += 1
-        return fresh
 
-    def _async_round(self, k: int) -> None:
+    def round(self, sgp: SGP, k: int, gauge: float) -> None:
         with self._lock:  # noted before taking: their mass is surely in what we take
             requests, self._requests = self._requests, []
             answers, self._answers = self._answers, 0
-        share = self.protocol.mailbox.take(k)
-        receipts = self.protocol.mailbox.pop_receipts()
-        self.node.acknowledge(receipts)
+        share = sgp.protocol.mailbox.take(k)
+        sgp.node.acknowledge(sgp.protocol.mailbox.pop_receipts())
         if requests:  # answer with our own mass as it was before the requests came in
-            self._answer(k, requests)
+            self._answer(sgp, k, requests)
         if share is not None:
-            self.protocol.fold(share, k)
-        self._folded_through = k
+            sgp.protocol.fold(share, k)
+        sgp._folded_through = k
         if self.active:
             if answers:
                 self.exchanges += answers
                 self.pending = False
             if not self.pending:
-                self._request(k)
+                sgp._check_running()
+                # half to the round's partner: the bipartite mixing
+                messages = sgp.protocol.emit(k, adpsgd=_REQUEST)
+                sgp.node.send(messages)
+                self.pending = bool(messages)
         else:
             self.exchanges += len(requests)
 
-    def _check_running(self) -> None:
-        if self.node.closed:  # before splitting: a share for a stopped node would be lost
-            raise GossipError(f"the gossip node of rank {self.node.rank} has stopped")
-
-    def _request(self, k: int) -> None:
-        self._check_running()
-        # half to the round's partner: the bipartite mixing
-        messages = self.protocol.emit(k, adpsgd=_REQUEST)
-        self.node.send(messages)
-        self.pending = bool(messages)
-
-    def _answer(self, k: int, senders: list[int]) -> None:
+    def _answer(self, sgp: SGP, k: int, senders: list[int]) -> None:
         """Give each requester ``1 / (m + 1)`` of this rank's mass, keep the same share."""
-        self._check_running()
+        sgp._check_running()
         fraction = 1.0 / (len(senders) + 1)
         out: dict[int, float] = {}
         for s in senders:  # an active rank has one request out at a time; be safe anyway
             out[s] = out.get(s, 0.0) + fraction
-        self.node.send(self.protocol.give(out, k, adpsgd=_ANSWER))
+        sgp.node.send(sgp.protocol.give(out, k, adpsgd=_ANSWER))

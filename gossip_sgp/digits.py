@@ -495,8 +495,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             result["weight"] = sgp.weight
             result["skipped_rounds"] = sgp.skipped_rounds
             result["kept_rounds"] = sgp.kept_rounds  # rounds kept: an out-peer was down
-            if isinstance(sgp, baselines.ADPSGD):
-                result["exchanges"] = sgp.exchanges  # AD-PSGD: pairwise averagings completed
+            if isinstance(sgp.policy, baselines.PairwiseExchange):
+                result["exchanges"] = sgp.policy.exchanges  # AD-PSGD: pairwise averagings completed
             assert node is not None
             # Bytes handed to the wire while training: headers, payloads and acknowledgements.
             result["bytes_sent"] = sum(node.stats.bytes_sent.values())

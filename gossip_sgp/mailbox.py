@@ -14,6 +14,7 @@ the messages a round needs and :meth:`Mailbox.take`\\ s their summed mass at a s
 
 from __future__ import annotations
 
+import enum
 import threading
 import time
 from collections import Counter
@@ -25,10 +26,23 @@ from gossip_sgp.errors import WireError
 from gossip_sgp.message import Message
 from gossip_sgp.pushsum import Share
 
-__all__ = ["Mailbox", "Receipt", "SequenceWindow"]
+__all__ = ["Mailbox", "Receipt", "SequenceWindow", "Stored"]
 
 Receipt = tuple[int, int, int]
 """``(sender, seq, round)`` of a message whose mass has been folded in."""
+
+
+class Stored(enum.Enum):
+    """What :meth:`Mailbox.store` did with a message."""
+
+    NEW = "new"
+    """Its mass is stored, to be folded."""
+    COPY_OF_WAITING = "copy of waiting"
+    """A copy of a message still waiting to be folded: nothing stored; the fold of the
+    original acknowledges it."""
+    COPY_OF_FOLDED = "copy of folded"
+    """A copy (or replay) of a message folded already: nothing stored; acknowledge it
+    again, the first acknowledgement may have been lost."""
 
 
 class SequenceWindow:
@@ -172,7 +186,11 @@ class Mailbox:
         """Store a message's mass. A duplicate or replay is counted and not stored; False
         when its original has been folded already (acknowledge it again: the first
         acknowledgement may have been lost), True when the original still waits here (its
-        fold acknowledges it).
+        fold acknowledges it). :meth:`store` says which of the three it was."""
+        return self.store(message) is not Stored.COPY_OF_FOLDED
+
+    def store(self, message: Message) -> Stored:
+        """Store a message's mass, as :meth:`put`; say whether it was new or a copy.
 
         A sender that restarted (a larger ``Message.incarnation``) numbers its messages from
         0 again: its sequence window starts over. A message from an earlier incarnation
@@ -194,9 +212,10 @@ class Mailbox:
             if not seqs.accept(message.seq):
                 self.rejected["duplicate"] += 1
                 # A copy of a message still waiting to be folded: the fold acknowledges it
-                # (True: acknowledged now, its sender would count mass as folded that is
-                # not).
-                return (message.sender, message.seq) in self._unfolded
+                # (acknowledged now, its sender would count mass as folded that is not).
+                if (message.sender, message.seq) in self._unfolded:
+                    return Stored.COPY_OF_WAITING
+                return Stored.COPY_OF_FOLDED
             share: Share = (message.tensors, message.weight)
             receipt = (message.sender, message.seq, message.round)
             self._unfolded.add((message.sender, message.seq))
@@ -215,7 +234,7 @@ class Mailbox:
             self.last_arrival[message.sender] = time.monotonic()
             self.weight_from[message.sender] = self.weight_from.get(message.sender, 0.0) + share[1]
             self._cond.notify_all()
-            return True
+            return Stored.NEW
 
     def give_back(self, tensors: tuple[torch.Tensor, ...], weight: float) -> None:
         """Add mass of this worker's own that never left (see ``GossipNode.on_take_back``):

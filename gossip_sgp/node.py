@@ -982,7 +982,8 @@ class GossipNode:
         """Deliver every valid message for a model with ``fingerprint`` to ``handler``.
 
         ``handler`` runs in the gossip thread and must be quick and thread-safe; it returns
-        False for a duplicate (the node then acknowledges it again). If it raises
+        False for a copy of a share it folded (the node then acknowledges it again; None: a
+        copy whose acknowledgement the subscriber holds back). If it raises
         ``WireError`` (a payload that does not decode), the message is counted in
         ``rejected[reason]``; any other exception counts in ``dropped["handler_error"]``.
         Delivery goes on either way. Messages

@@ -48,7 +48,7 @@ import torch
 
 import topologies
 from gossip_sgp.errors import GossipError, GossipTimeout, RejoinRefused, WireError
-from gossip_sgp.mailbox import Receipt
+from gossip_sgp.mailbox import Receipt, Stored
 from gossip_sgp.message import Message, MessageKind, fingerprint
 from gossip_sgp.node import GossipNode
 from gossip_sgp.protocol import PushSumProtocol
@@ -56,7 +56,7 @@ from gossip_sgp.pushsum import PushSumState
 from gossip_sgp.stats import TrainingStats
 from topologies import Topology
 
-__all__ = ["SGP"]
+__all__ = ["SGP", "CreditWindow", "GossipPolicy", "Lockstep"]
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,83 @@ def _flatten(params: list[torch.Tensor]) -> list[torch.Tensor]:
     return flats
 
 
+class GossipPolicy:
+    """How an :class:`SGP` worker gossips in each training round after the start-up barrier.
+
+    SGP's modes are policies: :class:`Lockstep` (``staleness=0``, synchronous; ``tau``,
+    overlap) and :class:`CreditWindow` (``staleness=None``, asynchronous); AD-PSGD
+    (:class:`gossip_sgp.baselines.PairwiseExchange`) is another. ``SGP(..., policy=...)``
+    takes one in place of the mode its ``staleness`` names; ``staleness`` must match the
+    policy's (it decides how received mass is stored and folded elsewhere: coalesced as it
+    arrives when None, per round otherwise).
+
+    :meth:`round` runs in the training thread, after the local step, with the round's
+    number; it sends this worker's shares (``sgp._send``, or ``sgp.protocol`` and
+    ``sgp.node`` directly) and folds what it waits for or what has arrived
+    (``sgp._catch_up``, ``sgp._absorb``, recording the last round folded in
+    ``sgp._folded_through``). :meth:`received` runs in the gossip thread for every fresh
+    share once its mass is in the mailbox. A policy object belongs to one worker.
+    """
+
+    staleness: int | None = 0
+    """None: an asynchronous policy (nobody waits); else the rounds of compute a worker's
+    communication may lag behind."""
+
+    def round(self, sgp: SGP, k: int, gauge: float) -> None:
+        """Gossip in training round ``k``; ``gauge`` goes on this worker's shares."""
+        raise NotImplementedError
+
+    def received(self, sgp: SGP, message: Message) -> None:
+        """Gossip thread: ``message``'s mass is in the mailbox now. Nothing by default."""
+
+
+class Lockstep(GossipPolicy):
+    """Send round ``k``, then wait for and fold every round up to ``k - staleness``:
+    ``staleness=0`` is the paper's synchronous SGP, ``tau > 0`` overlaps communication with
+    ``tau`` steps of compute."""
+
+    def __init__(self, staleness: int = 0) -> None:
+        if staleness < 0:
+            raise ValueError(f"staleness must be >= 0, got {staleness}")
+        self.staleness = self._lag = staleness
+
+    def round(self, sgp: SGP, k: int, gauge: float) -> None:
+        sgp._send(k, gauge)
+        sgp._catch_up(k - self._lag)
+
+
+class CreditWindow(GossipPolicy):
+    """Asynchronous SGP: fold what has arrived, then send the round's shares if this worker
+    holds the send credit and every out-peer's link has room; else keep the mass this round.
+
+    Every folded message earns a send credit (see ``SGP._absorb``) and every message sent
+    costs one (see ``SGP._send``), so no worker gives away mass faster than it receives mass
+    (each starts with enough credit for two rounds). Without that, a fast worker would halve
+    its weight every step while a slow one hoards the mass: the fast worker's steps would
+    count for almost nothing, and its numerator would underflow. And no link carries more
+    than ``_LINK_WINDOW`` shares not yet folded: a peer that stopped folding (dead, stalled,
+    rejecting) gets no more. A worker without credit, or whose out-peer's link is full,
+    keeps its mass this round (``SGP.skipped_rounds``) and just trains.
+    """
+
+    staleness = None
+
+    def round(self, sgp: SGP, k: int, gauge: float) -> None:
+        sgp._absorb(k)
+        sgp._folded_through = k
+        out_peers = sgp.topology.out_peers(sgp.node.rank, k)
+        if sgp._credit >= len(out_peers) and all(
+            sgp.node.outstanding(peer) < _LINK_WINDOW for peer in out_peers
+        ):
+            sgp._send(k, 0.0)
+        else:
+            sgp.skipped_rounds += 1
+
+
+_BARRIER = Lockstep(0)
+"""The start-up barrier's and the consensus rounds' policy, in every mode."""
+
+
 class SGP:
     """Wraps ``optimizer`` so that every ``step()`` also gossips with the node's peers.
 
@@ -131,6 +208,9 @@ class SGP:
             ``int8[:block]``, ``topk:fraction``, options ``,ref`` and ``,step=F``; see
             :mod:`gossip_sgp.compression`). What a codec drops stays with the sender (error
             feedback), so the average is exact.
+        policy: how the training rounds gossip (a :class:`GossipPolicy` with the same
+            ``staleness``); default :class:`Lockstep` or, for ``staleness=None``,
+            :class:`CreditWindow`.
     """
 
     def __init__(
@@ -144,6 +224,7 @@ class SGP:
         staleness: int | None = 0,
         timeout: float | None = None,
         compression: str = "none",
+        policy: GossipPolicy | None = None,
     ) -> None:
         self.params = list(dict.fromkeys(params))  # drop repeats, keep order
         if not self.params:
@@ -154,6 +235,15 @@ class SGP:
             raise ValueError(f"parameters {missing} are not managed by the optimizer")
         if staleness is not None and staleness < 0:
             raise ValueError(f"staleness must be >= 0 or None, got {staleness}")
+        if policy is None:
+            policy = CreditWindow() if staleness is None else Lockstep(staleness)
+        elif policy.staleness != staleness:
+            raise ValueError(
+                f"the policy {type(policy).__name__} has staleness {policy.staleness}, "
+                f"SGP was given {staleness}: pass the same"
+            )
+        self.policy = policy
+        """How the training rounds gossip (see :class:`GossipPolicy`)."""
         if staleness is None and node.plans_rounds:
             raise ValueError(
                 "staleness=None (asynchronous SGP) needs a transport that delivers whatever "
@@ -225,6 +315,9 @@ class SGP:
         self._to_answer: set[tuple[int, int]] = set()  # (sender, seq) of training shares (same)
         self._answering = False  # in consensus(), past the drain: see _answer_stragglers
         self._held: list[tuple[int, int, list[Receipt]]] = []  # (peer, answer seq, receipts)
+        # (sender, seq) of the shares whose acknowledgement is held back (same lock): a copy
+        # of one is not acknowledged either, see _receive
+        self._held_keys: set[tuple[int, int]] = set()
         self.answered = 0
         """Shares of peers still training this worker answered in ``consensus()``."""
         self.rejoined = False
@@ -250,10 +343,14 @@ class SGP:
             on_close=self.protocol.mailbox.close,
         )
 
-    def _receive(self, message: Message) -> bool:
-        """Gossip thread: decode a received message and store its mass (False: duplicate).
+    def _receive(self, message: Message) -> bool | None:
+        """Gossip thread: decode a received message and store its mass.
 
-        A payload that does not decode raises ``WireError``; the node counts it as rejected.
+        False for a copy of a share folded already (the node acknowledges it again), None
+        for a copy of one whose acknowledgement this worker holds back (see
+        ``_answer_stragglers``: acknowledged, the copy would let its sender finish before
+        the answer is folded). A payload that does not decode raises ``WireError``; the node
+        counts it as rejected.
         """
         if message.kind == MessageKind.HEARTBEAT:  # "no mass for you in this round"
             self.protocol.mailbox.mark_arrived(message.sender, message.round)
@@ -292,14 +389,19 @@ class SGP:
         message = self.protocol.decode(message)
         metrics = self._metrics
         token = None if metrics is None else metrics.received(message)  # for the metrics
-        fresh = self.protocol.mailbox.put(message)
-        if not fresh:
-            if answerable:  # a copy of a folded share: no receipt will come for it
-                with self._refund_lock:
-                    self._to_answer.discard((message.sender, message.seq))
+        stored = self.protocol.mailbox.store(message)
+        if stored is Stored.NEW:
+            self.policy.received(self, message)
+        elif stored is Stored.COPY_OF_FOLDED:
+            key = (message.sender, message.seq)
+            with self._refund_lock:
+                if answerable:  # a copy of a folded share: no receipt will come for it
+                    self._to_answer.discard(key)
+                held = key in self._held_keys
             if metrics is not None:
                 metrics.rejected(message, token)
-        return fresh
+            return None if held else False
+        return True
 
     def _take_back(self, share: Message) -> bool:
         """Gossip thread: a share that never left for a peer now suspected down comes back
@@ -364,7 +466,7 @@ class SGP:
         """One SGP iteration: optimizer step, one gossip round, de-biased parameters."""
         started = time.perf_counter()
         loss = self._apply_update(closure)
-        self._round(self.staleness, gauge=0.0)
+        self._round(self.policy, gauge=0.0)
         self.steps += 1
         self.step_seconds += time.perf_counter() - started
         return loss
@@ -395,7 +497,7 @@ class SGP:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     @torch.no_grad()
-    def _round(self, staleness: int | None, *, gauge: float) -> None:
+    def _round(self, policy: GossipPolicy, *, gauge: float) -> None:
         k = self.round
         for peer, restarts in self.node.restarts().items():
             if restarts > self._outbound_lives.get(peer, 0):  # see _receive
@@ -405,12 +507,8 @@ class SGP:
             self._serve_joins(k)
         if self.node.world_size > 1:
             if k < self._start_rounds:
-                staleness = 0  # start-up barrier: see __init__
-            if staleness is None:
-                self._async_round(k)
-            else:
-                self._send(k, gauge)
-                self._catch_up(k - staleness)
+                policy = _BARRIER  # see __init__
+            policy.round(self, k, gauge)
         self.state.debias(out=self._flats)
         self.round_weight = self.state.weight
         self.round = k + 1
@@ -498,31 +596,15 @@ class SGP:
             self._absorb(r)
             self._folded_through = r
 
-    def _async_round(self, k: int) -> None:
-        """Asynchronous round: fold what has arrived, then gossip if this worker may.
-
-        Every folded message earns a send credit (see ``_absorb``) and every message sent
-        costs one (see ``_send``), so no worker gives away mass faster than it receives mass
-        (each starts with enough credit for two rounds). Without that, a fast worker would halve
-        its weight every step while a slow one hoards the mass: the fast worker's steps would
-        count for almost nothing, and its numerator would underflow. And no link carries
-        more than ``_LINK_WINDOW`` shares not yet folded: a peer that stopped folding (dead,
-        stalled, rejecting) gets no more. A worker without credit, or whose out-peer's link
-        is full, keeps its mass this round and just trains.
-        """
-        self._absorb(k)
-        self._folded_through = k
-        out_peers = self.topology.out_peers(self.node.rank, k)
-        if self._credit >= len(out_peers) and all(
-            self.node.outstanding(peer) < _LINK_WINDOW for peer in out_peers
-        ):
-            self._send(k, 0.0)
-        else:
-            self.skipped_rounds += 1
+    def _check_running(self) -> None:
+        """Before splitting this worker's mass: a share for a stopped node would be lost."""
+        if self.node.closed:
+            raise GossipError(f"the gossip node of rank {self.node.rank} has stopped")
 
     def _send(self, k: int, gauge: float) -> None:
-        if self.node.closed:  # before splitting: a share for a stopped node would be lost
-            raise GossipError(f"the gossip node of rank {self.node.rank} has stopped")
+        """Send round ``k``'s shares to the topology's out-peers (each costs a send credit),
+        or keep the mass and send skip notices when an out-peer is suspected down."""
+        self._check_running()
         out_peers = self.topology.out_peers(self.node.rank, k)
         down = self.node.down_peers()
         if any(peer in down for peer in out_peers):
@@ -570,8 +652,9 @@ class SGP:
         """
         with self._refund_lock:
             answerable = [r for r in receipts if r[:2] in self._to_answer]
-            self._to_answer.difference_update(r[:2] for r in answerable)
-        keys = {r[:2] for r in answerable}
+            keys = {r[:2] for r in answerable}
+            self._to_answer.difference_update(keys)
+            self._held_keys.update(keys)  # until acknowledged below: see _receive
         now = [r for r in receipts if r[:2] not in keys]
         by_peer: dict[int, list[Receipt]] = {}
         for receipt in answerable:
@@ -593,6 +676,9 @@ class SGP:
             else:  # folded (or written off: the peer is suspected down)
                 now += held
         self._held = waiting
+        if answerable or now:
+            with self._refund_lock:
+                self._held_keys.difference_update(r[:2] for r in now)
         return now
 
     def _wait(self, round: int) -> None:
@@ -692,6 +778,7 @@ class SGP:
                 self._finishing = False
                 self._finish_round = -1
                 self._to_answer.clear()
+                self._held_keys.clear()
             held, self._held = self._held, []  # normally none left: see _answer_stragglers
             self.node.acknowledge([r for _, _, receipts in held for r in receipts])
         # The consensus rounds waited for every message they sent, and links deliver in
@@ -726,7 +813,7 @@ class SGP:
                 last = i == block - 1
                 before = [f.clone() for f in self._flats] if last else []
                 r = self.round
-                self._round(0, gauge=min(known, _GAUGE_MAX))
+                self._round(_BARRIER, gauge=min(known, _GAUGE_MAX))
                 known = max(known, mailbox.take_gauge(r))
                 if last:
                     local = _relative_change(before, self._flats)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from gossip_sgp import GossipNode
-from gossip_sgp.baselines import ADPSGD, adpsgd, dpsgd
+from gossip_sgp.baselines import PairwiseExchange, adpsgd, dpsgd
 from tests.procs import TRAIN, Jobs, Record, check_trained, summary
 from tests.threads import run_workers
 
@@ -73,13 +73,14 @@ def test_adpsgd_conserves_mass_and_reaches_consensus_with_uneven_speeds() -> Non
     def worker(rank: int, node: GossipNode) -> dict[str, object]:
         param, opt = _start(rank)
         sgp = adpsgd([param], opt, node)
-        assert isinstance(sgp, ADPSGD)
+        policy = sgp.policy
+        assert isinstance(policy, PairwiseExchange)
         _gossip_only(sgp, param, 40, pause=0.008 if rank == 1 else 0.002)  # rank 1 is slower
-        exchanges = sgp.exchanges
+        exchanges = policy.exchanges
         sgp.consensus(max_rounds=64, tol=1e-9)
         pending = sgp.protocol.mailbox.pending()
         return {
-            "active": sgp.active,
+            "active": policy.active,
             "exchanges": exchanges,
             "weight": sgp.weight,
             "x": sgp.state.numerator[0].clone(),

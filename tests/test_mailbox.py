@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gossip_sgp.errors import WireError
-from gossip_sgp.mailbox import Mailbox, SequenceWindow
+from gossip_sgp.mailbox import Mailbox, SequenceWindow, Stored
 from gossip_sgp.message import Message
 
 
@@ -275,3 +275,18 @@ def test_coalescing_keeps_one_running_sum_whatever_the_round() -> None:
     box = Mailbox(coalesce=True, horizon=1, beyond=0, max_pending=1)
     assert all(admitted(box, msg(1, seq, 10**6 * seq, 1.0), round_now=0) for seq in range(10))
     assert box.pending_weight() == pytest.approx(5.0)
+
+
+def test_store_tells_a_new_share_from_copies_of_waiting_and_folded_ones() -> None:
+    """``Mailbox.store`` says what ``put``'s True/False folds together: a copy of a share
+    still waiting is not acknowledged (its fold will be), a copy of a folded one is
+    acknowledged again, and only a new share reaches a policy's ``received``."""
+    box = Mailbox(coalesce=True)
+    assert box.store(msg(1, 0, 0, 1.0)) is Stored.NEW
+    assert box.store(msg(1, 0, 0, 1.0)) is Stored.COPY_OF_WAITING
+    assert box.put(msg(1, 0, 0, 1.0))  # put: True, nothing to acknowledge now
+    assert box.take() is not None
+    assert box.pop_receipts() == [(1, 0, 0)]
+    assert box.store(msg(1, 0, 0, 1.0)) is Stored.COPY_OF_FOLDED
+    assert not box.put(msg(1, 0, 0, 1.0))  # put: False, acknowledge it again
+    assert box.rejected["duplicate"] == 4
