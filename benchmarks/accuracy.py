@@ -27,7 +27,13 @@ ALGORITHMS = {
     "sgp sync": ["--staleness", "0"],
     "sgp overlap": ["--staleness", "1"],
     "sgp async": ["--staleness", "none"],
+    "local 8": ["--local-steps", "8"],
+    "slowmo 8": ["--local-steps", "8", "--outer", "slowmo"],
+    "diloco 8": ["--local-steps", "8", "--outer", "diloco"],
 }
+DEFAULT = ["allreduce", "sgp sync", "sgp overlap", "sgp async"]
+"""What runs without ``--algorithms``; the local-steps variants (gossip every 8 steps,
+``SGP(local_steps=8, outer=...)``) run when named."""
 
 
 def run(workers: int, extra: list[str], seed: int, epochs: int) -> dict[str, Any]:
@@ -55,9 +61,10 @@ def main(argv: list[str] | None = None) -> int:
         "--algorithms",
         nargs="+",
         choices=list(ALGORITHMS),
-        default=list(ALGORITHMS),
+        default=DEFAULT,
         metavar="NAME",
-        help=f"which to run (default all: {', '.join(repr(a) for a in ALGORITHMS)})",
+        help=f"which to run, of {', '.join(repr(a) for a in ALGORITHMS)} "
+        f"(default: {', '.join(repr(a) for a in DEFAULT)})",
     )
     p.add_argument(
         "--min-step-ms",

@@ -52,6 +52,7 @@ from torch.nn import functional as F
 from gossip_sgp import SGP, GossipConfig, GossipNode, RejoinRefused, baselines
 from gossip_sgp.compression import parse_codec
 from gossip_sgp.liveness import lost_weight
+from gossip_sgp.outer import OUTER
 
 
 def digits() -> tuple[np.ndarray, np.ndarray]:
@@ -207,6 +208,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "compute time), to try stragglers out",
     )
     p.add_argument(
+        "--local-steps",
+        type=int,
+        metavar="H",
+        help="SGP: gossip only every H steps, averaging the models and applying --outer "
+        "(local steps with an outer optimizer; synchronous)",
+    )
+    p.add_argument(
+        "--outer",
+        choices=sorted(OUTER),
+        help="with --local-steps: the outer optimizer (default average: local SGD; slowmo: "
+        "slow momentum 0.5, lr 1; diloco: Nesterov momentum 0.9, lr 0.7)",
+    )
+    p.add_argument(
         "--min-step-ms",
         type=float,
         default=0.0,
@@ -246,6 +260,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error("--resume needs --checkpoint DIR")
     if args.eval_every < 0:
         p.error("--eval-every must be >= 0")
+    if args.local_steps is not None:
+        if args.local_steps < 1:
+            p.error(f"--local-steps must be >= 1, got {args.local_steps}")
+        if args.algorithm != "sgp" or args.staleness != 0:
+            p.error("--local-steps needs --algorithm sgp and --staleness 0 (the default)")
+    elif args.outer is not None:
+        p.error("--outer goes with --local-steps H")
     if not 0 <= args.min_step_ms <= 60_000:
         p.error(f"--min-step-ms must be in 0..60000, got {args.min_step_ms}")
     for name in ("epochs", "batch_size", "threads", "width"):
@@ -390,6 +411,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             topology=args.topology,  # SGP
             staleness=args.staleness,
             compression=args.compression,  # SGP: what the codec drops stays here
+            local_steps=args.local_steps,  # SGP: None gossips every step
+            outer=args.outer,
         )
     elif node is not None:  # the decentralized baselines run on the same node
         make = baselines.dpsgd if args.algorithm == "dpsgd" else baselines.adpsgd
@@ -509,6 +532,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             result["shares_sent"] = sum(sgp.protocol.sequence_numbers().values())
             result["copies_sent"] = node.retransmitted
             result["answered"] = sgp.answered  # in consensus(): shares of peers still training
+            result["outer_steps"] = sgp.outer_steps  # local-steps mode
             result["mass"] = sgp.mass_report()  # weight held, lost, and moved per peer
         seconds = time.perf_counter() - started
         result["accuracy"] = accuracy(model, x_test, y_test)
@@ -645,6 +669,8 @@ def report(
         "batch_size": args.batch_size,
         "straggler": list(args.straggler) if args.straggler else None,
         "min_step_ms": args.min_step_ms,
+        "local_steps": args.local_steps,
+        "outer": (args.outer or "average") if args.local_steps else None,
         # every step of every worker: compute, communication and waiting
         "iteration_seconds": {
             "median": float(np.median(step_seconds)) if step_seconds else math.nan,

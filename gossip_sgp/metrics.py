@@ -302,7 +302,21 @@ class _Collector(Collector):
             "gossip_sgp_weight", "Push-sum weight w of this worker at the end of its last round"
         )
         weight.add_metric([rank], sgp.weight)
-        yield from (steps, step_time, rounds, skipped, answered, weight)
+        outer = _counter(
+            "gossip_sgp_outer_steps",
+            "Outer steps taken: models averaged and the outer optimizer applied (local-steps "
+            "mode, SGP(local_steps=H))",
+        )
+        outer.add_metric([rank], sgp.outer_steps)
+        yield from (steps, step_time, rounds, skipped, answered, weight, outer)
+        if sgp.outer_gradient_norm is not None:
+            norm = _gauge(
+                "gossip_sgp_outer_gradient_norm",
+                "The last outer step's pseudo-gradient norm ||x0 - mean(x_i)|| relative to "
+                "the reference point's ||x0|| (local-steps mode)",
+            )
+            norm.add_metric([rank], sgp.outer_gradient_norm)
+            yield norm
         if sgp.loss is not None:
             loss = _gauge("gossip_sgp_loss", "Training loss last reported with SGP.report()")
             loss.add_metric([rank], sgp.loss)

@@ -51,6 +51,7 @@ from gossip_sgp.errors import GossipError, GossipTimeout, RejoinRefused, WireErr
 from gossip_sgp.mailbox import Receipt, Stored
 from gossip_sgp.message import Message, MessageKind, fingerprint
 from gossip_sgp.node import GossipNode
+from gossip_sgp.outer import OuterFactory, resolve
 from gossip_sgp.protocol import PushSumProtocol
 from gossip_sgp.pushsum import PushSumState
 from gossip_sgp.stats import TrainingStats
@@ -211,6 +212,16 @@ class SGP:
         policy: how the training rounds gossip (a :class:`GossipPolicy` with the same
             ``staleness``); default :class:`Lockstep` or, for ``staleness=None``,
             :class:`CreditWindow`.
+        local_steps: ``H``: gossip only every ``H`` steps, in an outer step (see
+            :mod:`gossip_sgp.outer`): the workers average their models by push-sum, then
+            apply ``outer`` to the reference point they all started the ``H`` steps from.
+            Synchronous (``staleness=0``). None (the default): gossip every step.
+        outer: with ``local_steps``: the outer optimizer, ``average`` (default),
+            ``slowmo``, ``diloco`` or a factory ``params -> torch.optim.Optimizer``.
+        outer_rounds: with ``local_steps``: push-sum rounds per outer step. Default: exact
+            on the exponential graph of a power-of-two world size (log2(n) rounds), else
+            the rounds it takes every worker to hear from every other (an approximate
+            average; a pseudo-gradient left out by it stays in the models, not lost).
     """
 
     def __init__(
@@ -225,6 +236,9 @@ class SGP:
         timeout: float | None = None,
         compression: str = "none",
         policy: GossipPolicy | None = None,
+        local_steps: int | None = None,
+        outer: str | OuterFactory | None = None,
+        outer_rounds: int | None = None,
     ) -> None:
         self.params = list(dict.fromkeys(params))  # drop repeats, keep order
         if not self.params:
@@ -244,6 +258,22 @@ class SGP:
             )
         self.policy = policy
         """How the training rounds gossip (see :class:`GossipPolicy`)."""
+        if local_steps is None:
+            if outer is not None or outer_rounds is not None:
+                raise ValueError("outer= and outer_rounds= go with local_steps=H")
+        else:
+            if type(local_steps) is not int or local_steps < 1:
+                raise ValueError(f"local_steps must be an integer >= 1, got {local_steps!r}")
+            if staleness != 0 or not isinstance(policy, Lockstep):
+                raise ValueError(
+                    "local_steps=H averages the models synchronously every H steps: it takes "
+                    "staleness=0 and no policy="
+                )
+            if outer_rounds is not None and (type(outer_rounds) is not int or outer_rounds < 1):
+                raise ValueError(f"outer_rounds must be an integer >= 1, got {outer_rounds!r}")
+        self.local_steps = local_steps
+        """``H`` of the local-steps mode (None: gossip every step)."""
+        outer_factory = None if local_steps is None else resolve(outer)
         if staleness is None and node.plans_rounds:
             raise ValueError(
                 "staleness=None (asynchronous SGP) needs a transport that delivers whatever "
@@ -273,6 +303,20 @@ class SGP:
         self.round = 0
         self.steps = 0
         """``step()`` calls so far."""
+        self.outer_steps = 0
+        """Outer steps taken (local-steps mode)."""
+        self.outer_gradient_norm: float | None = None
+        """Local-steps mode: the norm of the last outer step's pseudo-gradient
+        ``x0 - mean_i(x_i)``, relative to the norm of ``x0``."""
+        self._inner = 0  # local-steps mode: inner steps since the last outer step
+        self._reference: list[torch.Tensor] = []  # x0 (local-steps mode), one per flat
+        self._outer: torch.optim.Optimizer | None = None
+        self._reference_set = False  # x0 is the workers' common model
+        if outer_factory is not None:
+            self._reference = [f.detach().clone() for f in self._flats]
+            self._outer = outer_factory(self._reference)
+        self._outer_rounds = outer_rounds or _averaging_rounds(self.topology)
+        """Local-steps mode: push-sum rounds per outer step."""
         self.step_seconds = 0.0
         """Seconds spent in ``step()`` so far (optimizer step, gossip, waiting)."""
         self.loss: float | None = None
@@ -463,13 +507,62 @@ class SGP:
         return loss
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One SGP iteration: optimizer step, one gossip round, de-biased parameters."""
+        """One SGP iteration: optimizer step, one gossip round, de-biased parameters.
+
+        In the local-steps mode: the optimizer step, and every ``local_steps`` steps an
+        outer step (the first ``step()`` first averages the workers' models exactly, so
+        that all start from one reference point).
+        """
         started = time.perf_counter()
-        loss = self._apply_update(closure)
-        self._round(self.policy, gauge=0.0)
+        if self.local_steps is None:
+            loss = self._apply_update(closure)
+            self._round(self.policy, gauge=0.0)
+        else:
+            if not self._reference_set:
+                self._start_reference()
+            loss = self._apply_update(closure)
+            self._inner += 1
+            if self._inner >= self.local_steps:
+                self._outer_step()
         self.steps += 1
         self.step_seconds += time.perf_counter() - started
         return loss
+
+    @torch.no_grad()
+    def _average(self, rounds: int) -> None:
+        """``rounds`` push-sum rounds without training (synchronous), the models de-biased."""
+        if self.node.world_size == 1:
+            return
+        for _ in range(rounds):
+            self._round(_BARRIER, gauge=0.0)
+
+    @torch.no_grad()
+    def _start_reference(self) -> None:
+        """Local-steps mode, before the first step: average the workers' models (over at
+        least the start-up barrier's rounds) and take the result as the reference point."""
+        self._average(max(self._start_rounds, self._outer_rounds))
+        for ref, flat in zip(self._reference, self._flats, strict=True):
+            ref.copy_(flat)
+        self._reference_set = True
+
+    @torch.no_grad()
+    def _outer_step(self) -> None:
+        """Average the models by push-sum, step the reference point with the outer optimizer
+        on ``x0 - mean_i(x_i)``, and start every worker's next inner steps from it."""
+        assert self._outer is not None
+        self._average(self._outer_rounds)
+        for ref, flat in zip(self._reference, self._flats, strict=True):
+            ref.grad = ref - flat
+        delta = math.hypot(*(_norm(ref.grad) for ref in self._reference if ref.grad is not None))
+        scale = math.hypot(*(_norm(ref) for ref in self._reference))
+        self._outer.step()
+        w = self.state.weight
+        for ref, flat, x in zip(self._reference, self._flats, self.state.numerator, strict=True):
+            flat.copy_(ref)
+            torch.mul(flat, w, out=x)
+        self.outer_gradient_norm = delta / scale if scale > 0 else delta
+        self.outer_steps += 1
+        self._inner = 0
 
     def report(self, *, loss: float) -> None:
         """Record the training loss (a number, e.g. ``loss.item()``) for the metrics.
@@ -487,6 +580,8 @@ class SGP:
             round=self.round,
             skipped_rounds=self.skipped_rounds,
             answered=self.answered,
+            outer_steps=self.outer_steps,
+            outer_gradient_norm=self.outer_gradient_norm,
             weight=self.round_weight,
             loss=self.loss,
             rejected=dict(self.protocol.mailbox.rejected),
@@ -954,6 +1049,22 @@ class SGP:
             "credit": self._credit,
             "fingerprint": self.fingerprint,
             "optimizer": self.optimizer.state_dict(),
+            **self._local_state(),
+        }
+
+    def _local_state(self) -> dict[str, Any]:
+        """Local-steps mode: the reference point, the outer optimizer's state and where the
+        worker stands in its inner steps; nothing otherwise."""
+        if self._outer is None:
+            return {}
+        return {
+            "local": {
+                "inner": self._inner,
+                "outer_steps": self.outer_steps,
+                "started": self._reference_set,
+                "reference": [ref.detach().clone() for ref in self._reference],
+                "outer": self._outer.state_dict(),
+            }
         }
 
     @torch.no_grad()
@@ -974,16 +1085,47 @@ class SGP:
         self._credit = int(state.get("credit", self._credit))
         self.protocol.restore_sequence_numbers(state["next_seq"])
         self.optimizer.load_state_dict(state["optimizer"])
+        local = state.get("local")
+        if (local is None) != (self._outer is None):
+            raise GossipError(
+                "checkpoint and SGP differ in the local-steps mode (local_steps=): "
+                f"the checkpoint {'has' if local is not None else 'has no'} outer state"
+            )
+        if local is not None and self._outer is not None:
+            for ref, saved in zip(self._reference, local["reference"], strict=True):
+                if saved.shape != ref.shape:
+                    raise GossipError("checkpoint reference point has the wrong shape")
+                ref.copy_(saved)
+            self._outer.load_state_dict(local["outer"])
+            self._inner = int(local["inner"])
+            self.outer_steps = int(local["outer_steps"])
+            self._reference_set = bool(local["started"])
         self.state.debias(out=self._flats)
 
 
-def _relative_change(before: list[torch.Tensor], after: list[torch.Tensor]) -> float:
-    def norm(t: torch.Tensor) -> float:
-        return float(torch.linalg.vector_norm(t, dtype=torch.float64))
+def _norm(t: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(t, dtype=torch.float64))
 
-    num = math.hypot(*(norm(a - b) for a, b in zip(after, before, strict=True)))
-    den = math.hypot(*(norm(b) for b in before))
+
+def _relative_change(before: list[torch.Tensor], after: list[torch.Tensor]) -> float:
+    num = math.hypot(*(_norm(a - b) for a, b in zip(after, before, strict=True)))
+    den = math.hypot(*(_norm(b) for b in before))
     return num / den if den > 0 else num
+
+
+def _averaging_rounds(topology: Topology) -> int:
+    """Push-sum rounds of an outer step: log2(n), exact, on the exponential graph of a
+    power-of-two world size with one peer per round; else a block (every worker hears from
+    every other)."""
+    n = topology.world_size
+    if n == 1:
+        return 0
+    exact = (
+        topology.name == "exponential"
+        and n & (n - 1) == 0
+        and all(len(topology.out_peers(0, r)) == 1 for r in range(topology.period))
+    )
+    return topology.period if exact else _block_length(topology, frozenset())
 
 
 def _start_rounds(topology: Topology) -> int:

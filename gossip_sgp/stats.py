@@ -76,6 +76,10 @@ class TrainingStats:
     """Asynchronous rounds in which the worker kept its mass."""
     answered: int
     """Shares of peers still training that it answered while in ``consensus()``."""
+    outer_steps: int
+    """Outer steps taken (local-steps mode; 0 otherwise)."""
+    outer_gradient_norm: float | None
+    """The last outer step's pseudo-gradient norm relative to the reference point's."""
     weight: float
     """Push-sum weight at the end of the last round."""
     loss: float | None

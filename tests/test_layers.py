@@ -35,7 +35,7 @@ LAYERS = (
     (
         "push-sum and the link",
         _of("compression", "config", "keys", "link", "liveness", "mailbox", "protocol")
-        + _of("pushsum", "settings", "stats"),
+        + _of("outer", "pushsum", "settings", "stats"),
     ),
     ("the worker", ("gossip_sgp", *_of("baselines", "metrics", "node", "sgp"))),
     (

@@ -110,6 +110,28 @@ def test_sgp_modes_are_within_a_point_of_allreduce(
     )
 
 
+@pytest.mark.measured
+@pytest.mark.timeout(300)
+def test_local_steps_average_every_8_steps_and_send_a_quarter_of_the_bytes(
+    digits_runs: DigitsRuns, record_property: Record
+) -> None:
+    """``--local-steps 8 --outer slowmo``: 4 workers, an outer step (2 push-sum rounds, an
+    exact average on 4 workers) every 8 steps; synchronous, so the run is deterministic."""
+    args = ("--local-steps", "8", "--outer", "slowmo", "--epochs", "40", "--seed", "1")
+    result = digits_runs.deterministic(4, *args)
+    check_trained(result, workers=4, prop=record_property)
+    workers = result["per_worker"]
+    assert isinstance(workers, list)
+    steps = workers[0]["steps"]
+    assert [w["outer_steps"] for w in workers] == [steps // 8] * 4
+    every_step = digits_runs.deterministic(4, *synchronous(4, 1))  # the same epochs
+    assert every_step["per_worker"][0]["steps"] == steps  # type: ignore[index]
+    sent = sum(w["payload_bytes_sent"] for w in workers)
+    sent_every_step = sum(w["payload_bytes_sent"] for w in every_step["per_worker"])  # type: ignore[attr-defined]
+    # 2 messages per 8 steps instead of 8, plus the 4 rounds of the start
+    assert 3.5 <= sent_every_step / sent <= 4.0, (sent_every_step, sent)
+
+
 @pytest.mark.timeout(300)
 def test_demo_json(jobs: Jobs) -> None:
     out = jobs.run("demo", "--epochs", "5", "--json", timeout=240)
