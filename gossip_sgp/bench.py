@@ -44,6 +44,7 @@ ALGORITHMS: dict[str, list[str]] = {
     "sgp-sync": ["--algorithm", "sgp", "--staleness", "0"],
     "sgp-overlap": ["--algorithm", "sgp", "--staleness", "1"],
     "sgp-async": ["--algorithm", "sgp", "--staleness", "none"],
+    "sgp-local": ["--algorithm", "sgp", "--local-steps", "8", "--outer", "slowmo"],
     "local": ["--algorithm", "local"],
 }
 """Benchmark algorithm name -> the training script's options."""
@@ -228,8 +229,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument(
         "--compression",
         default="none",
-        help="message codec of the SGP runs (sgp-sync, sgp-overlap, sgp-async): none, fp16, "
-        "bf16, int8[:BLOCK], topk:FRACTION (default none)",
+        help="message codec of the SGP runs (sgp-sync, sgp-overlap, sgp-async, sgp-local): "
+        "none, fp16, bf16, int8[:BLOCK], topk:FRACTION (default none)",
     )
     p.add_argument("--out", type=Path, required=True, help="directory for CSV, JSON and plots")
     p.add_argument(

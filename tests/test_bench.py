@@ -119,7 +119,7 @@ def test_quick_bench_on_loopback_writes_csv_and_json(jobs: Jobs, tmp_path: Path)
     ``_paired(allreduce, mine, ...)``) makes it fail at ``('dpsgd', 'speedup_vs_allreduce')``.
     The old version compared allreduce with itself and local with itself (1.0 whatever the
     formula) and passed under that mutation."""
-    algorithms = ["allreduce", "dpsgd", "adpsgd", "sgp-async", "local"]
+    algorithms = ["allreduce", "dpsgd", "adpsgd", "sgp-async", "sgp-local", "local"]
     out = jobs.run(
         "bench",
         "--quick",
@@ -143,7 +143,8 @@ def test_quick_bench_on_loopback_writes_csv_and_json(jobs: Jobs, tmp_path: Path)
         assert float(r["samples_per_s"]) > 0
         assert 0.0 <= float(r["accuracy"]) <= 1.0
         assert r["model"] == "mlp"
-        assert r["compression"] == ("int8" if r["algorithm"] == "sgp-async" else "none")
+        sgp = r["algorithm"].startswith("sgp-")
+        assert r["compression"] == ("int8" if sgp else "none")
     sent = {r["algorithm"]: float(r["bytes_sent_per_worker"]) for r in rows}
     assert sent["local"] == 0
     assert all(v > 0 for a, v in sent.items() if a != "local")

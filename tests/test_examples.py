@@ -54,17 +54,20 @@ def test_the_digits_trainer_pads_steps_only_when_asked() -> None:
     assert parse_args(["--min-step-ms", "20"]).min_step_ms == 20.0
 
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "train_digits.py"
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLE = EXAMPLES / "train_digits.py"
+CHARLM = EXAMPLES / "train_charlm.py"
 
 
-def test_the_example_uses_the_public_api_only() -> None:
-    """The script a user copies imports from ``gossip_sgp`` only what ``gossip_sgp.__all__``
+@pytest.mark.parametrize("example", [EXAMPLE, CHARLM], ids=lambda p: p.name)
+def test_the_example_uses_the_public_api_only(example: Path) -> None:
+    """A script a user copies imports from ``gossip_sgp`` only what ``gossip_sgp.__all__``
     exports (no private module, no harness) and stays short."""
     import ast
 
     import gossip_sgp
 
-    tree = ast.parse(EXAMPLE.read_text())
+    tree = ast.parse(example.read_text())
     used = []
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("gossip_sgp"):
@@ -74,7 +77,7 @@ def test_the_example_uses_the_public_api_only() -> None:
             assert not any(a.name.startswith("gossip_sgp") for a in node.names)
     assert used, "the example does not use gossip_sgp"
     assert set(used) <= set(gossip_sgp.__all__), set(used) - set(gossip_sgp.__all__)
-    assert len(EXAMPLE.read_text().splitlines()) < 200
+    assert len(example.read_text().splitlines()) < 200
 
 
 @pytest.mark.slow
@@ -95,3 +98,28 @@ def test_the_example_trains_four_workers_to_one_model(jobs: Jobs, staleness: str
     assert min(accuracies) >= 0.9, finals
     disagreements = [float(line.split("differ by ")[1].rstrip(")")) for line in finals]
     assert max(disagreements) <= 1e-6, finals
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("algorithm", ["local-steps", "allreduce"])
+def test_the_language_model_example_learns_and_local_steps_send_little(
+    jobs: Jobs, algorithm: str
+) -> None:
+    """``examples/train_charlm.py``, shortened: four workers learn the bytes of the standard
+    library's source (a byte costs ln 256 = 5.55 nats untrained), end with one model, and
+    with an average every 20 steps send a fraction of a model per step."""
+    args = ["--steps", "80", "--text-mb", "0.5", "--local-steps", "20"]
+    if algorithm == "allreduce":
+        args += ["--algorithm", "allreduce"]
+    out = jobs.run("launch", "--nproc", "4", str(CHARLM), *args, timeout=200)
+    finals = [line for line in out.splitlines() if "validation loss" in line]
+    assert len(finals) == 4, out[-3000:]
+    losses = {float(line.split("validation loss ")[1].split()[0]) for line in finals}
+    assert len(losses) == 1, finals  # one model
+    assert losses.pop() < 3.5, finals
+    if algorithm == "local-steps":
+        sent = [float(line.split("sent ")[1].split()[0]) for line in finals]
+        model_mb = 0.55  # CharLM's float32 parameters at the default size, in MB
+        # the start (4 rounds), 4 outer steps of 2 rounds and consensus(): about 20 models
+        assert max(sent) < 30 * model_mb, finals
