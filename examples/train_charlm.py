@@ -32,7 +32,9 @@ from gossip_sgp import SGP, GossipConfig, GossipNode  # SGP
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Train a character-level transformer with SGP.")
     p.add_argument("--algorithm", choices=("sgp", "allreduce"), default="sgp")
-    p.add_argument("--local-steps", type=int, default=50, help="H: steps between averages")
+    p.add_argument(
+        "--local-steps", type=int, default=50, help="H: steps between averages (1: SGP every step)"
+    )
     p.add_argument("--outer", choices=("diloco", "slowmo", "average"), default="diloco")
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps per worker")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per worker and step")

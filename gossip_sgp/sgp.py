@@ -249,6 +249,8 @@ class SGP:
             raise ValueError(f"parameters {missing} are not managed by the optimizer")
         if staleness is not None and staleness < 0:
             raise ValueError(f"staleness must be >= 0 or None, got {staleness}")
+        if local_steps is not None and policy is not None:
+            raise ValueError("local_steps=H gossips in its outer steps only: it takes no policy=")
         if policy is None:
             policy = CreditWindow() if staleness is None else Lockstep(staleness)
         elif policy.staleness != staleness:
@@ -264,10 +266,10 @@ class SGP:
         else:
             if type(local_steps) is not int or local_steps < 1:
                 raise ValueError(f"local_steps must be an integer >= 1, got {local_steps!r}")
-            if staleness != 0 or not isinstance(policy, Lockstep):
+            if staleness != 0:
                 raise ValueError(
                     "local_steps=H averages the models synchronously every H steps: it takes "
-                    "staleness=0 and no policy="
+                    "staleness=0"
                 )
             if outer_rounds is not None and (type(outer_rounds) is not int or outer_rounds < 1):
                 raise ValueError(f"outer_rounds must be an integer >= 1, got {outer_rounds!r}")
@@ -380,7 +382,7 @@ class SGP:
         node.set_neighbours(set(self._neighbours))
         node.on_write_off(self._written_off)
         node.on_take_back(self._take_back)
-        node.on_audit(self.protocol.mailbox.folded)
+        node.on_audit(self._audited)
         node.subscribe(
             self._receive,
             fingerprint=self.fingerprint,
@@ -435,7 +437,10 @@ class SGP:
         token = None if metrics is None else metrics.received(message)  # for the metrics
         stored = self.protocol.mailbox.store(message)
         if stored is Stored.NEW:
-            self.policy.received(self, message)
+            try:
+                self.policy.received(self, message)
+            except Exception:  # the mass is stored: a policy's bug must not count it lost
+                log.exception("rank %d: the gossip policy failed on a share", self.node.rank)
         elif stored is Stored.COPY_OF_FOLDED:
             key = (message.sender, message.seq)
             with self._refund_lock:
@@ -446,6 +451,15 @@ class SGP:
                 metrics.rejected(message, token)
             return None if held else False
         return True
+
+    def _audited(self, sender: int, seqs: range) -> tuple[list[int], list[int]]:
+        """Gossip thread: answer a peer's audit of shares it wrote off (``Mailbox.folded``),
+        less the shares whose acknowledgement is held back (see ``_answer_stragglers``):
+        they count as still waiting, or the audit would let the peer finish early."""
+        folded, never = self.protocol.mailbox.folded(sender, seqs)
+        with self._refund_lock:
+            folded = [seq for seq in folded if (sender, seq) not in self._held_keys]
+        return folded, never
 
     def _take_back(self, share: Message) -> bool:
         """Gossip thread: a share that never left for a peer now suspected down comes back
@@ -510,8 +524,10 @@ class SGP:
         """One SGP iteration: optimizer step, one gossip round, de-biased parameters.
 
         In the local-steps mode: the optimizer step, and every ``local_steps`` steps an
-        outer step (the first ``step()`` first averages the workers' models exactly, so
-        that all start from one reference point).
+        outer step. The first ``step()`` first averages the workers' models (exactly on a
+        power-of-two exponential graph), so that all start from one reference point, and
+        then applies the optimizer's step, from the gradient the caller took at its own
+        starting model, to that average.
         """
         started = time.perf_counter()
         if self.local_steps is None:
@@ -1052,6 +1068,32 @@ class SGP:
             **self._local_state(),
         }
 
+    def _check_local_state(self, local: dict[str, Any] | None) -> None:
+        """Raise ``GossipError`` unless a checkpoint's local-steps entry fits this SGP: the
+        same mode, the reference point's shapes, the outer optimizer's settings (resumed
+        with others, torch would silently keep the saved ones)."""
+        if (local is None) != (self._outer is None):
+            raise GossipError(
+                "checkpoint and SGP differ in the local-steps mode (local_steps=): "
+                f"the checkpoint {'has' if local is not None else 'has no'} outer state"
+            )
+        if local is None or self._outer is None:
+            return
+        saved = local["reference"]
+        if len(saved) != len(self._reference) or any(
+            s.shape != ref.shape for s, ref in zip(saved, self._reference, strict=True)
+        ):
+            raise GossipError("checkpoint reference point has the wrong shape")
+        mine = [{k: v for k, v in g.items() if k != "params"} for g in self._outer.param_groups]
+        theirs = [
+            {k: v for k, v in g.items() if k != "params"} for g in local["outer"]["param_groups"]
+        ]
+        if mine != theirs:
+            raise GossipError(
+                f"checkpoint's outer optimizer has other settings ({theirs}) than this SGP's "
+                f"outer= ({mine}); resume with the same outer optimizer"
+            )
+
     def _local_state(self) -> dict[str, Any]:
         """Local-steps mode: the reference point, the outer optimizer's state and where the
         worker stands in its inner steps; nothing otherwise."""
@@ -1075,9 +1117,13 @@ class SGP:
         numerator = state["numerator"]
         if len(numerator) != len(self.state.numerator):
             raise GossipError("checkpoint has a different number of parameter groups")
+        if any(
+            saved.shape != x.shape for x, saved in zip(self.state.numerator, numerator, strict=True)
+        ):
+            raise GossipError("checkpoint numerator has the wrong shape")
+        local = state.get("local")
+        self._check_local_state(local)  # before anything changes
         for x, saved in zip(self.state.numerator, numerator, strict=True):
-            if saved.shape != x.shape:
-                raise GossipError("checkpoint numerator has the wrong shape")
             x.copy_(saved)
         self.state.weight = float(state["weight"])
         self.round = int(state["round"])
@@ -1085,16 +1131,8 @@ class SGP:
         self._credit = int(state.get("credit", self._credit))
         self.protocol.restore_sequence_numbers(state["next_seq"])
         self.optimizer.load_state_dict(state["optimizer"])
-        local = state.get("local")
-        if (local is None) != (self._outer is None):
-            raise GossipError(
-                "checkpoint and SGP differ in the local-steps mode (local_steps=): "
-                f"the checkpoint {'has' if local is not None else 'has no'} outer state"
-            )
         if local is not None and self._outer is not None:
             for ref, saved in zip(self._reference, local["reference"], strict=True):
-                if saved.shape != ref.shape:
-                    raise GossipError("checkpoint reference point has the wrong shape")
                 ref.copy_(saved)
             self._outer.load_state_dict(local["outer"])
             self._inner = int(local["inner"])

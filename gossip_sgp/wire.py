@@ -170,7 +170,13 @@ def _header(message: Message, weight: float, specs: list[list[Any]]) -> bytes:
 def meta(message: Message) -> dict[str, int]:
     """The header's ``meta`` map of ``message``: its optional fields (``incarnation`` and
     the ones after it) that differ from their defaults, as integers."""
-    out = {name: 1 for name in _FLAGS if getattr(message, name)}
+    out = {}
+    for name in _FLAGS:
+        flag = getattr(message, name)
+        if type(flag) is not bool:
+            raise WireError("malformed", f"header field {name} = {flag!r} is not a bool")
+        if flag:
+            out[name] = 1
     defaults = {"incarnation": 0}
     for name in _NUMBERS:
         value = getattr(message, name)

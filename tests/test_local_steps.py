@@ -16,7 +16,7 @@ import torch
 
 import topologies
 from gossip_sgp import SGP, GossipError, GossipNode
-from gossip_sgp.sgp import _averaging_rounds
+from gossip_sgp.sgp import Lockstep, _averaging_rounds
 from tests.threads import run_workers
 
 LR = 0.1
@@ -175,15 +175,32 @@ def test_a_checkpoint_holds_the_outer_state_and_resumes_bit_identically() -> Non
 
 
 @pytest.mark.timeout(30)
-def test_a_checkpoint_of_the_other_mode_is_refused() -> None:
+def test_a_checkpoint_of_another_mode_or_outer_optimizer_is_refused_and_changes_nothing() -> None:
     def fn(rank: int, node: GossipNode) -> None:
         x = torch.nn.Parameter(torch.zeros(3))
-        sgp = SGP([x], torch.optim.SGD([x], lr=0.1), node)
-        state = sgp.state_dict()
+        sgp = SGP([x], torch.optim.SGD([x], lr=0.1), node, local_steps=2, outer="average")
+        for _ in range(3):
+            sgp.step()
+        local = sgp.state_dict()
+        plain = {k: v for k, v in local.items() if k != "local"}
         with pytest.raises(GossipError, match="local-steps"):
-            sgp.load_state_dict({**state, "local": {}})
+            sgp.load_state_dict(plain)
+        diloco = copy.deepcopy(local)
+        diloco["local"]["outer"]["param_groups"][0].update(lr=0.7, momentum=0.9, nesterov=True)
+        diloco["round"] = 99
+        with pytest.raises(GossipError, match="other settings"):
+            sgp.load_state_dict(diloco)
+        assert sgp.round == local["round"]  # checked before anything changed
+        sgp.load_state_dict(local)  # the same settings: fine
+
+    def other(rank: int, node: GossipNode) -> None:
+        x = torch.nn.Parameter(torch.zeros(3))
+        sgp = SGP([x], torch.optim.SGD([x], lr=0.1), node)
+        with pytest.raises(GossipError, match="local-steps"):
+            sgp.load_state_dict({**sgp.state_dict(), "local": {}})
 
     run_workers(1, fn)
+    run_workers(1, other)
 
 
 @pytest.mark.parametrize(
@@ -195,6 +212,7 @@ def test_a_checkpoint_of_the_other_mode_is_refused() -> None:
         ({"outer": "diloco"}, "go with local_steps"),
         ({"local_steps": 2, "outer": "adam"}, "unknown outer optimizer 'adam'"),
         ({"local_steps": 2, "outer_rounds": 0}, "outer_rounds must be"),
+        ({"local_steps": 2, "policy": Lockstep(0)}, "no policy="),
     ],
 )
 def test_bad_local_step_arguments_are_refused(kw: dict[str, Any], match: str) -> None:

@@ -324,20 +324,22 @@ def test_finished_workers_answer_a_straggler_and_every_answer_is_folded(
             "weight": sgp.weight,
             "disagreement": disagreement,
             "x": x.detach().clone(),
+            "lost_weight": node.lost_weight,  # (to tell what went wrong, should it)
+            "suspicions": sum(node.peers_lost.values()),
         }
 
     results = run_workers(n, fn, wrap=wrap, settings=LinkSettings(retry_min_s=2.0))
     assert sum(r["answered"] for r in results) >= 5, results
-    assert results[n - 1]["answered"] == 0  # nobody was training when rank 3 finished
+    assert results[n - 1]["answered"] == 0, results  # nobody was training when rank 3 finished
     if not lose:  # (with answers lost, rank 3 trains its last 15 steps alone)
         assert results[n - 1]["trained_weight"] < 0.05, results  # handed over
         assert results[n - 1]["trained"] < 2.7, results  # alone: 3 - 3 * 0.9**50 = 2.98
-    assert math.fsum(r["weight"] for r in results) == pytest.approx(n, abs=1e-12)
+    assert math.fsum(r["weight"] for r in results) == pytest.approx(n, abs=1e-12), results
     for r in results:
-        assert r["disagreement"] <= 1e-12
+        assert r["disagreement"] <= 1e-12, results
         torch.testing.assert_close(r["x"], results[0]["x"])
     if lose:
-        assert lost, "no answer to a late share was sent"
+        assert lost, f"no answer to a late share was sent: {results}"
 
 
 @pytest.mark.timeout(60)
@@ -490,6 +492,47 @@ def test_sgp_runs_the_training_rounds_by_the_policy_it_is_given() -> None:
     assert sum(r["weight"] for r in results) == pytest.approx(n, abs=1e-12)
     for r in results:
         torch.testing.assert_close(r["x"], torch.full((3,), 1.5, dtype=torch.float64))
+
+
+class _FailsOnEveryShare(Lockstep):
+    def received(self, sgp: SGP, message: Message) -> None:
+        raise RuntimeError("a policy's bug")
+
+
+@pytest.mark.timeout(60)
+def test_a_policy_that_fails_on_a_share_loses_no_mass_and_stops_nothing() -> None:
+    def fn(rank: int, node: GossipNode) -> dict[str, Any]:
+        x = torch.nn.Parameter(torch.full((3,), float(rank), dtype=torch.float64))
+        sgp = SGP([x], torch.optim.SGD([x], lr=0.0), node, policy=_FailsOnEveryShare())
+        for _ in range(8):
+            sgp.step()
+        return {"lost": node.lost_weight, "dropped": dict(node.dropped), "weight": sgp.weight}
+
+    results = run_workers(2, fn)
+    assert [r["lost"] for r in results] == [0.0, 0.0]
+    assert not any(r["dropped"] for r in results)
+    assert sum(r["weight"] for r in results) == pytest.approx(2.0, abs=1e-12)
+
+
+@pytest.mark.timeout(30)
+def test_an_audit_does_not_acknowledge_a_share_whose_acknowledgement_is_held() -> None:
+    """``SGP._audited``: a share held back for a straggler's answer counts as waiting."""
+
+    def fn(rank: int, node: GossipNode) -> tuple[list[int], list[int]]:
+        x = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+        sgp = SGP([x], torch.optim.SGD([x], lr=0.0), node)
+        for _ in range(4):
+            sgp.step()  # rank 1's shares 0-3 folded here
+        peer = 1 - rank
+        before = sgp._audited(peer, range(0, 6))
+        with sgp._refund_lock:
+            sgp._held_keys.add((peer, 2))
+        after = sgp._audited(peer, range(0, 6))
+        assert before == ([0, 1, 2, 3], [4, 5])
+        return after
+
+    for folded, never in run_workers(2, fn):
+        assert (folded, never) == ([0, 1, 3], [4, 5])
 
 
 @pytest.mark.timeout(30)
