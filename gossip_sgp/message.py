@@ -117,6 +117,11 @@ class Message:
         """Payload size in bytes (tensor data only)."""
         return sum(t.numel() * t.element_size() for t in self.tensors)
 
+    @property
+    def raw_nbytes(self) -> int:
+        """Payload size before compression: ``raw_bytes`` if a codec set it, else ``nbytes``."""
+        return self.nbytes if self.raw_bytes is None else self.raw_bytes
+
 
 def fingerprint(layout: Iterable[tuple[str, tuple[int, ...], torch.dtype]]) -> int:
     """A stable 63-bit fingerprint of a model layout: (name, shape, dtype) triples in order.

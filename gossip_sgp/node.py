@@ -963,9 +963,7 @@ class GossipNode:
             else:
                 if message.kind == MessageKind.MASS:
                     self.payload_bytes_sent += message.nbytes
-                    self.payload_raw_bytes_sent += (
-                        message.nbytes if message.raw_bytes is None else message.raw_bytes
-                    )
+                    self.payload_raw_bytes_sent += message.raw_nbytes
             finally:
                 q.task_done()
                 if message.kind == MessageKind.MASS:

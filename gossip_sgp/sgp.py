@@ -515,10 +515,14 @@ class SGP:
             loss = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
         # x <- w * z: x / w moves by exactly the optimizer's change of z (and by any change
         # the user made to the parameters since the last step).
+        self._numerator_from_model()
+        return loss
+
+    def _numerator_from_model(self) -> None:
+        """``x <- w * z``: the numerator follows the model's parameters, the weight stays."""
         w = self.state.weight
         for x, flat in zip(self.state.numerator, self._flats, strict=True):
             torch.mul(flat, w, out=x)
-        return loss
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One SGP iteration: optimizer step, one gossip round, de-biased parameters.
@@ -569,14 +573,11 @@ class SGP:
         self._average(self._outer_rounds)
         for ref, flat in zip(self._reference, self._flats, strict=True):
             ref.grad = ref - flat
-        delta = math.hypot(*(_norm(ref.grad) for ref in self._reference if ref.grad is not None))
-        scale = math.hypot(*(_norm(ref) for ref in self._reference))
+        self.outer_gradient_norm = _relative_change(self._reference, self._flats)
         self._outer.step()
-        w = self.state.weight
-        for ref, flat, x in zip(self._reference, self._flats, self.state.numerator, strict=True):
+        for ref, flat in zip(self._reference, self._flats, strict=True):
             flat.copy_(ref)
-            torch.mul(flat, w, out=x)
-        self.outer_gradient_norm = delta / scale if scale > 0 else delta
+        self._numerator_from_model()
         self.outer_steps += 1
         self._inner = 0
 
@@ -787,9 +788,8 @@ class SGP:
             else:  # folded (or written off: the peer is suspected down)
                 now += held
         self._held = waiting
-        if answerable or now:
-            with self._refund_lock:
-                self._held_keys.difference_update(r[:2] for r in now)
+        with self._refund_lock:
+            self._held_keys.difference_update(r[:2] for r in now)
         return now
 
     def _wait(self, round: int) -> None:
@@ -1141,13 +1141,12 @@ class SGP:
         self.state.debias(out=self._flats)
 
 
-def _norm(t: torch.Tensor) -> float:
-    return float(torch.linalg.vector_norm(t, dtype=torch.float64))
-
-
 def _relative_change(before: list[torch.Tensor], after: list[torch.Tensor]) -> float:
-    num = math.hypot(*(_norm(a - b) for a, b in zip(after, before, strict=True)))
-    den = math.hypot(*(_norm(b) for b in before))
+    def norm(t: torch.Tensor) -> float:
+        return float(torch.linalg.vector_norm(t, dtype=torch.float64))
+
+    num = math.hypot(*(norm(a - b) for a, b in zip(after, before, strict=True)))
+    den = math.hypot(*(norm(b) for b in before))
     return num / den if den > 0 else num
 
 

@@ -179,7 +179,7 @@ async def _simulate(cfg: SimulationConfig) -> SimulationResult:
                     await t.send(m.receiver, m)
                     result.messages += 1
                     result.bytes_sent += m.nbytes
-                    result.raw_bytes_sent += m.nbytes if m.raw_bytes is None else m.raw_bytes
+                    result.raw_bytes_sent += m.raw_nbytes
             if cfg.mode == "sync":
                 await _wait_round(rnd, transports, nodes, refused)
             await _settle(transports)

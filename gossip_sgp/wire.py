@@ -191,9 +191,10 @@ def meta(message: Message) -> dict[str, int]:
     return out
 
 
-def _checked(name: str, value: int, lo: int, hi: int) -> int:
+def _checked(name: str, value: Any, lo: int, hi: int) -> int:
+    """``value`` if it is an int (not a bool) in ``[lo, hi]``; else ``malformed``."""
     if type(value) is not int or not lo <= value <= hi:
-        raise WireError("malformed", f"header field {name} = {value!r} is not in {lo}..{hi}")
+        raise WireError("malformed", f"{name} {value!r} is not an integer in [{lo}, {hi}]")
     return value
 
 
@@ -327,10 +328,7 @@ def _bytes_view(frame: FrameBuffer) -> memoryview:
 
 
 def _int(header: dict[str, Any], key: str, lo: int, hi: int) -> int:
-    value = header[key]
-    if type(value) is not int or not lo <= value <= hi:
-        raise WireError("malformed", f"{key} {value!r} is not an integer in [{lo}, {hi}]")
-    return value
+    return _checked(key, header[key], lo, hi)
 
 
 def _tensor_specs(
