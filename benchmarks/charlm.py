@@ -6,9 +6,13 @@ validation loss (nats per byte, the workers agree on one model), the megabytes e
 sent, and per variant the mean over seeds against AllReduce's:
 
     python -m benchmarks.charlm --workers 4 --seeds 0 1 2
+    python -m benchmarks.charlm --workers 8 --seeds 0 --eval-every 100 --plot loss-bytes.png
 
 AllReduce's bytes are a ring all-reduce's, 2 (n - 1) / n of the model per step; the gossip
 variants' are what their nodes handed to the wire (headers and acknowledgements included).
+With ``--eval-every N`` rank 0 also tests its own model every N steps, and ``--plot FILE``
+draws those points, validation loss against megabytes sent (mean over seeds; needs
+matplotlib).
 """
 
 from __future__ import annotations
@@ -27,14 +31,24 @@ VARIANTS = {
     "average H=50": ["--local-steps", "50", "--outer", "average"],
     "slowmo H=50": ["--local-steps", "50", "--outer", "slowmo"],
     "diloco H=50": ["--local-steps", "50", "--outer", "diloco"],
+    "slowmo H=16 int8": ["--local-steps", "16", "--outer", "slowmo", "--compression", "int8,ref"],
+    "diloco H=16 int8": ["--local-steps", "16", "--outer", "diloco", "--compression", "int8,ref"],
+    "slowmo H=50 overlap": ["--local-steps", "50", "--outer", "slowmo", "--outer-overlap"],
 }
+DEFAULT = ["allreduce", "sgp every step", "average H=50", "slowmo H=50", "diloco H=50"]
+
+Curve = list[tuple[int, float, float]]
+"""(step, MB sent so far, validation loss) of rank 0."""
 
 
-def run(workers: int, extra: list[str], seed: int, steps: int) -> tuple[float, float]:
-    """(validation loss, MB sent per worker) of one run."""
+def run(
+    workers: int, extra: list[str], seed: int, steps: int, eval_every: int = 0
+) -> tuple[float, float, Curve]:
+    """(validation loss, MB sent per worker, rank 0's curve) of one run."""
     cmd = [
         sys.executable, "-m", "gossip_sgp.cli", "launch", "--nproc", str(workers),
-        str(EXAMPLE), "--seed", str(seed), "--steps", str(steps), *extra,
+        str(EXAMPLE), "--seed", str(seed), "--steps", str(steps),
+        "--eval-every", str(eval_every), *extra,
     ]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=True).stdout
     finals = [line for line in out.splitlines() if "validation loss" in line]
@@ -42,7 +56,38 @@ def run(workers: int, extra: list[str], seed: int, steps: int) -> tuple[float, f
         raise RuntimeError(f"{len(finals)} of {workers} workers reported:\n{out[-2000:]}")
     losses = {float(line.split("validation loss ")[1].split()[0]) for line in finals}
     sent = [float(line.split("sent ")[1].split()[0]) for line in finals]
-    return max(losses), statistics.mean(sent)
+    curve = []
+    for line in out.splitlines():  # "[rank 0] at step S: MB MB sent, held-out loss L"
+        if "held-out loss" in line:
+            head, tail = line.split(": ", 1)
+            mb = float(tail.split()[0])
+            curve.append((int(head.split()[-1]), mb, float(tail.split()[-1])))
+    return max(losses), statistics.mean(sent), curve
+
+
+def plot(curves: dict[str, list[Curve]], workers: int, path: Path) -> None:
+    """Validation loss against MB sent, one line per variant (mean over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, runs in curves.items():
+        points = list(zip(*runs, strict=True))  # per eval step, one point per seed
+        if not points:
+            continue
+        mb = [statistics.mean(p[1] for p in step) for step in points]
+        loss = [statistics.mean(p[2] for p in step) for step in points]
+        ax.plot(mb, loss, marker=".", label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("MB sent per worker (log scale)")
+    ax.set_ylabel("validation loss, nats/byte (rank 0)")
+    ax.set_title(f"character-level LM, {workers} workers, equal samples")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,20 +99,29 @@ def main(argv: list[str] | None = None) -> int:
         "--variants",
         nargs="+",
         choices=list(VARIANTS),
-        default=list(VARIANTS),
+        default=DEFAULT,
         metavar="NAME",
-        help=f"which to run (default all: {', '.join(repr(v) for v in VARIANTS)})",
+        help=f"which to run, of {', '.join(repr(v) for v in VARIANTS)} "
+        f"(default: {', '.join(repr(v) for v in DEFAULT)})",
     )
+    p.add_argument("--eval-every", type=int, default=0, help="rank 0 tests every N steps")
+    p.add_argument("--plot", type=Path, help="PNG of loss against MB sent (per world size)")
     args = p.parse_args(argv)
-    if any(n < 2 for n in args.workers) or args.steps < 1:
-        p.error("--workers must be at least 2 and --steps at least 1")
-    print(f"{'workers':>7} {'variant':<15} {'seed':>4} {'val loss':>9} {'MB sent':>8}")
+    if any(n < 2 for n in args.workers) or args.steps < 1 or args.eval_every < 0:
+        p.error("--workers must be at least 2, --steps at least 1, --eval-every >= 0")
+    if args.plot is not None and not args.eval_every:
+        p.error("--plot needs --eval-every N")
+    print(f"{'workers':>7} {'variant':<20} {'seed':>4} {'val loss':>9} {'MB sent':>8}")
     for n in args.workers:
         means: dict[str, tuple[float, float]] = {}
+        curves: dict[str, list[Curve]] = {}
         for name in args.variants:
-            results = [run(n, VARIANTS[name], seed, args.steps) for seed in args.seeds]
-            for seed, (loss, sent) in zip(args.seeds, results, strict=True):
-                print(f"{n:>7} {name:<15} {seed:>4} {loss:>9.4f} {sent:>8.1f}", flush=True)
+            results = [
+                run(n, VARIANTS[name], seed, args.steps, args.eval_every) for seed in args.seeds
+            ]
+            curves[name] = [r[2] for r in results]
+            for seed, (loss, sent, _) in zip(args.seeds, results, strict=True):
+                print(f"{n:>7} {name:<20} {seed:>4} {loss:>9.4f} {sent:>8.1f}", flush=True)
             means[name] = (
                 statistics.mean(r[0] for r in results),
                 statistics.mean(r[1] for r in results),
@@ -75,7 +129,11 @@ def main(argv: list[str] | None = None) -> int:
         base = means.get("allreduce")
         for name, (loss, sent) in means.items():
             vs = "" if base is None else f"  ({100 * (loss / base[0] - 1):+.1f}% vs allreduce)"
-            print(f"{n:>7} {name:<15} mean {loss:.4f} nats/byte, {sent:.1f} MB sent{vs}")
+            print(f"{n:>7} {name:<20} mean {loss:.4f} nats/byte, {sent:.1f} MB sent{vs}")
+        if args.plot is not None:
+            path = args.plot.with_name(f"{args.plot.stem}-w{n}{args.plot.suffix}")
+            plot(curves, n, path)
+            print(f"plot: {path}")
     return 0
 
 

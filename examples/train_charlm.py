@@ -36,6 +36,10 @@ def parse_args() -> argparse.Namespace:
         "--local-steps", type=int, default=50, help="H: steps between averages (1: SGP every step)"
     )
     p.add_argument("--outer", choices=("diloco", "slowmo", "average"), default="diloco")
+    p.add_argument(
+        "--outer-overlap", action="store_true", help="average while the next H steps run"
+    )
+    p.add_argument("--compression", default="none", help="SGP's codec, e.g. int8,ref")
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps per worker")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per worker and step")
     p.add_argument("--context", type=int, default=64, help="bytes of context")
@@ -45,10 +49,18 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--text", type=Path, help="a text file (default: the stdlib's source)")
     p.add_argument("--text-mb", type=float, default=2.0, help="megabytes of the stdlib's source")
     p.add_argument("--seed", type=int, default=0, help="model initialisation and batches")
+    p.add_argument(
+        "--eval-every", type=int, default=0, help="rank 0 prints its validation loss and MB "
+        "sent every N steps (0: at the end only)"
+    )  # fmt: skip
     args = p.parse_args()
     for name in ("local_steps", "steps", "batch_size", "context", "width", "layers"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.eval_every < 0:
+        p.error("--eval-every must be >= 0")
+    if args.outer_overlap and args.local_steps == 1:
+        p.error("--outer-overlap needs --local-steps H > 1")
     if not (args.lr > 0 and args.text_mb > 0):
         p.error("--lr and --text-mb must be > 0")
     return args
@@ -128,8 +140,9 @@ def main() -> None:
     if args.algorithm == "sgp":
         node = GossipNode(config).start()  # SGP: a gossip thread and its sockets
         local = {} if args.local_steps == 1 else {"local_steps": args.local_steps}
-        outer = {"outer": args.outer} if local else {}
-        sgp = SGP(model.parameters(), optimizer, node, **local, **outer)  # SGP
+        outer = {"outer": args.outer, "outer_overlap": args.outer_overlap} if local else {}
+        codec = args.compression  # SGP: what the codec drops stays with the sender
+        sgp = SGP(model.parameters(), optimizer, node, compression=codec, **local, **outer)
     else:  # the baseline: gradients averaged every step (launch sets MASTER_ADDR/PORT)
         dist.init_process_group("gloo", rank=rank, world_size=n)
     for step in range(1, args.steps + 1):
@@ -146,20 +159,33 @@ def main() -> None:
             optimizer.step()
         if rank == 0 and step % max(1, args.steps // 5) == 0:
             print(f"step {step:5d}/{args.steps}  loss {loss.item():.3f}", flush=True)
+        if rank == 0 and args.eval_every and step % args.eval_every == 0:
+            mb = sent_mb(node) if node is not None else allreduce_mb(model, n, step)
+            val = validation_loss(model, valid, args.context)
+            print(f"at step {step}: {mb:.3f} MB sent, held-out loss {val:.4f}", flush=True)
     if sgp is not None and node is not None:
         sgp.consensus()  # SGP: gossip until the workers agree
-        sent = sum(node.stats.bytes_sent.values())
+        sent = sent_mb(node)
         node.close()
     else:
-        # ring all-reduce: 2 (n - 1) / n of the gradients' bytes per step
-        size = sum(p.numel() * p.element_size() for p in model.parameters())
-        sent = int(2 * (n - 1) / n * size * args.steps)
+        sent = allreduce_mb(model, n, args.steps)
         dist.destroy_process_group()
     print(
         f"rank {rank}: validation loss {validation_loss(model, valid, args.context):.4f} "
-        f"nats/byte (ln 256 = {math.log(256):.2f}), sent {sent / 1e6:.1f} MB",
+        f"nats/byte (ln 256 = {math.log(256):.2f}), sent {sent:.1f} MB",
         flush=True,
     )
+
+
+def sent_mb(node: GossipNode) -> float:
+    """Megabytes this worker's node handed to the wire (headers and acknowledgements too)."""
+    return sum(node.stats.bytes_sent.values()) / 1e6
+
+
+def allreduce_mb(model: nn.Module, n: int, steps: int) -> float:
+    """A ring all-reduce sends 2 (n - 1) / n of the gradients' bytes per step."""
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    return 2 * (n - 1) / n * size * steps / 1e6
 
 
 if __name__ == "__main__":

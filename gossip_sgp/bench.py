@@ -44,10 +44,14 @@ ALGORITHMS: dict[str, list[str]] = {
     "sgp-sync": ["--algorithm", "sgp", "--staleness", "0"],
     "sgp-overlap": ["--algorithm", "sgp", "--staleness", "1"],
     "sgp-async": ["--algorithm", "sgp", "--staleness", "none"],
-    "sgp-local": ["--algorithm", "sgp", "--local-steps", "8", "--outer", "slowmo"],
+    "sgp-local": ["--algorithm", "sgp"],
+    "sgp-local-overlap": ["--algorithm", "sgp", "--outer-overlap"],
     "local": ["--algorithm", "local"],
 }
-"""Benchmark algorithm name -> the training script's options."""
+"""Benchmark algorithm name -> the training script's options (the ``sgp-local*`` runs also
+get ``--local-steps H --outer NAME`` from the plan)."""
+
+LOCAL_STEPS_ALGORITHMS = ("sgp-local", "sgp-local-overlap")
 
 NETWORKS = ("loopback", "1gbit-10ms", "1gbit-50ms", "100mbit-100ms")
 """The default network matrix."""
@@ -65,10 +69,12 @@ _CSV_FIELDS = (
     "straggler",
     "model",
     "compression",
+    "emulated_compute_ms",
     "parameters",
     "epochs",
     "status",
     "iteration_s_median",
+    "iteration_s_mean",
     "iteration_s_min",
     "iteration_s_max",
     "samples_per_s",
@@ -131,6 +137,12 @@ class Plan:
     out: Path
     compression: str = "none"
     """Message codec of the SGP runs (``sgp-*``); the other algorithms send uncompressed."""
+    local_steps: int = 8
+    """``H`` of the ``sgp-local*`` runs."""
+    outer: str = "slowmo"
+    """The outer optimizer of the ``sgp-local*`` runs."""
+    emulate_compute_ms: float | None = None
+    """Emulated accelerator: every step's forward and backward pass is a sleep this long."""
 
 
 def _comma_list(text: str) -> list[str]:
@@ -211,7 +223,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         type=_stragglers,
         help="comma list of slow-down factors of rank 1, 'none' for no straggler (default none,3)",
     )
-    p.add_argument("--repeats", type=int, default=1, help="runs of each combination (default 1)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="runs of each combination (default 1); repeat r trains with seed r",
+    )
     p.add_argument("--epochs", type=int, help="epochs per run (default 20; --quick 1)")
     p.add_argument(
         "--width",
@@ -229,8 +246,32 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument(
         "--compression",
         default="none",
-        help="message codec of the SGP runs (sgp-sync, sgp-overlap, sgp-async, sgp-local): "
+        help="message codec of the SGP runs (sgp-sync, sgp-overlap, sgp-async, sgp-local, "
+        "sgp-local-overlap): "
         "none, fp16, bf16, int8[:BLOCK], topk:FRACTION (default none)",
+    )
+    p.add_argument(
+        "--local-steps",
+        type=int,
+        default=8,
+        metavar="H",
+        help="inner steps between outer steps of sgp-local and sgp-local-overlap (default 8)",
+    )
+    p.add_argument(
+        "--outer",
+        default="slowmo",
+        help="outer optimizer of sgp-local and sgp-local-overlap: average, slowmo or diloco "
+        "(default slowmo)",
+    )
+    p.add_argument(
+        "--emulate-compute",
+        type=float,
+        metavar="MS",
+        help="emulated accelerator: each step's forward and backward pass is replaced by a "
+        "sleep of MS ms (the CPU stays free, as while a GPU computes) and a fixed gradient, "
+        "so communication hiding can be measured with more workers than cores; the "
+        "optimizer step and all communication stay real, accuracy means nothing. Size the "
+        "parameter vector with --width (parameters = width^2 + 76 width + 10)",
     )
     p.add_argument("--out", type=Path, required=True, help="directory for CSV, JSON and plots")
     p.add_argument(
@@ -259,6 +300,18 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         raise SystemExit(f"gossip-sgp bench: --eval-every must be >= 0, got {args.eval_every}")
     if not timeout > 0:
         raise SystemExit(f"gossip-sgp bench: --run-timeout must be > 0, got {timeout}")
+    if args.local_steps < 1:
+        raise SystemExit(f"gossip-sgp bench: --local-steps must be >= 1, got {args.local_steps}")
+    from gossip_sgp.outer import OUTER
+
+    if args.outer not in OUTER:
+        raise SystemExit(
+            f"gossip-sgp bench: --outer must be one of {', '.join(sorted(OUTER))}, "
+            f"got {args.outer!r}"
+        )
+    emulate = args.emulate_compute
+    if emulate is not None and not 0 <= emulate <= 60_000:
+        raise SystemExit(f"gossip-sgp bench: --emulate-compute must be in 0..60000, got {emulate}")
     from gossip_sgp.compression import parse_codec  # torch: only where a bench runs
 
     try:
@@ -285,10 +338,14 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
             str(args.batch_size),
             "--eval-every",
             str(args.eval_every),
+            *(() if emulate is None else ("--emulate-compute", f"{emulate:g}")),
         ),
         run_timeout=timeout,
         out=args.out,
         compression=args.compression,
+        local_steps=args.local_steps,
+        outer=args.outer,
+        emulate_compute_ms=emulate,
     )
 
 
@@ -369,6 +426,11 @@ def run_bench(plan: Plan, *, log: Callable[[str], None] = print) -> list[dict[st
                             )
                             write_results(plan, rows)
     write_results(plan, rows)
+    if plan.emulate_compute_ms is not None:
+        log(
+            f"emulated compute: every step's forward and backward pass was a sleep of "
+            f"{plan.emulate_compute_ms:g} ms (accuracy means nothing; time per iteration does)"
+        )
     log(format_table(rows))
     try:
         paths = plot(rows, plan.out)
@@ -475,6 +537,9 @@ def _run_one(
         "--threads",
         "1",
     ]
+    argv += ["--seed", str(repeat)]  # repeat r: seed r, the same for every algorithm
+    if algorithm in LOCAL_STEPS_ALGORITHMS:
+        argv += ["--local-steps", str(plan.local_steps), "--outer", plan.outer]
     if straggler > 1.0:
         argv += ["--straggler", f"1:{straggler:g}"]
     if algorithm.startswith("sgp-") and plan.compression != "none":
@@ -570,9 +635,11 @@ def _fill_row(row: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
         {
             "model": summary.get("model"),
             "compression": summary.get("compression") or "none",
+            "emulated_compute_ms": summary.get("emulate_compute_ms"),
             "parameters": summary.get("parameters"),
             "epochs": summary.get("epochs"),
             "iteration_s_median": it.get("median", math.nan),
+            "iteration_s_mean": it.get("mean", math.nan),
             "iteration_s_min": it.get("min", math.nan),
             "iteration_s_max": it.get("max", math.nan),
             "samples_per_s": summary.get("samples_per_second", math.nan),
@@ -601,6 +668,9 @@ def write_results(plan: Plan, rows: list[dict[str, Any]]) -> None:
             "repeats": plan.repeats,
             "train_args": list(plan.train_args),
             "compression": plan.compression,
+            "local_steps": plan.local_steps,
+            "outer": plan.outer,
+            "emulate_compute_ms": plan.emulate_compute_ms,
             "run_timeout": plan.run_timeout,
         },
         "runs": rows,
@@ -646,6 +716,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "runs": len(runs),
             "ok": len(ok),
             "iteration_s": _stats([r["iteration_s_median"] for r in ok]),
+            "iteration_s_mean": _stats([r.get("iteration_s_mean", math.nan) for r in ok]),
             "samples_per_s": _stats([r["samples_per_s"] for r in ok]),
             "accuracy": _stats([r["accuracy"] for r in ok]),
         }
@@ -659,6 +730,8 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         e["speedup_vs_allreduce"] = _paired(allreduce, mine, "iteration_s_median", _ratio)
         e["throughput_vs_allreduce"] = _paired(mine, allreduce, "samples_per_s", _ratio)
         e["time_vs_local"] = _paired(mine, local, "iteration_s_median", _ratio)
+        # the mean counts the outer steps of local-steps runs, which the median hides
+        e["mean_time_vs_local"] = _paired(mine, local, "iteration_s_mean", _ratio)
         e["accuracy_minus_allreduce"] = _paired(mine, allreduce, "accuracy", _difference)
     return out
 
@@ -690,12 +763,14 @@ def _paired(
 def format_table(rows: list[dict[str, Any]]) -> str:
     """The summary as a Markdown table (also what ``bench`` prints at the end).
 
-    Each cell is the median over repeats and [min, max]; ratios are taken within a repeat."""
+    Each cell is the median over repeats and [min, max]; ratios are taken within a repeat.
+    "s/iteration" is the median step time of a run, "mean s/iteration" its mean (which
+    counts the few long steps of local-steps runs, their outer steps)."""
     lines = [
         "| network | workers | straggler | algorithm | s/iteration | x faster than AllReduce "
-        "| x compute-only time | samples/s | x AllReduce samples/s | accuracy "
-        "| points vs AllReduce |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| x compute-only time | mean s/iteration | x compute-only mean | samples/s "
+        "| x AllReduce samples/s | accuracy | points vs AllReduce |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for e in summarize(rows):
         points = {k: 100 * v for k, v in e["accuracy_minus_allreduce"].items()}
@@ -703,6 +778,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             _cell(e["iteration_s"], ".3f"),
             _cell(e["speedup_vs_allreduce"], ".2f"),
             _cell(e["time_vs_local"], ".2f"),
+            _cell(e["iteration_s_mean"], ".3f"),
+            _cell(e["mean_time_vs_local"], ".2f"),
             _cell(e["samples_per_s"], ".0f"),
             _cell(e["throughput_vs_allreduce"], ".2f"),
             _cell(e["accuracy"], ".4f"),

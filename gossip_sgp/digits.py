@@ -125,6 +125,24 @@ class WideMLP(nn.Module):
         return out
 
 
+class EmulatedCompute:
+    """``--emulate-compute MS``: a step's forward and backward pass replaced by a sleep
+    (the CPU stays free, as while an accelerator computes) and a gradient drawn once per
+    worker, small and fixed. What it leaves to measure is the optimizer step and the
+    communication: time per iteration against the compute-only ``local`` run."""
+
+    def __init__(self, model: nn.Module, args: argparse.Namespace, rank: int) -> None:
+        self.seconds = args.emulate_compute / 1000
+        gen = torch.Generator().manual_seed(args.seed * 1000 + rank)
+        for p in model.parameters():
+            p.grad = 1e-3 * torch.randn(p.shape, generator=gen, dtype=p.dtype)
+        self.loss = torch.zeros(())
+
+    def step(self) -> torch.Tensor:
+        time.sleep(self.seconds)
+        return self.loss
+
+
 GOSSIP_ALGORITHMS = ("sgp", *baselines.ALGORITHMS)
 """The algorithms that gossip through a GossipNode (the others use gloo or nothing)."""
 
@@ -221,6 +239,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "slow momentum 0.5, lr 1; diloco: Nesterov momentum 0.9, lr 0.7)",
     )
     p.add_argument(
+        "--outer-overlap",
+        action="store_true",
+        help="with --local-steps: average while the next H inner steps run, applying each "
+        "outer step when its average is in (at most one outer step late)",
+    )
+    p.add_argument(
+        "--emulate-compute",
+        type=float,
+        metavar="MS",
+        help="emulated accelerator: replace each step's forward and backward pass by a "
+        "sleep of MS milliseconds (the CPU stays free) and a fixed random gradient; the "
+        "optimizer step and all communication are real. Accuracy means nothing then; "
+        "time per iteration does (size the model with --model mlp --width)",
+    )
+    p.add_argument(
         "--min-step-ms",
         type=float,
         default=0.0,
@@ -265,8 +298,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             p.error(f"--local-steps must be >= 1, got {args.local_steps}")
         if args.algorithm != "sgp" or args.staleness != 0:
             p.error("--local-steps needs --algorithm sgp and --staleness 0 (the default)")
-    elif args.outer is not None:
-        p.error("--outer goes with --local-steps H")
+    elif args.outer is not None or args.outer_overlap:
+        p.error("--outer and --outer-overlap go with --local-steps H")
+    if args.emulate_compute is not None and not 0 <= args.emulate_compute <= 60_000:
+        p.error(f"--emulate-compute must be in 0..60000, got {args.emulate_compute}")
     if not 0 <= args.min_step_ms <= 60_000:
         p.error(f"--min-step-ms must be in 0..60000, got {args.min_step_ms}")
     for name in ("epochs", "batch_size", "threads", "width"):
@@ -413,6 +448,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             compression=args.compression,  # SGP: what the codec drops stays here
             local_steps=args.local_steps,  # SGP: None gossips every step
             outer=args.outer,
+            outer_overlap=args.outer_overlap,  # SGP: average during the next H steps
         )
     elif node is not None:  # the decentralized baselines run on the same node
         make = baselines.dpsgd if args.algorithm == "dpsgd" else baselines.adpsgd
@@ -420,6 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Everything made so far (torch's ~290k objects, the data, the model) lives until the
     # end: keep the garbage collector from walking it again in every full collection and
     # once more at exit (1 s per worker on 2 cores, 10% of a short run).
+    emulated = None if args.emulate_compute is None else EmulatedCompute(model, args, rank)
     gc.freeze()
     try:
         order_gen = torch.Generator().manual_seed(args.seed * 1000 + rank)
@@ -459,10 +496,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             epoch_loss = 0.0
             for i in range(skip if epoch == first_epoch else 0, steps_per_epoch):
                 idx = order[i * args.batch_size : (i + 1) * args.batch_size]
+                # Warm-up steps are not timed: a worker's first (connections, the first
+                # all-reduce; with local steps the start's averaging) and the gossip
+                # algorithms' start-up barrier (synchronous rounds in every mode).
+                warm_up = steps == 0 or (gossip and sgp.start_up_rounds > 0)
                 computing = time.perf_counter()
-                optimizer.zero_grad()
-                loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
-                loss.backward()  # type: ignore[no-untyped-call]
+                if emulated is not None:  # an accelerator's forward and backward pass
+                    loss = emulated.step()
+                else:
+                    optimizer.zero_grad()
+                    loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
+                    loss.backward()  # type: ignore[no-untyped-call]
                 if args.min_step_ms:
                     time.sleep(
                         max(0.0, args.min_step_ms / 1000 - (time.perf_counter() - computing))
@@ -475,7 +519,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     if args.algorithm == "allreduce":
                         allreduce_gradients(model, world_size)
                     optimizer.step()
-                step_times.append(time.perf_counter() - computing)
+                if not warm_up:
+                    step_times.append(time.perf_counter() - computing)
                 schedule.step()
                 epoch_loss += loss.item()
                 if gossip:
@@ -505,6 +550,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"{epoch_loss / steps_per_epoch:.4f}  {rate:.1f} steps/s",
                     flush=True,
                 )
+        if gossip:
+            # SGP, outer_overlap: the last outer step still on its way is part of training
+            # (its waiting counted in the last step, where sgp-local pays its own)
+            waiting = time.perf_counter()
+            sgp.outer_wait()
+            if step_times:
+                step_times[-1] += time.perf_counter() - waiting
         train_seconds = time.perf_counter() - started
         result: dict[str, Any] = {
             "steps": steps,
@@ -671,9 +723,13 @@ def report(
         "min_step_ms": args.min_step_ms,
         "local_steps": args.local_steps,
         "outer": (args.outer or "average") if args.local_steps else None,
+        "outer_overlap": args.outer_overlap,
+        "emulate_compute_ms": args.emulate_compute,
         # every step of every worker: compute, communication and waiting
         "iteration_seconds": {
             "median": float(np.median(step_seconds)) if step_seconds else math.nan,
+            # with local steps the outer steps' waits are in a few steps: see the mean
+            "mean": float(np.mean(step_seconds)) if step_seconds else math.nan,
             "min": step_seconds[0] if step_seconds else math.nan,
             "max": step_seconds[-1] if step_seconds else math.nan,
         },

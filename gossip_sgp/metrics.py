@@ -192,6 +192,12 @@ class GossipMetrics:
             if token is not None and self._pending.get(key) is token:
                 del self._pending[key]
 
+    @staticmethod
+    def sample_own(numerator: Sequence[torch.Tensor], weight: float) -> tuple[torch.Tensor, ...]:
+        """The elements of ``numerator / weight`` that :meth:`folded_in` compares, copied:
+        an ``own`` for it where the model is not the state being averaged."""
+        return _sample(numerator, _SAMPLE_ELEMENTS, 1.0 / weight)
+
     def folded_in(
         self,
         receipts: Sequence[Receipt],
@@ -202,8 +208,9 @@ class GossipMetrics:
     ) -> None:
         """The training thread folded these messages into its state (before de-biasing).
 
-        ``own`` is this worker's de-biased model before the fold; with the last sampled
-        message it forms the pair the consensus distance is computed from at scrape time.
+        ``own`` is this worker's de-biased model before the fold (or :meth:`sample_own`
+        of it); with the last sampled message it forms the pair the consensus distance is
+        computed from at scrape time.
         """
         now = time.time()
         with self._lock:

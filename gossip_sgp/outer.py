@@ -11,6 +11,10 @@ as its gradient; every worker then starts its next ``H`` steps from the new ``x0
 worker holds the same ``x0`` and computes the same step: the mean is exact after log2(n)
 push-sum rounds on the exponential graph when n is a power of two (see ``SGP``).
 
+With ``outer_overlap=True`` the average runs during the next ``H`` inner steps and the outer
+step is applied when it is in (``x <- x0_new + (x - x_end)``, keeping the inner steps taken
+meanwhile), at most one outer step late; see ``SGP``.
+
 An outer optimizer is any ``torch.optim.Optimizer`` over the reference tensors; ``outer``
 takes a factory ``params -> Optimizer`` or one of these names:
 

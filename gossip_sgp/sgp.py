@@ -41,7 +41,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -192,6 +192,17 @@ _BARRIER = Lockstep(0)
 """The start-up barrier's and the consensus rounds' policy, in every mode."""
 
 
+class _SendOnly(GossipPolicy):
+    """An overlapped outer step's rounds: send the round's shares; ``SGP._progress`` folds
+    them once they have arrived, between inner steps."""
+
+    def round(self, sgp: SGP, k: int, gauge: float) -> None:
+        sgp._send(k, gauge)
+
+
+_SEND_ONLY = _SendOnly()
+
+
 class SGP:
     """Wraps ``optimizer`` so that every ``step()`` also gossips with the node's peers.
 
@@ -222,6 +233,12 @@ class SGP:
             on the exponential graph of a power-of-two world size (log2(n) rounds), else
             the rounds it takes every worker to hear from every other (an approximate
             average; a pseudo-gradient left out by it stays in the models, not lost).
+        outer_overlap: with ``local_steps``: overlap each outer step's averaging with the
+            next ``H`` inner steps instead of waiting for it. The rounds advance between
+            inner steps as their messages arrive; once the average is in, the outer step is
+            applied and the inner steps taken meanwhile are kept on top of the new reference
+            point (``x <- x0_new + (x - x_end)``, ``x_end`` the model the average started
+            from). The next outer step waits for the average if it is still on its way.
     """
 
     def __init__(
@@ -239,6 +256,7 @@ class SGP:
         local_steps: int | None = None,
         outer: str | OuterFactory | None = None,
         outer_rounds: int | None = None,
+        outer_overlap: bool = False,
     ) -> None:
         self.params = list(dict.fromkeys(params))  # drop repeats, keep order
         if not self.params:
@@ -260,9 +278,11 @@ class SGP:
             )
         self.policy = policy
         """How the training rounds gossip (see :class:`GossipPolicy`)."""
+        if type(outer_overlap) is not bool:
+            raise ValueError(f"outer_overlap must be True or False, got {outer_overlap!r}")
         if local_steps is None:
-            if outer is not None or outer_rounds is not None:
-                raise ValueError("outer= and outer_rounds= go with local_steps=H")
+            if outer is not None or outer_rounds is not None or outer_overlap:
+                raise ValueError("outer=, outer_rounds= and outer_overlap= go with local_steps=H")
         else:
             if type(local_steps) is not int or local_steps < 1:
                 raise ValueError(f"local_steps must be an integer >= 1, got {local_steps!r}")
@@ -319,6 +339,12 @@ class SGP:
             self._outer = outer_factory(self._reference)
         self._outer_rounds = outer_rounds or _averaging_rounds(self.topology)
         """Local-steps mode: push-sum rounds per outer step."""
+        self.outer_overlap = outer_overlap
+        """Local-steps mode: whether outer steps overlap the next inner steps."""
+        self._flight_sent: int | None = None
+        """``outer_overlap``: rounds sent of the averaging in flight (None: none in flight).
+        Meanwhile the numerator holds that averaging's mass, not the model, and each
+        reference tensor's ``grad`` the model it started from."""
         self.step_seconds = 0.0
         """Seconds spent in ``step()`` so far (optimizer step, gossip, waiting)."""
         self.loss: float | None = None
@@ -505,17 +531,21 @@ class SGP:
 
     @property
     def weight(self) -> float:
-        """The push-sum weight ``w`` of this node."""
+        """The push-sum weight ``w`` of this node (with ``outer_overlap``, while an average
+        is in flight, part of it may be on its way: see :meth:`outer_wait`)."""
         return self.state.weight
 
     # ------------------------------------------------------------------ training
     @torch.no_grad()
-    def _apply_update(self, closure: Callable[[], Any] | None) -> Any:
+    def _apply_update(self, closure: Callable[[], Any] | None, *, numerator: bool = True) -> Any:
+        """The optimizer's step, and ``x <- w * z`` unless ``numerator`` is False (an
+        overlapped outer step's averaging holds the numerator)."""
         with torch.enable_grad():
             loss = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
-        # x <- w * z: x / w moves by exactly the optimizer's change of z (and by any change
-        # the user made to the parameters since the last step).
-        self._numerator_from_model()
+        if numerator:
+            # x <- w * z: x / w moves by exactly the optimizer's change of z (and by any
+            # change the user made to the parameters since the last step).
+            self._numerator_from_model()
         return loss
 
     def _numerator_from_model(self) -> None:
@@ -540,10 +570,17 @@ class SGP:
         else:
             if not self._reference_set:
                 self._start_reference()
-            loss = self._apply_update(closure)
+            in_flight = self._flight_sent is not None
+            loss = self._apply_update(closure, numerator=not in_flight)
+            if in_flight:
+                self._progress(block=False)
             self._inner += 1
             if self._inner >= self.local_steps:
-                self._outer_step()
+                if self.outer_overlap:
+                    self._progress(block=True)  # at most one averaging in flight
+                    self._launch()
+                else:
+                    self._outer_step()
         self.steps += 1
         self.step_seconds += time.perf_counter() - started
         return loss
@@ -581,6 +618,82 @@ class SGP:
         self.outer_steps += 1
         self._inner = 0
 
+    @torch.no_grad()
+    def _launch(self) -> None:
+        """``outer_overlap``: start averaging the models (the numerator is ``w * x`` after
+        the last inner step), keeping each model in its reference tensor's ``grad``."""
+        for ref, flat in zip(self._reference, self._flats, strict=True):
+            if ref.grad is None:
+                ref.grad = flat.clone()
+            else:
+                ref.grad.copy_(flat)
+        self._inner = 0
+        self._flight_sent = 0
+        self._progress(block=False)
+
+    @torch.no_grad()
+    def _progress(self, *, block: bool) -> None:
+        """``outer_overlap``: advance the averaging in flight as far as what has arrived
+        allows (``block``: to its end, waiting), and land it once its last round is folded.
+
+        Round ``r + 1`` is sent only after round ``r`` is folded: each round passes on all
+        the mass folded so far, which is what makes log2(n) rounds exact."""
+        if self._flight_sent is None or self.node.world_size == 1:
+            if self._flight_sent is not None:
+                self._land()
+            return
+        while True:
+            if self._flight_sent > 0 and self._folded_through < self.round - 1:
+                if not block and not self._arrived(self.round - 1):
+                    return
+                self._catch_up(self.round - 1)
+            if self._flight_sent == self._outer_rounds:
+                break
+            self._round(_SEND_ONLY, gauge=0.0, debias=False)
+            self._flight_sent += 1
+        self._land()
+
+    def _arrived(self, k: int) -> bool:
+        """Whether every message of round ``k`` from a peer not suspected down is in."""
+        down = self.node.down_peers()
+        expected = [(s, r) for s, r in self.protocol.expected(k) if s not in down]
+        return self.protocol.mailbox.has(expected)
+
+    @torch.no_grad()
+    def _land(self) -> None:
+        """``outer_overlap``: the average is in: step the reference point with the outer
+        optimizer, and move the model by as much as the reference moved from the model the
+        average started from (the inner steps taken meanwhile stay on top)."""
+        assert self._outer is not None
+        w = self.state.weight
+        for ref, flat, x in zip(self._reference, self._flats, self.state.numerator, strict=True):
+            assert ref.grad is not None
+            flat.sub_(ref.grad)  # the inner steps since the launch
+            torch.div(x, w, out=ref.grad)  # the average
+            ref.grad.neg_().add_(ref)  # x0 - mean_i(x_i)
+        self.outer_gradient_norm = _norm_ratio([r.grad for r in self._reference], self._reference)
+        self._outer.step()
+        for ref, flat in zip(self._reference, self._flats, strict=True):
+            flat.add_(ref)
+        self._numerator_from_model()
+        self.round_weight = w
+        self.outer_steps += 1
+        self._flight_sent = None
+
+    def outer_wait(self) -> None:
+        """``outer_overlap``: wait for the outer step still on its way, if any, and apply it
+        (``state_dict()`` and ``consensus()`` do this first). Call it on every worker at the
+        same step, e.g. to time or count a run's training to its last outer step; nothing
+        to do in the other modes."""
+        with torch.no_grad():
+            self._land_in_flight()
+
+    def _land_in_flight(self) -> None:
+        """Wait for and apply an overlapped outer step still on its way (before a
+        checkpoint, the consensus rounds, or anything else that reads the numerator)."""
+        if self._flight_sent is not None:
+            self._progress(block=True)
+
     def report(self, *, loss: float) -> None:
         """Record the training loss (a number, e.g. ``loss.item()``) for the metrics.
 
@@ -609,7 +722,7 @@ class SGP:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     @torch.no_grad()
-    def _round(self, policy: GossipPolicy, *, gauge: float) -> None:
+    def _round(self, policy: GossipPolicy, *, gauge: float, debias: bool = True) -> None:
         k = self.round
         for peer, restarts in self.node.restarts().items():
             if restarts > self._outbound_lives.get(peer, 0):  # see _receive
@@ -621,8 +734,9 @@ class SGP:
             if k < self._start_rounds:
                 policy = _BARRIER  # see __init__
             policy.round(self, k, gauge)
-        self.state.debias(out=self._flats)
-        self.round_weight = self.state.weight
+        if debias:
+            self.state.debias(out=self._flats)
+            self.round_weight = self.state.weight
         self.round = k + 1
 
     def _serve_joins(self, k: int) -> None:
@@ -731,6 +845,10 @@ class SGP:
 
     def _absorb(self, max_round: int) -> None:
         """Fold received mass of rounds ``<= max_round``; each message earns a send credit."""
+        own: Sequence[torch.Tensor] = self._flats  # z before this fold, for the metrics
+        if self._metrics is not None and self._flight_sent is not None:
+            # outer_overlap: the models being averaged, not the one taking inner steps
+            own = self._metrics.sample_own(self.state.numerator, self.state.weight)
         self.protocol.absorb(max_round)
         receipts = self.protocol.mailbox.pop_receipts()
         if self._to_answer or self._held:
@@ -739,9 +857,9 @@ class SGP:
         with self._refund_lock:
             refund, self._refund = self._refund, 0
         self._credit += len(receipts) + refund
-        if self._metrics is not None and receipts:  # self._flats: z before this fold
+        if self._metrics is not None and receipts:
             coalesced = self.protocol.mailbox.coalesce
-            self._metrics.folded_in(receipts, self.round, self._flats, coalesced=coalesced)
+            self._metrics.folded_in(receipts, self.round, own, coalesced=coalesced)
 
     def _answer_stragglers(self, receipts: list[Receipt]) -> list[Receipt]:
         """In ``consensus()``, asynchronous mode: for each peer still training that sent this
@@ -867,6 +985,7 @@ class SGP:
         It is ``inf`` when ``max_rounds`` is shorter than two blocks (the first block has
         nothing to compare with); a single worker returns 0.0.
         """
+        self._land_in_flight()
         if self.node.world_size == 1:
             return 0.0
         mailbox = self.protocol.mailbox
@@ -1053,6 +1172,7 @@ class SGP:
         consistent cut (:meth:`_cut`): every worker waits until what it sent before the
         call has been folded, and until each neighbour says the same of its own.
         """
+        self._land_in_flight()  # outer_overlap: the saved state has no averaging in flight
         if self.staleness is None and self.node.world_size > 1:
             self._cut()
         else:
@@ -1138,16 +1258,23 @@ class SGP:
             self._inner = int(local["inner"])
             self.outer_steps = int(local["outer_steps"])
             self._reference_set = bool(local["started"])
+        self._flight_sent = None  # a checkpoint holds no averaging in flight (state_dict)
         self.state.debias(out=self._flats)
 
 
-def _relative_change(before: list[torch.Tensor], after: list[torch.Tensor]) -> float:
-    def norm(t: torch.Tensor) -> float:
-        return float(torch.linalg.vector_norm(t, dtype=torch.float64))
+def _norm(t: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(t, dtype=torch.float64))
 
-    num = math.hypot(*(norm(a - b) for a, b in zip(after, before, strict=True)))
-    den = math.hypot(*(norm(b) for b in before))
+
+def _norm_ratio(top: list[Any], bottom: list[torch.Tensor]) -> float:
+    """``|top| / |bottom|`` over all tensors (``|top|`` where ``bottom`` is 0)."""
+    num = math.hypot(*(_norm(t) for t in top))
+    den = math.hypot(*(_norm(b) for b in bottom))
     return num / den if den > 0 else num
+
+
+def _relative_change(before: list[torch.Tensor], after: list[torch.Tensor]) -> float:
+    return _norm_ratio([a - b for a, b in zip(after, before, strict=True)], before)
 
 
 def _averaging_rounds(topology: Topology) -> int:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from gossip_sgp import cli
-from gossip_sgp.bench import Network, emulator_problem, parse_network, summarize
+from gossip_sgp.bench import Network, emulator_problem, parse_network, plan_from_args, summarize
 from tests.procs import Jobs, alive, descendants, drain, read_until
 
 
@@ -58,10 +58,29 @@ def test_bench_rejects_bad_numbers(tmp_path: Path) -> None:
         cli.main(["bench", "--out", str(tmp_path), "--run-timeout", "0"])
     with pytest.raises(SystemExit, match="--compression: unknown codec 'zip'"):
         cli.main(["bench", "--out", str(tmp_path), "--compression", "zip"])
+    with pytest.raises(SystemExit, match="--local-steps must be >= 1"):
+        cli.main(["bench", "--out", str(tmp_path), "--local-steps", "0"])
+    with pytest.raises(SystemExit, match="--outer must be one of average, diloco, slowmo"):
+        cli.main(["bench", "--out", str(tmp_path), "--outer", "adam"])
+    with pytest.raises(SystemExit, match=r"--emulate-compute must be in 0\.\.60000"):
+        cli.main(["bench", "--out", str(tmp_path), "--emulate-compute", "-1"])
 
 
-def _row(algorithm: str, repeat: int, it: float, sps: float, status: str = "ok") -> dict[str, Any]:
+def test_the_plan_carries_local_steps_and_emulated_compute(tmp_path: Path) -> None:
+    argv = ["--local-steps", "32", "--outer", "diloco", "--emulate-compute", "25"]
+    args = cli.build_parser().parse_args(["bench", "--out", str(tmp_path), *argv])
+    plan = plan_from_args(args)
+    assert (plan.local_steps, plan.outer, plan.emulate_compute_ms) == (32, "diloco", 25.0)
+    assert plan.train_args[-2:] == ("--emulate-compute", "25")
+    default = plan_from_args(cli.build_parser().parse_args(["bench", "--out", str(tmp_path)]))
+    assert "--emulate-compute" not in default.train_args
+
+
+def _row(
+    algorithm: str, repeat: int, it: float, sps: float, status: str = "ok", mean: float = math.nan
+) -> dict[str, Any]:
     return {
+        "iteration_s_mean": mean,
         "network": "loopback",
         "workers": 2,
         "straggler": 1.0,
@@ -84,12 +103,14 @@ def test_summary_ratios_are_taken_within_each_repeat() -> None:
     rows = [
         _row("allreduce", 0, 0.4, 100.0),
         _row("dpsgd", 0, 0.2, 200.0),
-        _row("local", 0, 0.1, 400.0),
+        _row("local", 0, 0.1, 400.0, mean=0.1),
         _row("allreduce", 1, 0.8, 50.0),
         _row("dpsgd", 1, 0.2, 200.0),
-        _row("local", 1, 0.05, 800.0),
+        _row("local", 1, 0.05, 800.0, mean=0.05),
         _row("allreduce", 2, math.nan, math.nan, status="timeout"),  # repeat 2: no pair
         _row("dpsgd", 2, 0.3, 150.0),
+        _row("sgp-local", 0, 0.1, 300.0, mean=0.15),
+        _row("sgp-local", 1, 0.05, 600.0, mean=0.1),
     ]
     summary = {e["algorithm"]: e for e in summarize(rows)}
     dpsgd = summary["dpsgd"]
@@ -101,6 +122,12 @@ def test_summary_ratios_are_taken_within_each_repeat() -> None:
     # dpsgd/local per repeat: 0.2/0.1 = 2 and 0.2/0.05 = 4
     assert dpsgd["time_vs_local"] == {"median": 3.0, "min": 2.0, "max": 4.0}
     assert dpsgd["accuracy_minus_allreduce"] == {"median": 0.0, "min": 0.0, "max": 0.0}
+    # the mean step time, which counts the outer steps: 0.15/0.1 = 1.5 and 0.1/0.05 = 2
+    local_steps = summary["sgp-local"]
+    assert local_steps["time_vs_local"] == {"median": 1.0, "min": 1.0, "max": 1.0}
+    assert local_steps["iteration_s_mean"] == {"median": 0.125, "min": 0.1, "max": 0.15}
+    assert local_steps["mean_time_vs_local"]["median"] == pytest.approx(1.75, rel=1e-12)
+    assert local_steps["mean_time_vs_local"]["max"] == pytest.approx(2.0, rel=1e-12)
     # local/allreduce: 0.4/0.1 = 4 and 0.8/0.05 = 16
     assert summary["local"]["speedup_vs_allreduce"] == {"median": 10.0, "min": 4.0, "max": 16.0}
 
@@ -119,7 +146,7 @@ def test_quick_bench_on_loopback_writes_csv_and_json(jobs: Jobs, tmp_path: Path)
     ``_paired(allreduce, mine, ...)``) makes it fail at ``('dpsgd', 'speedup_vs_allreduce')``.
     The old version compared allreduce with itself and local with itself (1.0 whatever the
     formula) and passed under that mutation."""
-    algorithms = ["allreduce", "dpsgd", "adpsgd", "sgp-async", "sgp-local", "local"]
+    algorithms = ["allreduce", "dpsgd", "adpsgd", "sgp-async", "sgp-local-overlap", "local"]
     out = jobs.run(
         "bench",
         "--quick",
@@ -140,6 +167,8 @@ def test_quick_bench_on_loopback_writes_csv_and_json(jobs: Jobs, tmp_path: Path)
         assert (r["network"], r["workers"], r["straggler"]) == ("loopback", "2", "1.0")
         assert 0 < float(r["iteration_s_min"]) <= float(r["iteration_s_median"])
         assert float(r["iteration_s_median"]) <= float(r["iteration_s_max"])
+        assert float(r["iteration_s_min"]) <= float(r["iteration_s_mean"])
+        assert float(r["iteration_s_mean"]) <= float(r["iteration_s_max"])
         assert float(r["samples_per_s"]) > 0
         assert 0.0 <= float(r["accuracy"]) <= 1.0
         assert r["model"] == "mlp"
@@ -157,6 +186,7 @@ def test_quick_bench_on_loopback_writes_csv_and_json(jobs: Jobs, tmp_path: Path)
     # of each ratio are the ratio of the two runs). allreduce against itself, or local
     # against itself, would be 1.0 by construction; the other algorithms' ratios are not.
     it = {r["algorithm"]: float(r["iteration_s_median"]) for r in rows}
+    mean = {r["algorithm"]: float(r["iteration_s_mean"]) for r in rows}
     sps = {r["algorithm"]: float(r["samples_per_s"]) for r in rows}
     acc = {r["algorithm"]: float(r["accuracy"]) for r in rows}
     assert it["local"] != it["allreduce"]  # else an inverted ratio would go unnoticed
@@ -166,6 +196,7 @@ def test_quick_bench_on_loopback_writes_csv_and_json(jobs: Jobs, tmp_path: Path)
             "speedup_vs_allreduce": it["allreduce"] / it[a],
             "throughput_vs_allreduce": sps[a] / sps["allreduce"],
             "time_vs_local": it[a] / it["local"],
+            "mean_time_vs_local": mean[a] / mean["local"],
             "accuracy_minus_allreduce": acc[a] - acc["allreduce"],
         }
         for column, value in expected.items():

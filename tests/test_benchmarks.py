@@ -62,3 +62,25 @@ def test_async_skips_prints_the_fraction_of_rounds_without_a_send(jobs: Jobs) ->
     assert float(row[5]) >= 3.0  # median step in ms: the padding took effect
     assert float(row[6]) > 0.5  # accuracy: it trained
     assert out.splitlines()[2].split()[:4] == ["2", "32", "3", "mean"]
+
+
+@pytest.mark.timeout(200)
+def test_charlm_prints_loss_and_bytes_per_variant(jobs: Jobs) -> None:
+    """The language-model comparison, 40 steps: a row per run, a mean per variant against
+    AllReduce's, and the local-steps variant sending a fraction of AllReduce's bytes."""
+    out = jobs.run(
+        "-m", "benchmarks.charlm", "--workers", "2", "--seeds", "0", "--steps", "40",
+        "--variants", "allreduce", "slowmo H=16 int8", "--eval-every", "20",
+        timeout=180,
+        prefix=(sys.executable,),
+    )  # fmt: skip
+    means = {
+        line.split(" mean ")[0].split(None, 1)[1].strip(): line
+        for line in out.splitlines()
+        if " mean " in line
+    }
+    assert set(means) == {"allreduce", "slowmo H=16 int8"}, out
+    local = means["slowmo H=16 int8"]
+    assert "vs allreduce)" in local, out
+    sent = {name: float(line.split("nats/byte, ")[1].split()[0]) for name, line in means.items()}
+    assert 0 < sent["slowmo H=16 int8"] < sent["allreduce"] / 4, out

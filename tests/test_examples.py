@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,8 @@ def test_digits_are_scikit_learns_digits() -> None:
         (["--min-step-ms", "1e9"], "--min-step-ms must be in 0..60000"),
         (["--straggler", "3"], "--straggler must be RANK:FACTOR"),
         (["--staleness", "soon"], "--staleness must be an integer"),
+        (["--emulate-compute", "-1"], "--emulate-compute must be in 0..60000"),
+        (["--outer-overlap"], "--outer and --outer-overlap go with --local-steps H"),
     ],
 )
 def test_the_digits_trainer_refuses_bad_arguments_with_a_clear_error(
@@ -52,6 +55,27 @@ def test_the_digits_trainer_refuses_bad_arguments_with_a_clear_error(
 def test_the_digits_trainer_pads_steps_only_when_asked() -> None:
     assert parse_args([]).min_step_ms == 0.0
     assert parse_args(["--min-step-ms", "20"]).min_step_ms == 20.0
+
+
+@pytest.mark.timeout(120)
+def test_emulated_compute_sleeps_instead_of_computing_and_local_steps_overlap(
+    jobs: Jobs,
+) -> None:
+    """``--emulate-compute 30``: every timed step takes the 30 ms sleep (the forward and
+    backward pass it replaces took about 1 ms at this width); with ``--local-steps 4
+    --outer-overlap`` every worker lands one outer step per 4 steps."""
+    out = jobs.run(
+        "launch", "--nproc", "2", "-m", "gossip_sgp.digits", "--model", "mlp",
+        "--width", "64", "--epochs", "1", "--quiet", "--json", "--emulate-compute", "30",
+        "--local-steps", "4", "--outer-overlap", "--eval-every", "0",
+        timeout=100,
+    )  # fmt: skip
+    summary = json.loads(out.strip().splitlines()[-1].removeprefix("[rank 0] "))
+    assert summary["emulate_compute_ms"] == 30.0
+    assert summary["outer_overlap"] is True
+    assert summary["iteration_seconds"]["min"] >= 0.03, summary["iteration_seconds"]
+    for worker in summary["per_worker"]:
+        assert worker["outer_steps"] == worker["steps"] // 4, worker
 
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -109,12 +133,17 @@ def test_the_language_model_example_learns_and_local_steps_send_little(
     """``examples/train_charlm.py``, shortened: four workers learn the bytes of the standard
     library's source (a byte costs ln 256 = 5.55 nats untrained), end with one model, and
     with an average every 20 steps send a fraction of a model per step."""
-    args = ["--steps", "80", "--text-mb", "0.5", "--local-steps", "20"]
+    args = ["--steps", "80", "--text-mb", "0.5", "--local-steps", "20", "--eval-every", "40"]
     if algorithm == "allreduce":
         args += ["--algorithm", "allreduce"]
     out = jobs.run("launch", "--nproc", "4", str(CHARLM), *args, timeout=200)
     finals = [line for line in out.splitlines() if "validation loss" in line]
     assert len(finals) == 4, out[-3000:]
+    # --eval-every 40: rank 0's held-out loss and bytes so far, at steps 40 and 80
+    evals = [line.split("[rank 0] ")[1] for line in out.splitlines() if "held-out loss" in line]
+    assert [e.split(":")[0] for e in evals] == ["at step 40", "at step 80"], evals
+    mbs = [float(e.split(": ")[1].split()[0]) for e in evals]
+    assert 0 < mbs[0] < mbs[1], evals
     losses = {float(line.split("validation loss ")[1].split()[0]) for line in finals}
     assert len(losses) == 1, finals  # one model
     assert losses.pop() < 3.5, finals

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from typing import Any
 
 import pytest
@@ -26,24 +27,70 @@ def targets(rank: int) -> torch.Tensor:
     return torch.tensor([float(rank), -2.0 * rank, 0.5], dtype=torch.float64)
 
 
+def outer_update(
+    outer: str, x0: torch.Tensor, delta: torch.Tensor, u: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One outer step as the papers write it: the new reference point and momentum."""
+    if outer == "average":
+        return x0 - delta, u
+    if outer == "slowmo":  # u <- beta u + delta / gamma; x0 <- x0 - alpha gamma u
+        alpha, beta = 1.0, 0.5
+        u = beta * u + delta / LR
+        return x0 - alpha * LR * u, u
+    eta, mu = 0.7, 0.9  # diloco: Nesterov, outer lr 0.7, momentum 0.9
+    u = mu * u + delta
+    return x0 - eta * (delta + mu * u), u
+
+
 def hand(outer: str, n: int, h: int, outer_steps: int) -> torch.Tensor:
     """The reference point after ``outer_steps`` outer steps, as the papers write them."""
     c = sum(targets(r) for r in range(n)) / n
     x0 = torch.zeros(3, dtype=torch.float64)
     u = torch.zeros(3, dtype=torch.float64)
     for _ in range(outer_steps):
-        delta = (x0 - c) * (1 - (1 - LR) ** h)
-        if outer == "average":
-            x0 = x0 - delta
-        elif outer == "slowmo":  # u <- beta u + delta / gamma; x0 <- x0 - alpha gamma u
-            alpha, beta = 1.0, 0.5
-            u = beta * u + delta / LR
-            x0 = x0 - alpha * LR * u
-        else:  # diloco: Nesterov, outer lr 0.7, momentum 0.9
-            eta, mu = 0.7, 0.9
-            u = mu * u + delta
-            x0 = x0 - eta * (delta + mu * u)
+        x0, u = outer_update(outer, x0, (x0 - c) * (1 - (1 - LR) ** h), u)
     return x0
+
+
+def hand_overlapped(outer: str, h: int, landed: list[list[int]]) -> list[torch.Tensor]:
+    """Every worker's model at the end of an ``outer_overlap`` run, computed by hand from
+    when each worker's outer steps landed: ``landed[i][s]`` is worker i's ``outer_steps``
+    after step s (the last entry: after ``state_dict()``, which lands the one in flight).
+
+    At the end of every H steps each worker lands the averaging still in flight, then
+    launches one of its model ``x_end``; the outer step is computed from the mean of those
+    models, and where it lands the model moves by ``x0_new - x_end``."""
+    n, steps = len(landed), len(landed[0]) - 1
+    x = [torch.zeros(3, dtype=torch.float64) for _ in range(n)]
+    x0, u = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    queue: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(n)]
+
+    def land(i: int) -> None:
+        x_end, new = queue[i].pop(0)
+        x[i] = x[i] - x_end + new
+
+    for s in range(steps + 1):
+        end = s < steps and (s + 1) % h == 0
+        counts = [landed[i][s] - (landed[i][s - 1] if s else 0) for i in range(n)]
+        for i in range(n):
+            if s < steps:
+                x[i] = x[i] - LR * (x[i] - targets(i))
+            if end and queue[i]:  # the next launch waits for the one in flight
+                assert counts[i] >= 1, f"worker {i} launched at step {s} with one in flight"
+                land(i)
+                counts[i] -= 1
+            if not end:
+                for _ in range(counts[i]):
+                    land(i)
+                counts[i] = 0
+        if end:
+            x0, u = outer_update(outer, x0, x0 - sum(x) / n, u)
+            for i in range(n):
+                queue[i].append((x[i].clone(), x0))
+                for _ in range(counts[i]):  # landed within its own launch step
+                    land(i)
+    assert not any(queue), "an outer step never landed"
+    return x
 
 
 def train(steps: int, **kw: Any) -> Any:
@@ -203,9 +250,140 @@ def test_a_checkpoint_of_another_mode_or_outer_optimizer_is_refused_and_changes_
     run_workers(1, other)
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("outer", ["average", "slowmo", "diloco"])
+def test_overlapped_outer_steps_match_a_hand_computation(outer: str) -> None:
+    """``outer_overlap``: whenever each worker's averaging landed (it depends on timing,
+    so it is recorded), the models are exactly what the update rule gives."""
+    n, h, steps = 4, 3, 11
+
+    def fn(rank: int, node: GossipNode) -> dict[str, Any]:
+        x = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+        opt = torch.optim.SGD([x], lr=LR)
+        sgp = SGP([x], opt, node, local_steps=h, outer=outer, outer_overlap=True)
+        landed = []
+        for _ in range(steps):
+            opt.zero_grad()
+            (0.5 * (x - targets(rank)).pow(2).sum()).backward()
+            sgp.step()
+            landed.append(sgp.outer_steps)
+        state = sgp.state_dict()  # lands the averaging in flight
+        landed.append(sgp.outer_steps)
+        assert state["local"]["outer_steps"] == sgp.outer_steps == steps // h
+        return {"x": x.detach().clone(), "landed": landed, "weight": sgp.weight}
+
+    results = run_workers(n, fn)
+    want = hand_overlapped(outer, h, [r["landed"] for r in results])
+    for r, w in zip(results, want, strict=True):
+        torch.testing.assert_close(r["x"], w, rtol=0, atol=1e-12)
+    assert math.fsum(r["weight"] for r in results) == pytest.approx(n, abs=1e-12)
+
+
+@pytest.mark.timeout(60)
+def test_overlapped_outer_steps_land_while_the_next_inner_steps_run() -> None:
+    """With inner steps of 30 ms and two rounds over an in-process link, an averaging lands
+    before the next outer step needs it (not at the end of the H steps, waiting)."""
+    n, h, cycles = 4, 6, 3
+
+    def fn(rank: int, node: GossipNode) -> list[tuple[int, int]]:
+        x = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+        opt = torch.optim.SGD([x], lr=LR)
+        sgp = SGP([x], opt, node, local_steps=h, outer_overlap=True)
+        landed = []  # (step within its cycle, outer steps landed in that step)
+        for step in range(h * cycles):
+            opt.zero_grad()
+            (0.5 * (x - targets(rank)).pow(2).sum()).backward()
+            time.sleep(0.03)  # the inner step's compute
+            before = sgp.outer_steps
+            sgp.step()
+            if sgp.outer_steps > before:
+                landed.append((step % h, sgp.outer_steps - before))
+        sgp.outer_wait()
+        assert sgp.outer_steps == cycles
+        return landed
+
+    results = run_workers(n, fn)
+    # The first two launches landed while training (the last may have, in its own step).
+    assert all(sum(c for _, c in r) in (cycles - 1, cycles) for r in results), results
+    mid_cycle = sum(c for r in results for step, c in r if step != h - 1)
+    assert mid_cycle >= 1, results  # 8 landings; each had 5 steps (150 ms) to come in
+
+
+@pytest.mark.timeout(60)
+def test_overlapped_outer_steps_on_six_workers_lose_no_mass() -> None:
+    n, h = 6, 3
+
+    def fn(rank: int, node: GossipNode) -> dict[str, Any]:
+        x = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+        opt = torch.optim.SGD([x], lr=LR, momentum=0.5)
+        sgp = SGP([x], opt, node, local_steps=h, outer="slowmo", outer_overlap=True)
+        for _ in range(3 * h + 1):
+            opt.zero_grad()
+            (0.5 * (x - targets(rank)).pow(2).sum()).backward()
+            sgp.step()
+        disagreement = sgp.consensus(tol=1e-9)  # lands the averaging in flight first
+        return {"x": x.detach().clone(), "weight": sgp.weight, "d": disagreement}
+
+    results = run_workers(n, fn)
+    assert math.fsum(r["weight"] for r in results) == pytest.approx(n, abs=1e-12)
+    for r in results:
+        assert r["d"] <= 1e-9
+        torch.testing.assert_close(r["x"], results[0]["x"], rtol=0, atol=1e-6)
+
+
+@pytest.mark.timeout(60)
+def test_an_overlapped_checkpoint_lands_the_averaging_in_flight_and_resumes() -> None:
+    n, h = 2, 3
+    saved: dict[int, dict[str, Any]] = {}
+
+    def first(rank: int, node: GossipNode) -> list[int]:
+        x = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+        opt = torch.optim.SGD([x], lr=LR)
+        sgp = SGP([x], opt, node, local_steps=h, outer="diloco", outer_overlap=True)
+        landed = []
+        for _ in range(h + 1):  # one averaging launched, maybe landed
+            opt.zero_grad()
+            (0.5 * (x - targets(rank)).pow(2).sum()).backward()
+            sgp.step()
+            landed.append(sgp.outer_steps)
+        saved[rank] = copy.deepcopy(sgp.state_dict())
+        landed.append(sgp.outer_steps)
+        assert saved[rank]["local"]["outer_steps"] == 1  # landed
+        return landed
+
+    def resumed(rank: int, node: GossipNode) -> dict[str, Any]:
+        x = torch.nn.Parameter(torch.full((3,), 7.0, dtype=torch.float64))
+        opt = torch.optim.SGD([x], lr=LR)
+        sgp = SGP([x], opt, node, local_steps=h, outer="diloco", outer_overlap=True)
+        sgp.load_state_dict(saved[rank])
+        for _ in range(2 * h):
+            opt.zero_grad()
+            (0.5 * (x - targets(rank)).pow(2).sum()).backward()
+            sgp.step()
+        sgp.consensus()
+        return {"outer_steps": sgp.outer_steps, "weight": sgp.weight}
+
+    landed = run_workers(n, first)
+    # What was saved is the landed state, as the update rule gives it: the model (the
+    # numerator over the weight) and the reference point, the same on both workers.
+    want = hand_overlapped("diloco", h, landed)
+    for rank in range(n):
+        model = saved[rank]["numerator"][0] / saved[rank]["weight"]
+        torch.testing.assert_close(model, want[rank], rtol=0, atol=1e-12)
+        torch.testing.assert_close(
+            saved[rank]["local"]["reference"][0], saved[0]["local"]["reference"][0]
+        )
+    results = run_workers(n, resumed)
+    for r in results:
+        assert r["outer_steps"] == 3  # 1 saved, 2 after the resume (landed by consensus)
+    assert math.fsum(r["weight"] for r in results) == pytest.approx(n, abs=1e-12)
+
+
 @pytest.mark.parametrize(
     ("kw", "match"),
     [
+        ({"outer_overlap": True}, "go with local_steps"),
+        ({"local_steps": 2, "outer_overlap": 1}, "outer_overlap must be True or False"),
         ({"local_steps": 0}, "local_steps must be an integer >= 1"),
         ({"local_steps": 2, "staleness": None}, "staleness=0"),
         ({"local_steps": 2, "staleness": 1}, "staleness=0"),
