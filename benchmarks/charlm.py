@@ -32,6 +32,7 @@ VARIANTS = {
     "slowmo H=50": ["--local-steps", "50", "--outer", "slowmo"],
     "diloco H=50": ["--local-steps", "50", "--outer", "diloco"],
     "slowmo H=16 int8": ["--local-steps", "16", "--outer", "slowmo", "--compression", "int8,ref"],
+    "slowmo H=12 int8": ["--local-steps", "12", "--outer", "slowmo", "--compression", "int8,ref"],
     "diloco H=16 int8": ["--local-steps", "16", "--outer", "diloco", "--compression", "int8,ref"],
     "slowmo H=50 overlap": ["--local-steps", "50", "--outer", "slowmo", "--outer-overlap"],
 }
