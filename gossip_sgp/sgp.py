@@ -638,11 +638,9 @@ class SGP:
 
         Round ``r + 1`` is sent only after round ``r`` is folded: each round passes on all
         the mass folded so far, which is what makes log2(n) rounds exact."""
-        if self._flight_sent is None or self.node.world_size == 1:
-            if self._flight_sent is not None:
-                self._land()
+        if self._flight_sent is None:
             return
-        while True:
+        while self.node.world_size > 1:  # a single worker's average is its model
             if self._flight_sent > 0 and self._folded_through < self.round - 1:
                 if not block and not self._arrived(self.round - 1):
                     return
@@ -682,17 +680,10 @@ class SGP:
 
     def outer_wait(self) -> None:
         """``outer_overlap``: wait for the outer step still on its way, if any, and apply it
-        (``state_dict()`` and ``consensus()`` do this first). Call it on every worker at the
-        same step, e.g. to time or count a run's training to its last outer step; nothing
-        to do in the other modes."""
-        with torch.no_grad():
-            self._land_in_flight()
-
-    def _land_in_flight(self) -> None:
-        """Wait for and apply an overlapped outer step still on its way (before a
-        checkpoint, the consensus rounds, or anything else that reads the numerator)."""
-        if self._flight_sent is not None:
-            self._progress(block=True)
+        (``state_dict()`` and ``consensus()`` do this first: they read the numerator). Call
+        it on every worker at the same step, e.g. to time or count a run's training to its
+        last outer step; nothing to do in the other modes."""
+        self._progress(block=True)
 
     def report(self, *, loss: float) -> None:
         """Record the training loss (a number, e.g. ``loss.item()``) for the metrics.
@@ -985,7 +976,7 @@ class SGP:
         It is ``inf`` when ``max_rounds`` is shorter than two blocks (the first block has
         nothing to compare with); a single worker returns 0.0.
         """
-        self._land_in_flight()
+        self.outer_wait()
         if self.node.world_size == 1:
             return 0.0
         mailbox = self.protocol.mailbox
@@ -1172,7 +1163,7 @@ class SGP:
         consistent cut (:meth:`_cut`): every worker waits until what it sent before the
         call has been folded, and until each neighbour says the same of its own.
         """
-        self._land_in_flight()  # outer_overlap: the saved state has no averaging in flight
+        self.outer_wait()  # outer_overlap: the saved state has no averaging in flight
         if self.staleness is None and self.node.world_size > 1:
             self._cut()
         else:
