@@ -53,6 +53,7 @@ from gossip_sgp import SGP, GossipConfig, GossipNode, RejoinRefused, baselines
 from gossip_sgp.compression import parse_codec
 from gossip_sgp.liveness import lost_weight
 from gossip_sgp.outer import OUTER
+from gossip_sgp.sgp import LAG_LIMIT
 
 
 def digits() -> tuple[np.ndarray, np.ndarray]:
@@ -186,6 +187,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default="0",
         help="SGP only: 0 synchronous, N overlap by N rounds, 'none' asynchronous",
     )
+    p.add_argument(
+        "--lag-limit",
+        default=str(LAG_LIMIT),
+        metavar="N",
+        help="asynchronous SGP: training steps a received model may be behind or ahead of a "
+        f"worker's before they no longer mix, or 'none' (default {LAG_LIMIT})",
+    )
     p.add_argument("--topology", default="exponential", help="SGP peer schedule")
     p.add_argument(
         "--transport",
@@ -282,6 +290,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if args.staleness < 0:
             p.error("--staleness must be >= 0 or 'none'")
     transport = args.transport or os.environ.get("GOSSIP_SGP_TRANSPORT", "").strip()
+    if args.lag_limit.lower() == "none":
+        args.lag_limit = None
+    elif args.lag_limit.isdigit() and int(args.lag_limit) >= 1:
+        args.lag_limit = int(args.lag_limit)
+    else:
+        p.error(f"--lag-limit must be an integer >= 1 or 'none', got {args.lag_limit!r}")
     if transport == "torch" and args.staleness is None and args.algorithm == "sgp":
         p.error("--staleness none (asynchronous) needs the zmq transport; torch runs 0 or N")
     if transport == "torch" and args.algorithm == "adpsgd":
@@ -449,6 +463,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             local_steps=args.local_steps,  # SGP: None gossips every step
             outer=args.outer,
             outer_overlap=args.outer_overlap,  # SGP: average during the next H steps
+            lag_limit=args.lag_limit,  # SGP, asynchronous: models far apart do not mix
         )
     elif node is not None:  # the decentralized baselines run on the same node
         make = baselines.dpsgd if args.algorithm == "dpsgd" else baselines.adpsgd
@@ -570,6 +585,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             result["weight"] = sgp.weight
             result["skipped_rounds"] = sgp.skipped_rounds
             result["kept_rounds"] = sgp.kept_rounds  # rounds kept: an out-peer was down
+            result["lagged"] = dict(sgp.protocol.mailbox.lagged)  # shares far behind/ahead
             if isinstance(sgp.policy, baselines.PairwiseExchange):
                 result["exchanges"] = sgp.policy.exchanges  # AD-PSGD: pairwise averagings completed
             assert node is not None

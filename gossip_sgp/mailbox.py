@@ -10,15 +10,20 @@ the messages a round needs and :meth:`Mailbox.take`\\ s their summed mass at a s
   so a run is deterministic whatever the arrival order. In the asynchronous mode
   (``coalesce=True``) everything is added into one running sum as it arrives: memory stays
   one model's worth however far a straggler falls behind (invariant 5).
+* With ``lag_limit`` (the asynchronous mode of ``SGP``), a share whose model is more than
+  ``lag_limit`` training steps behind the receiver's (``Message.steps`` against the
+  receiver's ``PushSumState.steps``) keeps only its weight, and one more than that ahead is
+  summed apart, for the receiver to take its model (:meth:`Mailbox.take_mass`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import threading
 import time
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 import torch
 
@@ -26,7 +31,7 @@ from gossip_sgp.errors import WireError
 from gossip_sgp.message import Message
 from gossip_sgp.pushsum import Share
 
-__all__ = ["Mailbox", "Receipt", "SequenceWindow", "Stored"]
+__all__ = ["Mailbox", "Receipt", "SequenceWindow", "Stored", "Taken"]
 
 Receipt = tuple[int, int, int]
 """``(sender, seq, round)`` of a message whose mass has been folded in."""
@@ -43,6 +48,27 @@ class Stored(enum.Enum):
     COPY_OF_FOLDED = "copy of folded"
     """A copy (or replay) of a message folded already: nothing stored; acknowledge it
     again, the first acknowledgement may have been lost."""
+
+
+@dataclasses.dataclass
+class Taken:
+    """Mass taken from the mailbox for one fold (:meth:`Mailbox.take_mass`)."""
+
+    share: Share | None = None
+    """The mass to fold as usual."""
+    steps: float | None = None
+    """The training steps of ``share``'s model, the weighted average of its shares' (None:
+    not known, count them as the receiver's own)."""
+    ahead: Share | None = None
+    """Mass whose model was more than ``lag_limit`` steps ahead of the receiver's."""
+    ahead_steps: float = 0.0
+    """The training steps of ``ahead``'s model."""
+    behind: float = 0.0
+    """Weight of shares whose model was more than ``lag_limit`` steps behind the
+    receiver's: their models are dropped, their weight goes to the receiver's model."""
+
+    def __bool__(self) -> bool:
+        return self.share is not None or self.ahead is not None or self.behind > 0.0
 
 
 class SequenceWindow:
@@ -89,6 +115,15 @@ class SequenceWindow:
         return seq >= self.trusted and self.refuses(seq)
 
 
+def _add(acc: Share | None, share: Share) -> Share:
+    """``acc + share``, adding into ``acc``'s tensors (a copy of ``share`` when None)."""
+    if acc is None:
+        return _sum([share])
+    for a, t in zip(acc[0], share[0], strict=True):
+        a.add_(t)
+    return acc[0], acc[1] + share[1]
+
+
 def _sum(shares: list[Share]) -> Share:
     tensors = [t.clone() for t in shares[0][0]]
     weight = shares[0][1]
@@ -132,6 +167,18 @@ class Mailbox:
         # round -> sender -> shares (synchronous/overlap modes)
         self._by_round: dict[int, dict[int, list[tuple[Share, Receipt]]]] = {}
         self._acc: Share | None = None  # running sum (asynchronous mode)
+        self._acc_steps = 0.0  # sum of steps * weight over the running sum's shares
+        self._ahead: Share | None = None  # running sum of shares far ahead (lag_limit)
+        self._ahead_steps = 0.0
+        self._behind = 0.0  # weight of shares far behind (lag_limit): models dropped
+        self._round_steps: dict[int, float] = {}  # round -> sum of steps * weight stored
+        self.lag_limit: float | None = None
+        """Asynchronous mode: how many training steps a share's model may be behind or
+        ahead of the receiver's before it is set apart (see :class:`Taken`); None: never."""
+        self.own_steps: Callable[[], float] | None = None
+        """The receiver's training steps (``PushSumState.steps``), read at arrival."""
+        self.lagged: Counter[str] = Counter()
+        """Shares set apart by ``lag_limit``: ``behind`` and ``ahead``."""
         self._acc_receipts: list[Receipt] = []
         self._receipts: list[Receipt] = []  # taken, not yet acknowledged
         self._unfolded: set[tuple[int, int]] = set()  # (sender, seq) stored, not yet taken
@@ -221,11 +268,13 @@ class Mailbox:
             self._unfolded.add((message.sender, message.seq))
             if self.coalesce:
                 self._acc_receipts.append(receipt)
-                self._add_to_sum(share)
+                self._place(share, message.steps)
             else:
                 senders = self._by_round.setdefault(message.round, {})
                 senders.setdefault(message.sender, []).append((share, receipt))
                 self._stored += 1
+                r = message.round
+                self._round_steps[r] = self._round_steps.get(r, 0.0) + message.steps * share[1]
             self._arrived.add((message.sender, message.round))
             if message.gauge:
                 r = message.round
@@ -236,20 +285,27 @@ class Mailbox:
             self._cond.notify_all()
             return Stored.NEW
 
-    def give_back(self, tensors: tuple[torch.Tensor, ...], weight: float) -> None:
-        """Add mass of this worker's own that never left (see ``GossipNode.on_take_back``):
-        folded at the next :meth:`take`, whatever its round, and acknowledged to nobody."""
+    def give_back(self, tensors: tuple[torch.Tensor, ...], weight: float, steps: int) -> None:
+        """Add mass of this worker's own that never left (see ``GossipNode.on_take_back``),
+        its model ``steps`` training steps in: folded at the next :meth:`take`, whatever
+        its round, and acknowledged to nobody."""
         with self._cond:
-            self._add_to_sum((tensors, weight))
+            self._place((tensors, weight), steps)
 
-    def _add_to_sum(self, share: Share) -> None:
-        """Add ``share`` into the running sum (call with ``_cond`` held)."""
-        if self._acc is None:
-            self._acc = _sum([share])
+    def _place(self, share: Share, steps: int) -> None:
+        """Add ``share`` into the running sum it belongs to (call with ``_cond`` held)."""
+        limit = self.lag_limit
+        own = None if limit is None or self.own_steps is None else self.own_steps()
+        if own is not None and limit is not None and steps < own - limit:
+            self._behind += share[1]
+            self.lagged["behind"] += 1
+        elif own is not None and limit is not None and steps > own + limit:
+            self._ahead = _add(self._ahead, share)
+            self._ahead_steps += steps * share[1]
+            self.lagged["ahead"] += 1
         else:
-            for acc, t in zip(self._acc[0], share[0], strict=True):
-                acc.add_(t)
-            self._acc = (self._acc[0], self._acc[1] + share[1])
+            self._acc = _add(self._acc, share)
+            self._acc_steps += steps * share[1]
 
     def count_reject(self, reason: str) -> int:
         """Count a message refused after it was stored (e.g. at fold-in); the new count."""
@@ -289,19 +345,35 @@ class Mailbox:
         Returns None when there is nothing to fold. Shares kept per round are summed in
         (round, sender) order, so the result does not depend on arrival order. The running
         sum of coalescing mode is always returned whole; arrivals of rounds ``> max_round``
-        stay known to :meth:`wait` either way.
+        stay known to :meth:`wait` either way. Without ``lag_limit`` only: else see
+        :meth:`take_mass`.
         """
+        if self.lag_limit is not None:
+            raise RuntimeError("a mailbox with lag_limit hands out its mass by take_mass()")
+        return self.take_mass(max_round).share
+
+    def take_mass(self, max_round: int | None = None) -> Taken:
+        """Remove and return the mass of rounds ``<= max_round`` (all when None), as
+        :meth:`take` does, with the training steps of its models and, with ``lag_limit``,
+        the mass set apart as far ahead or behind (see :class:`Taken`)."""
         with self._cond:
             shares: list[Share] = []
+            steps = 0.0
+            taken = Taken(ahead=self._ahead, behind=self._behind)
+            if self._ahead is not None:
+                taken.ahead_steps = self._ahead_steps / self._ahead[1]
+            self._ahead, self._ahead_steps, self._behind = None, 0.0, 0.0
             if self._acc is not None:
                 shares.append(self._acc)
-                self._acc = None
-                self._receipts.extend(self._acc_receipts)
-                self._unfolded.difference_update((s, q) for s, q, _ in self._acc_receipts)
-                self._acc_receipts.clear()
+                steps += self._acc_steps
+                self._acc, self._acc_steps = None, 0.0
+            self._receipts.extend(self._acc_receipts)
+            self._unfolded.difference_update((s, q) for s, q, _ in self._acc_receipts)
+            self._acc_receipts.clear()
             rounds = sorted(r for r in self._by_round if max_round is None or r <= max_round)
             for r in rounds:
                 senders = self._by_round.pop(r)
+                steps += self._round_steps.pop(r, 0.0)
                 for sender in sorted(senders):
                     for share, receipt in senders[sender]:
                         shares.append(share)
@@ -309,7 +381,11 @@ class Mailbox:
                         self._unfolded.discard(receipt[:2])
                         self._stored -= 1
             self._arrived = {a for a in self._arrived if max_round is not None and a[1] > max_round}
-            return _sum(shares) if shares else None
+            if shares:
+                taken.share = _sum(shares)
+                if taken.share[1] > 0.0:
+                    taken.steps = steps / taken.share[1]
+            return taken
 
     def is_duplicate(self, sender: int, seq: int) -> bool:
         """Whether :meth:`put` would take message ``seq`` of ``sender`` for a duplicate (of
@@ -353,10 +429,11 @@ class Mailbox:
             return max((self._gauges.pop(r) for r in rounds), default=0.0)
 
     def pending(self) -> list[Share]:
-        """Mass received but not yet taken (for accounting and checkpoints)."""
+        """Mass received but not yet taken (for accounting), less the weight of shares
+        whose models were dropped (see :meth:`pending_weight`)."""
         with self._cond:
-            running = [] if self._acc is None else [_sum([self._acc])]  # put() adds into it
-            return running + [
+            running = [_sum([acc]) for acc in (self._acc, self._ahead) if acc is not None]
+            return running + [  # the running sums: _sum copies, put() adds into them
                 share
                 for senders in self._by_round.values()
                 for entries in senders.values()
@@ -365,4 +442,6 @@ class Mailbox:
 
     def pending_weight(self) -> float:
         """Push-sum weight received but not yet taken."""
-        return sum(w for _, w in self.pending())
+        with self._cond:
+            behind = self._behind
+        return behind + sum(w for _, w in self.pending())

@@ -111,6 +111,10 @@ class Message:
     """Difference-coded ``MASS``: this message is a key frame (its reference restarts)."""
     adpsgd: int = 0
     """AD-PSGD exchanges (``gossip_sgp.baselines``): 1 a request, 2 an answer; 0 neither."""
+    steps: int = 0
+    """``MASS``: the training steps the share's model carries (``PushSumState.steps``,
+    rounded): the asynchronous mode folds only the weight of a share far behind the
+    receiver's model, and a receiver far behind takes the share's model."""
 
     @property
     def nbytes(self) -> int:

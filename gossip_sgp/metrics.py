@@ -435,6 +435,16 @@ class _Collector(Collector):
         )
         lost.add_metric([rank], node.lost_weight)
         yield from (rejected, dropped, lost)
+        if sgp is not None:
+            lagged = _counter(
+                "gossip_sgp_lagged_shares",
+                "Asynchronous mode: shares received whose model was more than lag_limit steps "
+                "behind this worker's (weight kept, model dropped) or ahead (model taken)",
+                ["side"],
+            )
+            for side in ("ahead", "behind"):
+                lagged.add_metric([rank, side], sgp.lagged.get(side, 0))
+            yield lagged
 
 
 class _QuietHandler(WSGIRequestHandler):

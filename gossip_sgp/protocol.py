@@ -52,6 +52,7 @@ class PushSumProtocol:
         mailbox = Mailbox(coalesce=coalesce)
         # Rounds ahead: room for a whole horizon of in-peers' shares, and those beyond it.
         mailbox.max_pending = max(1, mailbox.horizon * in_degree + mailbox.beyond)
+        mailbox.own_steps = lambda: self.state.steps
         self.mailbox = mailbox
         self.codec = compression if isinstance(compression, Codec) else parse_codec(compression)
         """Codec of outgoing numerator shares (received messages name their own)."""
@@ -153,6 +154,7 @@ class PushSumProtocol:
             tensors=tensors,
             fingerprint=self.fingerprint,
             sent_at=sent_at,
+            steps=max(0, int(self.state.steps + 0.5)),
             **fields,
         )
 
@@ -230,29 +232,54 @@ class PushSumProtocol:
         return [(peer, round) for peer in self.topology.in_peers(self.rank, round)]
 
     def absorb(self, max_round: int | None = None) -> bool:
-        """Fold received mass of rounds ``<= max_round`` (all when None); True if any."""
-        share = self.mailbox.take(max_round)
-        if share is None:
+        """Fold received mass of rounds ``<= max_round`` (all when None); True if any.
+
+        With the mailbox's ``lag_limit``: first the mass far ahead of this node's model,
+        whose model this node takes (``PushSumState.adopt``), then the rest as usual, less
+        the models of the mass far behind (``PushSumState.fold_weight``): a model never
+        mixes with one more than ``lag_limit`` training steps away."""
+        taken = self.mailbox.take_mass(max_round)
+        if not taken:
             return False
-        self.fold(share, max_round)
+        state, limit = self.state, self.mailbox.lag_limit
+        if taken.ahead is not None:
+            if state.weight > 0.0 and not state.adopt(*taken.ahead, taken.ahead_steps):
+                self._overflowed(taken.ahead[1], max_round)
+            else:
+                self.fold(taken.ahead, max_round, taken.ahead_steps)
+        if taken.share is not None:
+            steps = taken.steps
+            if limit is not None and steps is not None and steps < state.steps - limit:
+                # Behind the model this node just took from the mass far ahead.
+                taken.behind += taken.share[1]
+                self.mailbox.lagged["behind"] += 1
+            else:
+                self.fold(taken.share, max_round, steps)
+        if taken.behind > 0.0 and not state.fold_weight(taken.behind):
+            self._overflowed(taken.behind, max_round)  # (a forger's values near the largest)
         return True
 
-    def fold(self, share: Share, max_round: int | None) -> None:
-        """Fold a share taken from the mailbox (rounds ``<= max_round``) into the state;
-        one that would make ``x`` non-finite is taken out again, counted and logged."""
-        if not self.state.fold_finite(*share):
-            # Only shares with values near the dtype's largest get here (a forger's): x
-            # would have become infinite for good.
-            count = self.mailbox.count_reject("non_finite")
-            if count & (count - 1) == 0:  # 1, 2, 4, ...
-                log.warning(
-                    "rank %d: received mass of rounds <= %s overflowed the model; taken "
-                    "out again (weight %.4g lost, %d times so far)",
-                    self.rank,
-                    max_round,
-                    share[1],
-                    count,
-                )
+    def fold(self, share: Share, max_round: int | None, steps: float | None = None) -> None:
+        """Fold a share taken from the mailbox (rounds ``<= max_round``, its model ``steps``
+        training steps in, None: as many as this node's) into the state; one that would
+        make ``x`` non-finite is taken out again, counted and logged."""
+        if not self.state.fold_finite(*share, steps):
+            self._overflowed(share[1], max_round)
+
+    def _overflowed(self, weight: float, max_round: int | None) -> None:
+        """Count and log mass that would have made ``x`` non-finite (left out)."""
+        # Only shares with values near the dtype's largest get here (a forger's): x would
+        # have become infinite for good.
+        count = self.mailbox.count_reject("non_finite")
+        if count & (count - 1) == 0:  # 1, 2, 4, ...
+            log.warning(
+                "rank %d: received mass of rounds <= %s overflowed the model; taken out "
+                "again (weight %.4g lost, %d times so far)",
+                self.rank,
+                max_round,
+                weight,
+                count,
+            )
 
     def sequence_numbers(self) -> dict[int, int]:
         """Next sequence number per out-peer (saved in checkpoints)."""

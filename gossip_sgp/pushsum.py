@@ -8,6 +8,11 @@ Each node holds a numerator ``x`` (one flat tensor per parameter group) and a sc
 * :meth:`PushSumState.fold` adds received shares into ``x, w``;
 * :meth:`PushSumState.debias` writes ``x / w`` into the model's parameters.
 
+Besides its mass, a node keeps ``steps``: how many training steps its model carries, the
+push-sum average of the workers' step counts (each share folded in moves it by its weight).
+The asynchronous mode compares it with a share's (``Message.steps``) to tell a model that
+fell far behind from a current one (:meth:`fold_weight`, :meth:`adopt`).
+
 The simulator, the tests and the training workers all run this very code. The weight is a
 Python float (double precision) whatever the numerator dtype, so the sum of weights over the
 job stays n to within double rounding.
@@ -34,7 +39,7 @@ class PushSumState:
     place: the state owns them from now on.
     """
 
-    __slots__ = ("numerator", "weight")
+    __slots__ = ("numerator", "steps", "weight")
 
     def __init__(self, tensors: Sequence[torch.Tensor], weight: float = 1.0) -> None:
         for t in tensors:
@@ -44,6 +49,9 @@ class PushSumState:
             raise ValueError(f"push-sum weight must be positive, got {weight}")
         self.numerator: tuple[torch.Tensor, ...] = tuple(tensors)
         self.weight: float = float(weight)
+        self.steps: float = 0.0
+        """Training steps the model ``x / w`` carries: the owner adds one per optimizer
+        step; a fold averages it with the share's, weighted as the models are."""
 
     def split(self, self_weight: float, out: Mapping[int, float]) -> dict[int, Share]:
         """Give away ``out[j]`` of the mass to each peer ``j``; keep ``self_weight`` of it.
@@ -60,7 +68,9 @@ class PushSumState:
             self.weight *= self_weight
         return shares
 
-    def fold_finite(self, tensors: Sequence[torch.Tensor], weight: float) -> bool:
+    def fold_finite(
+        self, tensors: Sequence[torch.Tensor], weight: float, steps: float | None = None
+    ) -> bool:
         """Fold ``(tensors, weight)`` in as :meth:`fold` does, unless that makes ``x``
         non-finite: then take it out again and return False.
 
@@ -71,22 +81,67 @@ class PushSumState:
         shares with values near the dtype's largest, a forger's, get there) ``x`` cannot be
         recovered and is set to 0, so that it stays finite.
         """
-        self.fold(tensors, weight)
+        before = self.steps
+        self.fold(tensors, weight, steps)
         if all(all_finite(x) for x in self.numerator):
             return True
+        self.steps = before
         for x, r in zip(self.numerator, tensors, strict=True):
             x.sub_(r.to(device=x.device, dtype=x.dtype, non_blocking=True))
             torch.nan_to_num_(x, nan=0.0, posinf=0.0, neginf=0.0)
         self.weight -= weight
         return False
 
-    def fold(self, tensors: Sequence[torch.Tensor], weight: float) -> None:
-        """Add received mass ``(tensors, weight)`` into the state."""
+    def fold(
+        self, tensors: Sequence[torch.Tensor], weight: float, steps: float | None = None
+    ) -> None:
+        """Add received mass ``(tensors, weight)`` into the state; ``steps``: the training
+        steps its model carries (None: as many as this node's)."""
         if len(tensors) != len(self.numerator):
             raise ValueError(f"expected {len(self.numerator)} tensors, got {len(tensors)}")
         for x, r in zip(self.numerator, tensors, strict=True):
             x.add_(r.to(device=x.device, dtype=x.dtype, non_blocking=True))
+        total = self.weight + weight
+        if steps is not None and weight > 0.0 and total > 0.0:
+            self.steps += (steps - self.steps) * (weight / total)
+        self.weight = total
+
+    def fold_weight(self, weight: float) -> bool:
+        """Take in ``weight`` without its model: the numerator grows with it, so ``x / w``
+        (and ``steps``) stay as they are. For a share whose model fell far behind this
+        one's: its weight (the job's sum of weights) is kept, its stale model is not.
+        Returns False, changing nothing, where ``x`` would not be finite."""
+        if not self.weight > 0.0:
+            raise ValueError("a node without weight has no model to give the weight to")
+        scale = (self.weight + weight) / self.weight
+        for x in self.numerator:
+            if x.numel() and float(x.abs().max()) * scale > torch.finfo(x.dtype).max:
+                return False
+        for x in self.numerator:
+            x.mul_(scale)
         self.weight += weight
+        return True
+
+    def adopt(self, tensors: Sequence[torch.Tensor], weight: float, steps: float) -> bool:
+        """Replace this node's model by the one of mass ``(tensors, weight)``, keeping this
+        node's weight: ``x <- (w / weight) * tensors``; ``steps`` becomes the share's. For
+        a share whose model is far ahead of this one's (then fold the share in as well).
+        Returns False, changing nothing, where the result would not be finite."""
+        if len(tensors) != len(self.numerator):
+            raise ValueError(f"expected {len(self.numerator)} tensors, got {len(tensors)}")
+        if not weight > 0.0:
+            raise ValueError(f"a share to adopt needs weight > 0, got {weight}")
+        scale = self.weight / weight
+        adopted = [
+            r.to(device=x.device, dtype=x.dtype, non_blocking=True) * scale
+            for x, r in zip(self.numerator, tensors, strict=True)
+        ]
+        if not all(all_finite(a) for a in adopted):
+            return False
+        for x, a in zip(self.numerator, adopted, strict=True):
+            x.copy_(a)
+        self.steps = float(steps)
+        return True
 
     def debias(self, out: Sequence[torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
         """``z = x / w``, written into ``out`` when given, else returned as new tensors."""

@@ -75,6 +75,14 @@ as folded yet). A share for a full link stays with the sender, which keeps its m
 round: a dead, stuck or rejecting peer takes at most this many shares per link into it, and
 no longer collects every worker's send credit (docs/design.md)."""
 
+LAG_LIMIT = 50
+"""Asynchronous mode, default ``lag_limit``: training steps a model may be behind or ahead
+of another before they no longer mix (see ``SGP``). Workers that gossip stay close: every
+share a worker folds pulls its step count towards its peers'. Measured on 4 CPU workers
+(digits, docs/design.md): a worker stopped for up to 3 s came back hundreds of steps behind,
+and mixing its model into the others near the end of their schedule cost up to 26 points of
+accuracy (3 of 20 runs below 0.95 without the limit, none with it)."""
+
 _ANSWER_FRACTION = 1.0 / 1024
 """Asynchronous mode: the fraction of its mass a worker in ``consensus()`` sends back to a
 peer still training, for each share of that peer it folds (``SGP._answer_stragglers``)."""
@@ -239,6 +247,14 @@ class SGP:
             applied and the inner steps taken meanwhile are kept on top of the new reference
             point (``x <- x0_new + (x - x_end)``, ``x_end`` the model the average started
             from). The next outer step waits for the average if it is still on its way.
+        lag_limit: asynchronous mode: how many training steps a received share's model may
+            be behind or ahead of this worker's before they no longer mix. A model carries
+            the push-sum average of the step counts of the models it was mixed from
+            (``Message.steps``); one that fell more than ``lag_limit`` steps behind (its
+            worker was stopped, swapped out, cut off) gives its weight but not its model to
+            the receiver, and a worker that fell behind takes the model of a share far
+            ahead of it. None: every share mixes, however old. Ignored in the synchronous,
+            overlap and local-steps modes, whose workers are never far apart.
     """
 
     def __init__(
@@ -257,6 +273,7 @@ class SGP:
         outer: str | OuterFactory | None = None,
         outer_rounds: int | None = None,
         outer_overlap: bool = False,
+        lag_limit: int | None = LAG_LIMIT,
     ) -> None:
         self.params = list(dict.fromkeys(params))  # drop repeats, keep order
         if not self.params:
@@ -278,6 +295,8 @@ class SGP:
             )
         self.policy = policy
         """How the training rounds gossip (see :class:`GossipPolicy`)."""
+        if lag_limit is not None and (type(lag_limit) is not int or lag_limit < 1):
+            raise ValueError(f"lag_limit must be an integer >= 1 or None, got {lag_limit!r}")
         if type(outer_overlap) is not bool:
             raise ValueError(f"outer_overlap must be True or False, got {outer_overlap!r}")
         if local_steps is None:
@@ -322,6 +341,9 @@ class SGP:
             coalesce=staleness is None,
             compression=compression,
         )
+        self.lag_limit = lag_limit if isinstance(policy, CreditWindow) else None
+        """Asynchronous mode: see ``lag_limit`` above (None in the other modes)."""
+        self.protocol.mailbox.lag_limit = self.lag_limit
         self.round = 0
         self.steps = 0
         """``step()`` calls so far."""
@@ -498,7 +520,7 @@ class SGP:
             decoded = self.protocol.decode(share)
         except WireError:
             return False
-        self.protocol.mailbox.give_back(decoded.tensors, decoded.weight)
+        self.protocol.mailbox.give_back(decoded.tensors, decoded.weight, decoded.steps)
         with self._refund_lock:
             self._refund += 1
         return True
@@ -542,6 +564,7 @@ class SGP:
         overlapped outer step's averaging holds the numerator)."""
         with torch.enable_grad():
             loss = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+        self.state.steps += 1.0
         if numerator:
             # x <- w * z: x / w moves by exactly the optimizer's change of z (and by any
             # change the user made to the parameters since the last step).
@@ -706,6 +729,7 @@ class SGP:
             weight=self.round_weight,
             loss=self.loss,
             rejected=dict(self.protocol.mailbox.rejected),
+            lagged=dict(self.protocol.mailbox.lagged),
         )
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -1174,6 +1198,7 @@ class SGP:
             "numerator": [x.detach().clone() for x in self.state.numerator],
             "next_seq": self.protocol.sequence_numbers(),
             "credit": self._credit,
+            "model_steps": self.state.steps,
             "fingerprint": self.fingerprint,
             "optimizer": self.optimizer.state_dict(),
             **self._local_state(),
@@ -1240,6 +1265,7 @@ class SGP:
         self.round = int(state["round"])
         self._folded_through = self.round - 1
         self._credit = int(state.get("credit", self._credit))
+        self.state.steps = float(state.get("model_steps", 0.0))
         self.protocol.restore_sequence_numbers(state["next_seq"])
         self.optimizer.load_state_dict(state["optimizer"])
         if local is not None and self._outer is not None:

@@ -86,3 +86,6 @@ class TrainingStats:
     """The training loss last reported with ``SGP.report()``."""
     rejected: dict[str, int] = field(default_factory=dict)
     """Received shares the mailbox refused, per reason."""
+    lagged: dict[str, int] = field(default_factory=dict)
+    """Asynchronous mode: received shares whose model was more than ``lag_limit`` steps
+    ``behind`` (weight kept, model dropped) or ``ahead`` (model taken) of this worker's."""

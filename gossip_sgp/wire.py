@@ -93,7 +93,7 @@ _KEYS = frozenset(
 
 _FLAGS = ("skip", "never", "join", "refused", "answer", "key")
 """Optional header fields that are booleans: 1 on the wire when set, left out when not."""
-_NUMBERS = ("incarnation", "to_incarnation", "raw_bytes", "ref")
+_NUMBERS = ("incarnation", "to_incarnation", "raw_bytes", "ref", "steps")
 """Optional header fields that are integers in 0..2**63-1, left out at their default."""
 _META_KEYS = frozenset({*_FLAGS, *_NUMBERS, "audit_from", "audit_to", "adpsgd"})
 """Every key the ``meta`` map may hold; anything else is ``malformed``."""
@@ -177,7 +177,7 @@ def meta(message: Message) -> dict[str, int]:
             raise WireError("malformed", f"header field {name} = {flag!r} is not a bool")
         if flag:
             out[name] = 1
-    defaults = {"incarnation": 0}
+    defaults = {"incarnation": 0, "steps": 0}
     for name in _NUMBERS:
         value = getattr(message, name)
         if value is not None and value != defaults.get(name):

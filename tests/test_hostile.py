@@ -107,7 +107,7 @@ def synchronous_worker() -> Iterator[Worker]:
 NUMBERS = st.one_of(st.integers(0, 8), st.integers(0, BIG), st.just(BIG))
 """Values of the optional integer header fields that the wire format lets through."""
 HEADER_FIELDS: dict[str, st.SearchStrategy[Any]] = {
-    **{name: NUMBERS for name in ("incarnation", "to_incarnation", "raw_bytes", "ref")},
+    **{name: NUMBERS for name in ("incarnation", "to_incarnation", "raw_bytes", "ref", "steps")},
     **{name: st.booleans() for name in ("skip", "never", "join", "refused", "answer", "key")},
     "audit": st.tuples(NUMBERS, NUMBERS),
     "adpsgd": st.integers(0, 2),

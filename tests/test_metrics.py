@@ -224,6 +224,8 @@ def test_asynchronous_mode_counts_coalesced_messages() -> None:
         assert 0 <= coalesced < folded
         stale = value(registry, "gossip_sgp_staleness_rounds_count", rank=r)
         assert stale == folded
+        for side in ("ahead", "behind"):  # 30 steps: no model 50 steps from another
+            assert value(registry, "gossip_sgp_lagged_shares_total", rank=r, side=side) == 0
 
 
 @pytest.mark.timeout(60)

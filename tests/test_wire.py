@@ -163,6 +163,7 @@ OPTIONAL_FIELDS: dict[str, Any] = {
     "ref": 0,
     "key": True,
     "adpsgd": 2,
+    "steps": 12345,
 }
 """A value other than the default for every optional header field of ``Message``."""
 
@@ -181,7 +182,14 @@ def test_every_optional_header_field_crosses_the_wire_and_defaults_cost_nothing(
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("incarnation", -1), ("ref", 1 << 63), ("audit", (-1, 3)), ("adpsgd", 3), ("raw_bytes", 1.0)],
+    [
+        ("incarnation", -1),
+        ("ref", 1 << 63),
+        ("audit", (-1, 3)),
+        ("adpsgd", 3),
+        ("raw_bytes", 1.0),
+        ("steps", -2),
+    ],
 )
 def test_a_header_field_out_of_range_is_refused_by_the_sender_too(field: str, value: Any) -> None:
     with pytest.raises(WireError) as info:
