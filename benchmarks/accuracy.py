@@ -22,6 +22,8 @@ import subprocess
 import sys
 from typing import Any
 
+from benchmarks import add_names_option
+
 ALGORITHMS = {
     "allreduce": ["--algorithm", "allreduce"],
     "sgp sync": ["--staleness", "0"],
@@ -57,15 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         help="epochs per run at every size (default: 10 x workers, the same steps per worker)",
     )
-    p.add_argument(
-        "--algorithms",
-        nargs="+",
-        choices=list(ALGORITHMS),
-        default=DEFAULT,
-        metavar="NAME",
-        help=f"which to run, of {', '.join(repr(a) for a in ALGORITHMS)} "
-        f"(default: {', '.join(repr(a) for a in DEFAULT)})",
-    )
+    add_names_option(p, "--algorithms", ALGORITHMS, DEFAULT)
     p.add_argument(
         "--min-step-ms",
         type=float,

@@ -23,6 +23,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from benchmarks import add_names_option
+
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "train_charlm.py"
 
 VARIANTS = {
@@ -96,15 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, nargs="+", default=[4], help="world sizes")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds")
     p.add_argument("--steps", type=int, default=1000, help="steps per worker (default 1000)")
-    p.add_argument(
-        "--variants",
-        nargs="+",
-        choices=list(VARIANTS),
-        default=DEFAULT,
-        metavar="NAME",
-        help=f"which to run, of {', '.join(repr(v) for v in VARIANTS)} "
-        f"(default: {', '.join(repr(v) for v in DEFAULT)})",
-    )
+    add_names_option(p, "--variants", VARIANTS, DEFAULT)
     p.add_argument("--eval-every", type=int, default=0, help="rank 0 tests every N steps")
     p.add_argument("--plot", type=Path, help="PNG of loss against MB sent (per world size)")
     args = p.parse_args(argv)

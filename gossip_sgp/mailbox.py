@@ -9,11 +9,14 @@ the messages a round needs and :meth:`Mailbox.take`\\ s their summed mass at a s
 * In the synchronous and overlap modes mass is kept per round and summed in sender order,
   so a run is deterministic whatever the arrival order. In the asynchronous mode
   (``coalesce=True``) everything is added into one running sum as it arrives: memory stays
-  one model's worth however far a straggler falls behind (invariant 5).
+  one model's worth however far a straggler falls behind (invariant 5; two with
+  ``lag_limit``, below).
 * With ``lag_limit`` (the asynchronous mode of ``SGP``), a share whose model is more than
   ``lag_limit`` training steps behind the receiver's (``Message.steps`` against the
   receiver's ``PushSumState.steps``) keeps only its weight, and one more than that ahead is
-  summed apart, for the receiver to take its model (:meth:`Mailbox.take_mass`).
+  summed apart, for the receiver to take its model (:meth:`Mailbox.take_mass`): two running
+  sums then, two models' worth. Kept per round (``consensus()``), only the shares
+  ``compared`` picks are compared, and only those far behind set apart.
 """
 
 from __future__ import annotations
@@ -177,6 +180,9 @@ class Mailbox:
         ahead of the receiver's before it is set apart (see :class:`Taken`); None: never."""
         self.own_steps: Callable[[], float] | None = None
         """The receiver's training steps (``PushSumState.steps``), read at arrival."""
+        self.compared: Callable[[Message], bool] | None = None
+        """Per-round storage: which shares are compared with ``lag_limit`` (None: none),
+        and then only to set apart those far behind; the coalescing mode compares all."""
         self.lagged: Counter[str] = Counter()
         """Shares set apart by ``lag_limit``: ``behind`` and ``ahead``."""
         self._acc_receipts: list[Receipt] = []
@@ -270,11 +276,16 @@ class Mailbox:
                 self._acc_receipts.append(receipt)
                 self._place(share, message.steps)
             else:
-                senders = self._by_round.setdefault(message.round, {})
+                r = message.round
+                compared = self.compared is not None and self.compared(message)
+                if compared and self._side(message.steps) == "behind":
+                    share = ((), share[1])  # its weight only: see take_mass
+                    self.lagged["behind"] += 1
+                else:
+                    self._round_steps[r] = self._round_steps.get(r, 0.0) + message.steps * share[1]
+                senders = self._by_round.setdefault(r, {})
                 senders.setdefault(message.sender, []).append((share, receipt))
                 self._stored += 1
-                r = message.round
-                self._round_steps[r] = self._round_steps.get(r, 0.0) + message.steps * share[1]
             self._arrived.add((message.sender, message.round))
             if message.gauge:
                 r = message.round
@@ -292,20 +303,35 @@ class Mailbox:
         with self._cond:
             self._place((tensors, weight), steps)
 
+    def _side(self, steps: int) -> str | None:
+        """``behind`` or ``ahead`` for a model ``steps`` training steps in, more than
+        ``lag_limit`` from the receiver's; else None."""
+        limit = self.lag_limit
+        if limit is None or self.own_steps is None:
+            return None
+        own = self.own_steps()
+        if steps < own - limit:
+            return "behind"
+        return "ahead" if steps > own + limit else None
+
     def _place(self, share: Share, steps: int) -> None:
         """Add ``share`` into the running sum it belongs to (call with ``_cond`` held)."""
-        limit = self.lag_limit
-        own = None if limit is None or self.own_steps is None else self.own_steps()
-        if own is not None and limit is not None and steps < own - limit:
+        side = self._side(steps)
+        if side is not None:
+            self.lagged[side] += 1
+        if side == "behind":
             self._behind += share[1]
-            self.lagged["behind"] += 1
-        elif own is not None and limit is not None and steps > own + limit:
+        elif side == "ahead":
             self._ahead = _add(self._ahead, share)
             self._ahead_steps += steps * share[1]
-            self.lagged["ahead"] += 1
         else:
             self._acc = _add(self._acc, share)
             self._acc_steps += steps * share[1]
+
+    def count_lagged(self, side: str) -> None:
+        """Count a share set apart at fold-in (``behind`` or ``ahead``)."""
+        with self._cond:
+            self.lagged[side] += 1
 
     def count_reject(self, reason: str) -> int:
         """Count a message refused after it was stored (e.g. at fold-in); the new count."""
@@ -376,7 +402,10 @@ class Mailbox:
                 steps += self._round_steps.pop(r, 0.0)
                 for sender in sorted(senders):
                     for share, receipt in senders[sender]:
-                        shares.append(share)
+                        if share[0]:
+                            shares.append(share)
+                        else:  # a model far behind, dropped on arrival
+                            taken.behind += share[1]
                         self._receipts.append(receipt)
                         self._unfolded.discard(receipt[:2])
                         self._stored -= 1
@@ -438,10 +467,17 @@ class Mailbox:
                 for senders in self._by_round.values()
                 for entries in senders.values()
                 for share, _ in entries
+                if share[0]
             ]
 
     def pending_weight(self) -> float:
         """Push-sum weight received but not yet taken."""
-        with self._cond:
-            behind = self._behind
-        return behind + sum(w for _, w in self.pending())
+        with self._cond:  # (re-entrant: pending() takes it too)
+            behind = self._behind + sum(
+                share[1]
+                for senders in self._by_round.values()
+                for entries in senders.values()
+                for share, _ in entries
+                if not share[0]
+            )
+            return behind + sum(w for _, w in self.pending())

@@ -20,11 +20,18 @@ from gossip_sgp.errors import WireError
 from gossip_sgp.mailbox import Mailbox
 from gossip_sgp.message import Message
 from gossip_sgp.pushsum import PushSumState, Share
+from gossip_sgp.wire import MAX_STEPS
 from topologies import Topology
 
 log = logging.getLogger(__name__)
 
 __all__ = ["PushSumProtocol"]
+
+_ADOPT_RATIO = 64.0
+"""A node takes the model of mass far ahead of its own only where that mass is at least
+1/64 of the node's weight (a worker that fell behind gets a share of a current peer's half,
+or an answer about as heavy as its own mass by then); lighter mass mixes as usual, so a
+share of almost no weight cannot replace a model."""
 
 
 class PushSumProtocol:
@@ -154,7 +161,7 @@ class PushSumProtocol:
             tensors=tensors,
             fingerprint=self.fingerprint,
             sent_at=sent_at,
-            steps=max(0, int(self.state.steps + 0.5)),
+            steps=min(max(0, int(self.state.steps + 0.5)), MAX_STEPS),
             **fields,
         )
 
@@ -235,28 +242,31 @@ class PushSumProtocol:
         """Fold received mass of rounds ``<= max_round`` (all when None); True if any.
 
         With the mailbox's ``lag_limit``: first the mass far ahead of this node's model,
-        whose model this node takes (``PushSumState.adopt``), then the rest as usual, less
-        the models of the mass far behind (``PushSumState.fold_weight``): a model never
-        mixes with one more than ``lag_limit`` training steps away."""
+        whose model this node takes (``PushSumState.adopt``) where that mass is at least
+        1/64 of this node's weight, then the rest as usual, less the models of the mass far
+        behind (``PushSumState.fold_weight``): a model never mixes with one more than
+        ``lag_limit`` training steps away. A step that would overflow folds as usual, or
+        (the weight of a model far behind) is counted as ``non_finite`` and left out."""
         taken = self.mailbox.take_mass(max_round)
         if not taken:
             return False
         state, limit = self.state, self.mailbox.lag_limit
+        adopted = False
         if taken.ahead is not None:
-            if state.weight > 0.0 and not state.adopt(*taken.ahead, taken.ahead_steps):
-                self._overflowed(taken.ahead[1], max_round)
-            else:
-                self.fold(taken.ahead, max_round, taken.ahead_steps)
+            tensors, weight = taken.ahead
+            if 0.0 < state.weight <= _ADOPT_RATIO * weight:
+                adopted = state.adopt(tensors, weight, taken.ahead_steps)
+            self.fold(taken.ahead, max_round, taken.ahead_steps)
         if taken.share is not None:
             steps = taken.steps
-            if limit is not None and steps is not None and steps < state.steps - limit:
+            if adopted and limit is not None and steps is not None and steps < state.steps - limit:
                 # Behind the model this node just took from the mass far ahead.
                 taken.behind += taken.share[1]
-                self.mailbox.lagged["behind"] += 1
+                self.mailbox.count_lagged("behind")
             else:
                 self.fold(taken.share, max_round, steps)
         if taken.behind > 0.0 and not state.fold_weight(taken.behind):
-            self._overflowed(taken.behind, max_round)  # (a forger's values near the largest)
+            self._overflowed(taken.behind, max_round)  # (a forger's values or weights)
         return True
 
     def fold(self, share: Share, max_round: int | None, steps: float | None = None) -> None:

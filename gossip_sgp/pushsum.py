@@ -20,6 +20,7 @@ job stays n to within double rounding.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -110,10 +111,13 @@ class PushSumState:
         """Take in ``weight`` without its model: the numerator grows with it, so ``x / w``
         (and ``steps``) stay as they are. For a share whose model fell far behind this
         one's: its weight (the job's sum of weights) is kept, its stale model is not.
-        Returns False, changing nothing, where ``x`` would not be finite."""
+        Returns False, changing nothing, where ``x`` would not be finite (or this node has
+        no weight, so no model)."""
         if not self.weight > 0.0:
-            raise ValueError("a node without weight has no model to give the weight to")
+            return False  # no model to give the weight to
         scale = (self.weight + weight) / self.weight
+        if not math.isfinite(scale):
+            return False
         for x in self.numerator:
             if x.numel() and float(x.abs().max()) * scale > torch.finfo(x.dtype).max:
                 return False

@@ -81,7 +81,8 @@ of another before they no longer mix (see ``SGP``). Workers that gossip stay clo
 share a worker folds pulls its step count towards its peers'. Measured on 4 CPU workers
 (digits, docs/design.md): a worker stopped for up to 3 s came back hundreds of steps behind,
 and mixing its model into the others near the end of their schedule cost up to 26 points of
-accuracy (3 of 20 runs below 0.95 without the limit, none with it)."""
+accuracy (3 of 20 runs below 0.95 without the limit, lowest 0.8691; none with it, lowest
+0.9777)."""
 
 _ANSWER_FRACTION = 1.0 / 1024
 """Asynchronous mode: the fraction of its mass a worker in ``consensus()`` sends back to a
@@ -344,6 +345,7 @@ class SGP:
         self.lag_limit = lag_limit if isinstance(policy, CreditWindow) else None
         """Asynchronous mode: see ``lag_limit`` above (None in the other modes)."""
         self.protocol.mailbox.lag_limit = self.lag_limit
+        self.protocol.mailbox.compared = self._compared
         self.round = 0
         self.steps = 0
         """``step()`` calls so far."""
@@ -364,9 +366,10 @@ class SGP:
         self.outer_overlap = outer_overlap
         """Local-steps mode: whether outer steps overlap the next inner steps."""
         self._flight_sent: int | None = None
-        """``outer_overlap``: rounds sent of the averaging in flight (None: none in flight).
-        Meanwhile the numerator holds that averaging's mass, not the model, and each
-        reference tensor's ``grad`` the model it started from."""
+        """Local-steps mode: rounds sent of the outer step's averaging in flight (None: none
+        in flight; without ``outer_overlap`` only within an outer step). Meanwhile the
+        numerator holds that averaging's mass, not the model, and each reference tensor's
+        ``grad`` the model it started from."""
         self.step_seconds = 0.0
         """Seconds spent in ``step()`` so far (optimizer step, gossip, waiting)."""
         self.loss: float | None = None
@@ -500,6 +503,14 @@ class SGP:
             return None if held else False
         return True
 
+    def _compared(self, message: Message) -> bool:
+        """Gossip thread, ``lag_limit``: whether a share kept per round is compared with
+        this worker's model: in ``consensus()``, a peer's share sent while it trained (one
+        far behind gives its weight only, as while training); never an answer, a consensus
+        round's share or one of a checkpoint cut, so that the rounds that make the models
+        agree mix them all."""
+        return message.round < self._finish_round and not message.answer
+
     def _audited(self, sender: int, seqs: range) -> tuple[list[int], list[int]]:
         """Gossip thread: answer a peer's audit of shares it wrote off (``Mailbox.folded``),
         less the shares whose acknowledgement is held back (see ``_answer_stragglers``):
@@ -599,11 +610,10 @@ class SGP:
                 self._progress(block=False)
             self._inner += 1
             if self._inner >= self.local_steps:
-                if self.outer_overlap:
-                    self._progress(block=True)  # at most one averaging in flight
-                    self._launch()
-                else:
-                    self._outer_step()
+                self._progress(block=True)  # outer_overlap: at most one averaging in flight
+                self._launch()
+                if not self.outer_overlap:  # the next inner steps start from its result
+                    self._progress(block=True)
         self.steps += 1
         self.step_seconds += time.perf_counter() - started
         return loss
@@ -626,25 +636,11 @@ class SGP:
         self._reference_set = True
 
     @torch.no_grad()
-    def _outer_step(self) -> None:
-        """Average the models by push-sum, step the reference point with the outer optimizer
-        on ``x0 - mean_i(x_i)``, and start every worker's next inner steps from it."""
-        assert self._outer is not None
-        self._average(self._outer_rounds)
-        for ref, flat in zip(self._reference, self._flats, strict=True):
-            ref.grad = ref - flat
-        self.outer_gradient_norm = _relative_change(self._reference, self._flats)
-        self._outer.step()
-        for ref, flat in zip(self._reference, self._flats, strict=True):
-            flat.copy_(ref)
-        self._numerator_from_model()
-        self.outer_steps += 1
-        self._inner = 0
-
-    @torch.no_grad()
     def _launch(self) -> None:
-        """``outer_overlap``: start averaging the models (the numerator is ``w * x`` after
-        the last inner step), keeping each model in its reference tensor's ``grad``."""
+        """Start an outer step: average the models (the numerator is ``w * x`` after the
+        last inner step), keeping each model in its reference tensor's ``grad``. Without
+        ``outer_overlap`` the caller waits for it at once (``_progress(block=True)``), and
+        ``_land`` then starts the next inner steps from the new reference point."""
         for ref, flat in zip(self._reference, self._flats, strict=True):
             if ref.grad is None:
                 ref.grad = flat.clone()
@@ -656,7 +652,7 @@ class SGP:
 
     @torch.no_grad()
     def _progress(self, *, block: bool) -> None:
-        """``outer_overlap``: advance the averaging in flight as far as what has arrived
+        """Advance the outer step's averaging in flight as far as what has arrived
         allows (``block``: to its end, waiting), and land it once its last round is folded.
 
         Round ``r + 1`` is sent only after round ``r`` is folded: each round passes on all
@@ -682,9 +678,10 @@ class SGP:
 
     @torch.no_grad()
     def _land(self) -> None:
-        """``outer_overlap``: the average is in: step the reference point with the outer
-        optimizer, and move the model by as much as the reference moved from the model the
-        average started from (the inner steps taken meanwhile stay on top)."""
+        """The average is in: step the reference point with the outer optimizer on
+        ``x0 - mean_i(x_i)``, and move the model by as much as the reference moved from the
+        model the average started from (with ``outer_overlap`` the inner steps taken
+        meanwhile stay on top; without, there are none and the model is the new point)."""
         assert self._outer is not None
         w = self.state.weight
         for ref, flat, x in zip(self._reference, self._flats, self.state.numerator, strict=True):

@@ -80,6 +80,8 @@ MAX_DIMS = 8
 MAX_META = 32
 MAX_STR = 64
 """Header limits: tensors per message, dimensions per tensor, meta entries, string length."""
+MAX_STEPS = 1 << 53
+"""Largest ``Message.steps``: every step count up to it is exact in a double."""
 _WEIGHT_SLACK = 1.0 + 1e-9
 """Rounding room above the world size: the weights of a job add up to ``n`` up to rounding."""
 _INT64 = (-(1 << 63), (1 << 63) - 1)
@@ -93,9 +95,9 @@ _KEYS = frozenset(
 
 _FLAGS = ("skip", "never", "join", "refused", "answer", "key")
 """Optional header fields that are booleans: 1 on the wire when set, left out when not."""
-_NUMBERS = ("incarnation", "to_incarnation", "raw_bytes", "ref", "steps")
+_NUMBERS = ("incarnation", "to_incarnation", "raw_bytes", "ref")
 """Optional header fields that are integers in 0..2**63-1, left out at their default."""
-_META_KEYS = frozenset({*_FLAGS, *_NUMBERS, "audit_from", "audit_to", "adpsgd"})
+_META_KEYS = frozenset({*_FLAGS, *_NUMBERS, "audit_from", "audit_to", "adpsgd", "steps"})
 """Every key the ``meta`` map may hold; anything else is ``malformed``."""
 
 FrameBuffer = bytes | bytearray | memoryview
@@ -177,7 +179,7 @@ def meta(message: Message) -> dict[str, int]:
             raise WireError("malformed", f"header field {name} = {flag!r} is not a bool")
         if flag:
             out[name] = 1
-    defaults = {"incarnation": 0, "steps": 0}
+    defaults = {"incarnation": 0}
     for name in _NUMBERS:
         value = getattr(message, name)
         if value is not None and value != defaults.get(name):
@@ -188,6 +190,8 @@ def meta(message: Message) -> dict[str, int]:
         out["audit_to"] = _checked("audit_to", last, *_UINT63)
     if message.adpsgd:
         out["adpsgd"] = _checked("adpsgd", message.adpsgd, 1, 2)
+    if message.steps:
+        out["steps"] = _checked("steps", message.steps, 0, MAX_STEPS)
     return out
 
 
@@ -217,6 +221,8 @@ def _fields(meta: Any) -> dict[str, Any]:
         fields["audit"] = (audit, _checked("audit_to", meta["audit_to"], *_UINT63))
     if "adpsgd" in meta:
         fields["adpsgd"] = _checked("adpsgd", meta["adpsgd"], 1, 2)
+    if "steps" in meta:
+        fields["steps"] = _checked("steps", meta["steps"], 0, MAX_STEPS)
     return fields
 
 

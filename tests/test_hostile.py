@@ -33,6 +33,7 @@ from gossip_sgp import SGP, GossipConfig, GossipNode, wire
 from gossip_sgp.compression import parse_codec
 from gossip_sgp.errors import WireError
 from gossip_sgp.message import Message, MessageKind
+from gossip_sgp.wire import MAX_STEPS
 from transports import InProcNetwork
 
 N = 4
@@ -107,7 +108,8 @@ def synchronous_worker() -> Iterator[Worker]:
 NUMBERS = st.one_of(st.integers(0, 8), st.integers(0, BIG), st.just(BIG))
 """Values of the optional integer header fields that the wire format lets through."""
 HEADER_FIELDS: dict[str, st.SearchStrategy[Any]] = {
-    **{name: NUMBERS for name in ("incarnation", "to_incarnation", "raw_bytes", "ref", "steps")},
+    **{name: NUMBERS for name in ("incarnation", "to_incarnation", "raw_bytes", "ref")},
+    "steps": st.one_of(st.integers(0, 8), st.integers(0, MAX_STEPS), st.just(MAX_STEPS)),
     **{name: st.booleans() for name in ("skip", "never", "join", "refused", "answer", "key")},
     "audit": st.tuples(NUMBERS, NUMBERS),
     "adpsgd": st.integers(0, 2),

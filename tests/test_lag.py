@@ -17,10 +17,12 @@ import pytest
 import torch
 
 import topologies
-from gossip_sgp import SGP, GossipNode, Message
+from gossip_sgp import SGP, GossipNode, Message, wire
+from gossip_sgp.errors import WireError
 from gossip_sgp.mailbox import Mailbox
 from gossip_sgp.protocol import PushSumProtocol
 from gossip_sgp.pushsum import PushSumState
+from gossip_sgp.wire import MAX_STEPS, all_finite
 from tests.threads import run_workers
 
 
@@ -52,6 +54,10 @@ def test_fold_weight_keeps_the_model_and_adopt_replaces_it() -> None:
     assert not big.fold_weight(1.0)  # 2 * 3e38 does not fit a float32: nothing changes
     assert big.weight == 1.0
     torch.testing.assert_close(big.numerator[0], huge)
+    tiny = PushSumState([torch.zeros(3)], weight=5e-324)  # (1 + 5e-324) / 5e-324 is inf
+    assert not tiny.fold_weight(1.0)
+    assert all_finite(tiny.numerator[0])
+    assert tiny.weight == 5e-324
 
 
 def _message(sender: int, seq: int, value: float, weight: float, steps: int) -> Message:
@@ -105,6 +111,52 @@ def test_a_protocol_behind_takes_the_model_ahead_and_keeps_it_from_one_behind() 
     assert state.steps == 400.0
     torch.testing.assert_close(state.debias()[0], torch.full((2,), 8.0))
     assert protocol.mailbox.lagged == {"ahead": 1, "behind": 1}
+
+
+def test_a_share_far_ahead_but_of_little_weight_mixes_as_usual() -> None:
+    """Below 1/64 of the receiver's weight, mass far ahead does not replace the model (a
+    forged share of almost no weight cannot take it over); a step count beyond what the
+    wire carries is refused there, and a node's own is capped when it sends."""
+    state = PushSumState([torch.full((2,), 1.0)], weight=1.0)
+    state.steps = 100.0
+    protocol = PushSumProtocol(0, topologies.get("exponential", 4), state, coalesce=True)
+    protocol.mailbox.lag_limit = 50
+    protocol.receive(_message(1, 0, 65.0, 1.0 / 128, 400))
+    assert protocol.absorb()
+    assert state.steps == pytest.approx(100.0 + 300.0 / 129)  # averaged, as the model
+    mixed = (1.0 + 65.0 / 128) / (1 + 1 / 128)
+    torch.testing.assert_close(state.debias()[0], torch.full((2,), mixed))
+    with pytest.raises(WireError):
+        wire.encode(_message(1, 1, 1.0, 0.5, MAX_STEPS + 1))
+    protocol.receive(_message(1, 1, 2.0, 0.5, MAX_STEPS))  # heavy enough: taken
+    assert protocol.absorb()
+    assert state.steps == MAX_STEPS
+    state.steps += 10.0
+    for message in protocol.emit(5):
+        assert message.steps == MAX_STEPS
+        wire.encode(message)
+
+
+def test_kept_per_round_only_picked_shares_far_behind_are_set_apart() -> None:
+    """In ``consensus()`` (per-round storage): a peer's training share far behind gives its
+    weight only; the consensus rounds' shares, and shares far ahead, mix as usual."""
+    box = Mailbox(coalesce=False)
+    box.lag_limit = 50
+    box.own_steps = lambda: 200.0
+    box.compared = lambda message: message.round < 10  # "sent while it trained"
+    box.put(_message(1, 3, 5.0, 0.5, 120))  # a training share, 80 behind: weight only
+    box.put(_message(2, 4, 7.0, 0.25, 400))  # a training share far ahead: mixes
+    box.put(_message(3, 12, 9.0, 0.5, 100))  # a consensus round's share: mixes
+    assert box.lagged == {"behind": 1}
+    assert box.pending_weight() == pytest.approx(1.25)
+    taken = box.take_mass()
+    assert taken.behind == 0.5
+    assert taken.ahead is None
+    assert taken.share is not None
+    assert taken.share[1] == pytest.approx(0.75)
+    torch.testing.assert_close(taken.share[0][0], torch.full((2,), 7.0 * 0.25 + 9.0 * 0.5))
+    assert taken.steps == pytest.approx((400 * 0.25 + 100 * 0.5) / 0.75)
+    assert len(box.pop_receipts()) == 3
 
 
 @pytest.mark.timeout(90)

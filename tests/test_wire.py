@@ -189,6 +189,7 @@ def test_every_optional_header_field_crosses_the_wire_and_defaults_cost_nothing(
         ("adpsgd", 3),
         ("raw_bytes", 1.0),
         ("steps", -2),
+        ("steps", (1 << 53) + 1),
     ],
 )
 def test_a_header_field_out_of_range_is_refused_by_the_sender_too(field: str, value: Any) -> None:
