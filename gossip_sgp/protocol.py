@@ -27,12 +27,6 @@ log = logging.getLogger(__name__)
 
 __all__ = ["PushSumProtocol"]
 
-_ADOPT_RATIO = 64.0
-"""A node takes the model of mass far ahead of its own only where that mass is at least
-1/64 of the node's weight (a worker that fell behind gets a share of a current peer's half,
-or an answer about as heavy as its own mass by then); lighter mass mixes as usual, so a
-share of almost no weight cannot replace a model."""
-
 
 class PushSumProtocol:
     """Push-sum gossip for node ``rank`` of ``topology`` over ``state``."""
@@ -242,9 +236,10 @@ class PushSumProtocol:
         """Fold received mass of rounds ``<= max_round`` (all when None); True if any.
 
         With the mailbox's ``lag_limit``: first the mass far ahead of this node's model,
-        whose model this node takes (``PushSumState.adopt``) where that mass is at least
-        1/64 of this node's weight, then the rest as usual, less the models of the mass far
-        behind (``PushSumState.fold_weight``): a model never mixes with one more than
+        whose model this node takes (``PushSumState.adopt``), however light (mixed in by
+        weight, a light share would leave a blend of the old model and the current one),
+        then the rest as usual, less the models of the mass far behind
+        (``PushSumState.fold_weight``): a model never mixes with one more than
         ``lag_limit`` training steps away. A step that would overflow folds as usual, or
         (the weight of a model far behind) is counted as ``non_finite`` and left out."""
         taken = self.mailbox.take_mass(max_round)
@@ -254,7 +249,7 @@ class PushSumProtocol:
         adopted = False
         if taken.ahead is not None:
             tensors, weight = taken.ahead
-            if 0.0 < state.weight <= _ADOPT_RATIO * weight:
+            if state.weight > 0.0:
                 adopted = state.adopt(tensors, weight, taken.ahead_steps)
             self.fold(taken.ahead, max_round, taken.ahead_steps)
         if taken.share is not None:

@@ -81,8 +81,8 @@ of another before they no longer mix (see ``SGP``). Workers that gossip stay clo
 share a worker folds pulls its step count towards its peers'. Measured on 4 CPU workers
 (digits, docs/design.md): a worker stopped for up to 3 s came back hundreds of steps behind,
 and mixing its model into the others near the end of their schedule cost up to 26 points of
-accuracy (3 of 20 runs below 0.95 without the limit, lowest 0.8691; none with it, lowest
-0.9777)."""
+accuracy (3 of 20 runs below 0.95 without the limit, lowest 0.7187; none with it, lowest
+0.9694)."""
 
 _ANSWER_FRACTION = 1.0 / 1024
 """Asynchronous mode: the fraction of its mass a worker in ``consensus()`` sends back to a

@@ -113,19 +113,19 @@ def test_a_protocol_behind_takes_the_model_ahead_and_keeps_it_from_one_behind() 
     assert protocol.mailbox.lagged == {"ahead": 1, "behind": 1}
 
 
-def test_a_share_far_ahead_but_of_little_weight_mixes_as_usual() -> None:
-    """Below 1/64 of the receiver's weight, mass far ahead does not replace the model (a
-    forged share of almost no weight cannot take it over); a step count beyond what the
-    wire carries is refused there, and a node's own is capped when it sends."""
+def test_a_light_share_far_ahead_is_taken_too_and_steps_are_capped() -> None:
+    """Mass far ahead replaces the model however light (mixed by weight, it would leave a
+    blend of the old model and the current one); a step count beyond what the wire carries
+    is refused there, and a node's own is capped when it sends."""
     state = PushSumState([torch.full((2,), 1.0)], weight=1.0)
     state.steps = 100.0
     protocol = PushSumProtocol(0, topologies.get("exponential", 4), state, coalesce=True)
     protocol.mailbox.lag_limit = 50
-    protocol.receive(_message(1, 0, 65.0, 1.0 / 128, 400))
+    protocol.receive(_message(1, 0, 65.0, 1.0 / 1024, 400))
     assert protocol.absorb()
-    assert state.steps == pytest.approx(100.0 + 300.0 / 129)  # averaged, as the model
-    mixed = (1.0 + 65.0 / 128) / (1 + 1 / 128)
-    torch.testing.assert_close(state.debias()[0], torch.full((2,), mixed))
+    assert state.steps == 400.0
+    assert state.weight == pytest.approx(1.0 + 1.0 / 1024)
+    torch.testing.assert_close(state.debias()[0], torch.full((2,), 65.0))
     with pytest.raises(WireError):
         wire.encode(_message(1, 1, 1.0, 0.5, MAX_STEPS + 1))
     protocol.receive(_message(1, 1, 2.0, 0.5, MAX_STEPS))  # heavy enough: taken
