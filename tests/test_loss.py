@@ -79,10 +79,11 @@ def test_training_through_loss_duplicates_and_reordering(
         min_accuracy=min(r["accuracy"] for r in results),
         dropped=sum(r["dropped"] for r in results),
     )
+    for r in results:  # the mass first: a peer suspected for a while explains a low accuracy
+        assert r["mass"]["lost_weight"] == 0.0, r["mass"]
+        assert r["mass"]["suspected"] == [], r["mass"]
     for r in results:
-        assert r["accuracy"] >= 0.95, [r["accuracy"] for r in results]
-        assert r["mass"]["lost_weight"] == 0.0
-        assert r["mass"]["suspected"] == []
+        assert r["accuracy"] >= 0.95, [(r["accuracy"], r["mass"]) for r in results]
     assert sum(r["dropped"] for r in results) > 50  # the faults did happen ...
     assert sum(r["duplicates_rejected"] for r in results) > 50
     assert sum(r["retransmitted"] for r in results) >= sum(r["dropped"] for r in results) // 4
