@@ -472,12 +472,12 @@ class Mailbox:
 
     def pending_weight(self) -> float:
         """Push-sum weight received but not yet taken."""
-        with self._cond:  # (re-entrant: pending() takes it too)
-            behind = self._behind + sum(
+        with self._cond:  # the weights as they are: no copy of the running sums
+            running = sum(acc[1] for acc in (self._acc, self._ahead) if acc is not None)
+            kept = sum(  # the shares of models far behind too: their weight is pending
                 share[1]
                 for senders in self._by_round.values()
                 for entries in senders.values()
                 for share, _ in entries
-                if not share[0]
             )
-            return behind + sum(w for _, w in self.pending())
+            return self._behind + running + kept

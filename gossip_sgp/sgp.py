@@ -345,7 +345,8 @@ class SGP:
         self.lag_limit = lag_limit if isinstance(policy, CreditWindow) else None
         """Asynchronous mode: see ``lag_limit`` above (None in the other modes)."""
         self.protocol.mailbox.lag_limit = self.lag_limit
-        self.protocol.mailbox.compared = self._compared
+        if self.lag_limit is not None:  # (else nothing to compare: no call per message)
+            self.protocol.mailbox.compared = self._compared
         self.round = 0
         self.steps = 0
         """``step()`` calls so far."""
