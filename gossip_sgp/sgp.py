@@ -47,6 +47,7 @@ from typing import Any
 import torch
 
 import topologies
+from gossip_sgp.compression import parse_codec
 from gossip_sgp.errors import GossipError, GossipTimeout, RejoinRefused, WireError
 from gossip_sgp.mailbox import Receipt, Stored
 from gossip_sgp.message import Message, MessageKind, fingerprint
@@ -83,6 +84,11 @@ share a worker folds pulls its step count towards its peers'. Measured on 4 CPU 
 and mixing its model into the others near the end of their schedule cost up to 26 points of
 accuracy (3 of 20 runs below 0.95 without the limit, lowest 0.7187; none with it, lowest
 0.9694)."""
+
+_LOSSLESS = parse_codec("none")
+"""The codec of ``consensus()``'s rounds where the training codec cannot make the models
+agree: error feedback keeps the mass, not the precision, so int8 leaves them about 6e-3
+apart and top-k far more (docs/compression.md); difference-coded dense codecs converge."""
 
 _ANSWER_FRACTION = 1.0 / 1024
 """Asynchronous mode: the fraction of its mass a worker in ``consensus()`` sends back to a
@@ -228,7 +234,8 @@ class SGP:
         compression: codec of the numerator messages (``none``, ``fp16``, ``bf16``,
             ``int8[:block]``, ``topk:fraction``, options ``,ref`` and ``,step=F``; see
             :mod:`gossip_sgp.compression`). What a codec drops stays with the sender (error
-            feedback), so the average is exact.
+            feedback), so the average is exact. ``consensus()`` sends uncompressed shares
+            where the codec alone would leave the workers apart (no ``ref``, or top-k).
         policy: how the training rounds gossip (a :class:`GossipPolicy` with the same
             ``staleness``); default :class:`Lockstep` or, for ``staleness=None``,
             :class:`CreditWindow`.
@@ -993,6 +1000,9 @@ class SGP:
         message carries the largest relative change of ``z`` in one round that its sender
         knows of from the previous block; at the end of a block all workers know the same
         value and stop together once it is at most ``tol``, or after ``max_rounds`` rounds.
+        A codec that cannot reach ``tol`` (one without ``ref``, or top-k: error feedback
+        leaves the models as far apart as the codec's error) is set aside for these rounds:
+        they send uncompressed shares, so the workers end with one model.
         That value, returned, estimates the disagreement: it is 0 once the workers agree,
         but on slowly mixing graphs (a ring) it understates the distance between workers.
         It is ``inf`` when ``max_rounds`` is shorter than two blocks (the first block has
@@ -1012,9 +1022,13 @@ class SGP:
             late, self._join_requests = list(dict.fromkeys(self._join_requests)), []
         for peer in late:
             self.node.send_join(peer, refused=True)
+        codec = self.protocol.codec
+        if codec.name == "topk" or not codec.reference:
+            self.protocol.codec = _LOSSLESS  # (answers to a straggler too: any codec decodes)
         try:
             disagreement = self._consensus(max_rounds, tol)
         finally:
+            self.protocol.codec = codec
             mailbox.set_coalesce(self.staleness is None)
             self._answering = False
             with self._refund_lock:

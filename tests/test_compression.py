@@ -388,9 +388,11 @@ def test_simulate_cli_compression(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize(("spec", "atol"), [("int8", 0.05), ("int8:16,ref", 1e-6)])
-def test_sgp_workers_reach_the_joint_optimum_compressed(spec: str, atol: float) -> None:
-    # Worker i minimises 0.5 * ||x - i||^2; the joint optimum is the mean of the ranks.
+@pytest.mark.parametrize("spec", ["int8", "int8:16,ref", "topk:0.1"])
+def test_sgp_workers_reach_the_joint_optimum_compressed(spec: str) -> None:
+    """Worker i minimises 0.5 * ||x - i||^2; the joint optimum is the mean of the ranks.
+    ``consensus()`` sets int8 and top-k aside (they would leave the workers about 6e-3 and
+    far more apart), so every codec ends at the optimum."""
     n = 4
 
     def worker(rank: int, node: GossipNode) -> tuple[torch.Tensor, float, dict[str, int]]:
@@ -407,7 +409,7 @@ def test_sgp_workers_reach_the_joint_optimum_compressed(spec: str, atol: float) 
     results = run_workers(n, worker, join=50)
     target = torch.full((200,), (n - 1) / 2, dtype=torch.float64)
     for x, _, rejected in results:
-        torch.testing.assert_close(x, target, atol=atol, rtol=0)
+        torch.testing.assert_close(x, target, atol=1e-6, rtol=0)
         assert rejected == {}
     assert math.fsum(w for _, w, _ in results) == pytest.approx(n, abs=1e-12)
 
