@@ -57,6 +57,8 @@ def slowmo(lr: float = 1.0, momentum: float = 0.5) -> OuterFactory:
 def diloco(lr: float = 0.7, momentum: float = 0.9) -> OuterFactory:
     """DiLoCo's outer Nesterov momentum; the defaults are the paper's."""
     _check(lr, momentum)
+    if momentum == 0:
+        raise ValueError("diloco's outer momentum is Nesterov's: it must be in (0, 1)")
     return lambda params: torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=True)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -17,6 +18,7 @@ import torch
 
 import topologies
 from gossip_sgp import SGP, GossipError, GossipNode
+from gossip_sgp.outer import OuterFactory, diloco, slowmo
 from gossip_sgp.sgp import Lockstep, _averaging_rounds
 from tests.threads import run_workers
 
@@ -400,3 +402,19 @@ def test_bad_local_step_arguments_are_refused(kw: dict[str, Any], match: str) ->
             SGP([x], torch.optim.SGD([x], lr=0.1), node, **kw)
 
     run_workers(1, fn)
+
+
+@pytest.mark.parametrize(
+    ("factory", "kw", "match"),
+    [
+        (slowmo, {"lr": 0.0}, "outer learning rate must be > 0"),
+        (slowmo, {"momentum": 1.0}, r"outer momentum must be in \[0, 1\)"),
+        (diloco, {"momentum": -0.1}, r"outer momentum must be in \[0, 1\)"),
+        (diloco, {"momentum": 0.0}, r"Nesterov's: it must be in \(0, 1\)"),
+    ],
+)
+def test_bad_outer_hyper_parameters_are_refused_when_named(
+    factory: Callable[..., OuterFactory], kw: dict[str, float], match: str
+) -> None:
+    with pytest.raises(ValueError, match=match):
+        factory(**kw)
