@@ -164,7 +164,12 @@ class Mailbox:
         self.max_pending = max_pending
         self.per_round = per_round
         self._stored = 0  # messages kept per round (not coalesced), not yet taken
-        self._cond = threading.Condition()
+        # Held with ``with self._lock`` (a C lock: its enter and exit are single calls), not
+        # ``with self._cond``, whose enter and exit are Python frames: a KeyboardInterrupt
+        # landing in one of them left the lock held, and the gossip thread, delivering the
+        # next share, blocked on it forever (Ctrl-C then took the close timeouts, 10 s).
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
         self._seqs: dict[int, SequenceWindow] = {}
         self._incarnations: dict[int, int] = {}  # sender -> latest incarnation heard
         # round -> sender -> shares (synchronous/overlap modes)
@@ -211,7 +216,7 @@ class Mailbox:
         ahead can neither fill the memory nor crowd out a real peer's message of the
         receiver's own round (reasons ``full`` and ``ahead``).
         """
-        with self._cond:
+        with self._lock:
             if self.coalesce:
                 return  # one running sum, whatever the round
             r = message.round
@@ -249,7 +254,7 @@ class Mailbox:
         0 again: its sequence window starts over. A message from an earlier incarnation
         than one already heard raises ``WireError("stale")`` (nothing is stored).
         """
-        with self._cond:
+        with self._lock:
             incarnation = message.incarnation
             known = self._incarnations.get(message.sender, 0)
             if incarnation and incarnation < known:
@@ -300,7 +305,7 @@ class Mailbox:
         """Add mass of this worker's own that never left (see ``GossipNode.on_take_back``),
         its model ``steps`` training steps in: folded at the next :meth:`take`, whatever
         its round, and acknowledged to nobody."""
-        with self._cond:
+        with self._lock:
             self._place((tensors, weight), steps)
 
     def _side(self, steps: int) -> str | None:
@@ -315,7 +320,7 @@ class Mailbox:
         return "ahead" if steps > own + limit else None
 
     def _place(self, share: Share, steps: int) -> None:
-        """Add ``share`` into the running sum it belongs to (call with ``_cond`` held)."""
+        """Add ``share`` into the running sum it belongs to (call with ``_lock`` held)."""
         side = self._side(steps)
         if side is not None:
             self.lagged[side] += 1
@@ -330,24 +335,24 @@ class Mailbox:
 
     def count_lagged(self, side: str) -> None:
         """Count a share set apart at fold-in (``behind`` or ``ahead``)."""
-        with self._cond:
+        with self._lock:
             self.lagged[side] += 1
 
     def count_reject(self, reason: str) -> int:
         """Count a message refused after it was stored (e.g. at fold-in); the new count."""
-        with self._cond:
+        with self._lock:
             self.rejected[reason] += 1
             return self.rejected[reason]
 
     def mark_arrived(self, sender: int, round: int) -> None:
         """Count ``(sender, round)`` as arrived without mass (the sender kept it)."""
-        with self._cond:
+        with self._lock:
             self._arrived.add((sender, round))
             self._cond.notify_all()
 
     def has(self, expected: Collection[tuple[int, int]]) -> bool:
         """Whether every ``(sender, round)`` in ``expected`` has arrived."""
-        with self._cond:
+        with self._lock:
             return self._arrived.issuperset(expected)
 
     def wait(self, expected: Collection[tuple[int, int]], timeout: float | None) -> bool:
@@ -355,13 +360,13 @@ class Mailbox:
 
         Returns False on timeout, or at once when the mailbox is closed (no more deliveries).
         """
-        with self._cond:
+        with self._lock:
             self._cond.wait_for(lambda: self.closed or self._arrived.issuperset(expected), timeout)
             return self._arrived.issuperset(expected)
 
     def close(self) -> None:
         """No more messages will come: wake every waiter."""
-        with self._cond:
+        with self._lock:
             self.closed = True
             self._cond.notify_all()
 
@@ -382,7 +387,7 @@ class Mailbox:
         """Remove and return the mass of rounds ``<= max_round`` (all when None), as
         :meth:`take` does, with the training steps of its models and, with ``lag_limit``,
         the mass set apart as far ahead or behind (see :class:`Taken`)."""
-        with self._cond:
+        with self._lock:
             shares: list[Share] = []
             steps = 0.0
             taken = Taken(ahead=self._ahead, behind=self._behind)
@@ -419,7 +424,7 @@ class Mailbox:
     def is_duplicate(self, sender: int, seq: int) -> bool:
         """Whether :meth:`put` would take message ``seq`` of ``sender`` for a duplicate (of
         the sender's current incarnation)."""
-        with self._cond:
+        with self._lock:
             window = self._seqs.get(sender)
             return window is not None and window.refuses(seq)
 
@@ -428,7 +433,7 @@ class Mailbox:
         never received). A message received and still waiting is in neither (its fold
         acknowledges it), and so is one too old to tell. Answers a sender's audit of the
         shares it wrote off."""
-        with self._cond:
+        with self._lock:
             window = self._seqs.get(sender)
             folded, never = [], []
             for seq in seqs:
@@ -442,25 +447,25 @@ class Mailbox:
 
     def set_coalesce(self, coalesce: bool) -> None:
         """Switch between one running sum and per-round storage for messages from now on."""
-        with self._cond:
+        with self._lock:
             self.coalesce = coalesce
 
     def pop_receipts(self) -> list[Receipt]:
         """Receipts of the messages taken since the last call (to acknowledge them)."""
-        with self._cond:
+        with self._lock:
             receipts, self._receipts = self._receipts, []
             return receipts
 
     def take_gauge(self, max_round: int) -> float:
         """The largest ``gauge`` of rounds ``<= max_round`` (0.0 if none); forgets them."""
-        with self._cond:
+        with self._lock:
             rounds = [r for r in self._gauges if r <= max_round]
             return max((self._gauges.pop(r) for r in rounds), default=0.0)
 
     def pending(self) -> list[Share]:
         """Mass received but not yet taken (for accounting), less the weight of shares
         whose models were dropped (see :meth:`pending_weight`)."""
-        with self._cond:
+        with self._lock:
             running = [_sum([acc]) for acc in (self._acc, self._ahead) if acc is not None]
             return running + [  # the running sums: _sum copies, put() adds into them
                 share
@@ -472,7 +477,7 @@ class Mailbox:
 
     def pending_weight(self) -> float:
         """Push-sum weight received but not yet taken."""
-        with self._cond:  # the weights as they are: no copy of the running sums
+        with self._lock:  # the weights as they are: no copy of the running sums
             running = sum(acc[1] for acc in (self._acc, self._ahead) if acc is not None)
             kept = sum(  # the shares of models far behind too: their weight is pending
                 share[1]

@@ -198,6 +198,7 @@ class GossipNode:
         """Push-sum messages per peer in its send queue or being sent (gossip thread)."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._lock = threading.Lock()
+        self._abandoned = False  # close() gave up waiting for the gossip thread
         # Under _lock: close() was called or the loop is shutting down; sends are refused.
         self._closed = False
         self._failure: BaseException | None = None  # why the node stopped on its own
@@ -388,8 +389,11 @@ class GossipNode:
             loop.call_soon_threadsafe(stopped.set)
         if thread is threading.current_thread():
             return  # called by a handler: the thread stops once the handler returns
+        if self._abandoned:
+            return  # an earlier close() waited its _STOP_TIMEOUT already
         thread.join(_STOP_TIMEOUT)
         if thread.is_alive():
+            self._abandoned = True  # a daemon thread: it ends with the process
             log.warning("gossip thread of rank %d did not stop in time", self.rank)
 
     def wait_acknowledged(self, timeout: float) -> bool:

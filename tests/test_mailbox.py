@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import sys
 import threading
 from collections.abc import Iterator
+from types import FrameType
 
 import pytest
 import torch
@@ -290,3 +293,35 @@ def test_store_tells_a_new_share_from_copies_of_waiting_and_folded_ones() -> Non
     assert box.store(msg(1, 0, 0, 1.0)) is Stored.COPY_OF_FOLDED
     assert not box.put(msg(1, 0, 0, 1.0))  # put: False, acknowledge it again
     assert box.rejected["duplicate"] == 4
+
+
+@pytest.mark.timeout(30)
+def test_an_interrupt_in_the_training_thread_leaves_the_mailbox_lock_free() -> None:
+    """Ctrl-C raises KeyboardInterrupt in the training thread between two Python frames. One
+    landing in ``threading.Condition.__exit__`` (a Python frame) left the mailbox's lock
+    held, so the gossip thread blocked on its next share for good and Ctrl-C took the close
+    timeouts. The mailbox takes its lock directly (C calls, no Python frame to land in):
+    with an interrupt injected at the first ``__exit__`` frame of the threading module, the
+    lock is free afterwards."""
+    box = Mailbox()
+    injected = []
+
+    def tracer(frame: FrameType, event: str, arg: object) -> None:
+        code = frame.f_code
+        in_threading = code.co_filename == threading.__file__
+        if event == "call" and in_threading and code.co_name == "__exit__" and not injected:
+            injected.append(code.co_qualname)  # raised before it releases the lock
+            raise KeyboardInterrupt
+
+    sys.settrace(tracer)  # type: ignore[arg-type]
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            for _ in range(3):
+                box.mark_arrived(0, 0)
+                box.pop_receipts()
+    finally:
+        sys.settrace(None)
+    other = threading.Thread(target=box.pending_weight, daemon=True)  # as the gossip thread
+    other.start()
+    other.join(5.0)
+    assert not other.is_alive(), f"the mailbox lock stayed held (interrupt in {injected})"

@@ -856,3 +856,28 @@ def test_the_fault_injector_passes_the_transports_backlog_through() -> None:
     assert (faulty.backlog(1), faulty.backlog(0)) == (1, 0)
     plain = FaultyTransport(InProcNetwork(2).transport(0), FaultSpec())
     assert plain.backlog(1) == 0  # an inner transport that holds nothing back
+
+
+@pytest.mark.timeout(30)
+def test_a_second_close_does_not_wait_again_for_a_gossip_thread_that_would_not_stop(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An interrupted worker closes its node twice (``close(linger=0)`` on the way out, then
+    ``close()`` in a ``finally``); a gossip thread that does not stop is waited for once."""
+    monkeypatch.setattr(node_module, "_STOP_TIMEOUT", 0.5)
+    config = local_config(2, 0, [1, 2], transport="inproc")
+    node = GossipNode(config, transport=InProcNetwork(2).transport(0)).start()
+    release = threading.Event()
+    loop = node._loop
+    assert loop is not None
+    loop.call_soon_threadsafe(release.wait, 20.0)  # the loop is stuck in a blocking call
+    try:
+        with caplog.at_level(logging.WARNING, logger="gossip_sgp"):
+            node.close(linger=0.0)
+            node.close()
+            node.close()
+    finally:
+        release.set()
+    stuck = [r for r in caplog.records if "did not stop in time" in r.getMessage()]
+    assert len(stuck) == 1, [r.getMessage() for r in caplog.records]
+    wait_until(lambda: not gossip_threads(), timeout=10)  # it stops once unblocked
