@@ -594,6 +594,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             # The numerators alone, as encoded by the codec and before (copies included).
             result["payload_bytes_sent"] = node.payload_bytes_sent
             result["payload_raw_bytes_sent"] = node.payload_raw_bytes_sent
+            # This worker's own model, before consensus() averages it with the others'.
+            result["accuracy_before_consensus"] = accuracy(model, x_test, y_test)
             sgp.consensus()  # SGP: gossip until the workers agree
             result["suspicions"] = sum(node.peers_lost.values())
             # Push-sum messages sent (training and consensus), and copies of them sent again.

@@ -152,8 +152,12 @@ def brief(result: dict[str, object]) -> str:
                     "train_seconds",
                     "suspicions",
                     "skipped_rounds",
+                    "kept_rounds",
                     "exchanges",
                     "weight",
+                    "lagged",
+                    "answered",
+                    "accuracy_before_consensus",
                 )
             }
             for w in workers

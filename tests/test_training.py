@@ -19,6 +19,7 @@ from tests.procs import (
     Jobs,
     Record,
     alive,
+    brief,
     check_trained,
     children,
     drain,
@@ -86,10 +87,11 @@ def test_sgp_modes_are_within_a_point_of_allreduce(
                 digits_runs.deterministic(nproc, "--staleness", "1", *epochs, "--seed", "1")
             ),
         }
-    asynchronous = [
-        accuracy(digits_runs.fresh(nproc, "--staleness", "none", *epochs, "--seed", str(seed)))
+    async_runs = [
+        digits_runs.fresh(nproc, "--staleness", "none", *epochs, "--seed", str(seed))
         for seed in SEEDS
     ]
+    asynchronous = [accuracy(r) for r in async_runs]
     expected = statistics.mean(allreduce.values())
     record(
         record_property,
@@ -105,8 +107,10 @@ def test_sgp_modes_are_within_a_point_of_allreduce(
             f"{mode} SGP {acc:.4f} vs AllReduce {allreduce[1]:.4f} (seed 1)"
         )
     mean = statistics.mean(asynchronous)
+    low = [brief(r) for r in async_runs if accuracy(r) < expected - 0.01]  # say why
     assert mean >= expected - 0.01, (
-        f"asynchronous SGP {mean:.4f} {asynchronous} vs AllReduce {expected:.4f} {allreduce}"
+        f"asynchronous SGP {mean:.4f} {asynchronous} vs AllReduce {expected:.4f} {allreduce}; "
+        f"the low runs: {low}"
     )
 
 
