@@ -375,7 +375,7 @@ class GossipNode:
         Messages still unsent are counted in ``dropped["closed"]`` and logged.
         """
         self._restore_sigterm()
-        self._hurry = linger == 0.0  # also skip draining the send queues
+        self._hurry = self._hurry or linger == 0.0  # also skip draining the send queues
         self.wait_acknowledged(linger)
         server, self._metrics_server = self._metrics_server, None
         if server is not None:

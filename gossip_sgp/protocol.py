@@ -79,9 +79,10 @@ class PushSumProtocol:
         self, out: dict[int, float], round: int, *, answer: bool = False, adpsgd: int = 0
     ) -> list[Message]:
         """Split off ``out[peer]`` of this node's mass for each peer, off the topology's
-        schedule, as messages of ``round`` coded like every share of their links and
-        numbered in their links' sequences. ``answer`` marks them as a finished worker's
-        answers to one still training (``SGP.consensus``), ``adpsgd`` as AD-PSGD answers."""
+        schedule, as messages of ``round`` coded with the protocol's codec at the time (in
+        ``consensus()`` that may be uncompressed) and numbered in their links' sequences.
+        ``answer`` marks them as a finished worker's answers to one still training
+        (``SGP.consensus``), ``adpsgd`` as AD-PSGD answers."""
         if not out or any(not 0.0 < p < 1.0 for p in out.values()) or sum(out.values()) >= 1.0:
             raise ValueError(f"fractions {out} must be in (0, 1) and sum to less than 1")
         return self._emit(
@@ -111,8 +112,13 @@ class PushSumProtocol:
             residual: tuple[torch.Tensor, ...] | None = None
             if codec.reference:
                 tensors, residual, ref = self._references.encode(codec, peer, seq, tensors)
-            elif codec.name != "none":
-                tensors, residual = compress_share(codec, tensors)
+            else:
+                # (consensus() sends uncompressed shares for a codec that cannot agree: the
+                # receiver's reference does not follow them, so the next difference-coded
+                # share of this link must be a key frame)
+                self._references.forget_outbound(peer)
+                if codec.name != "none":
+                    tensors, residual = compress_share(codec, tensors)
             if residual is not None:
                 # Error feedback: keep what the codec drops, so no mass is lost.
                 self.state.fold(residual, 0.0)

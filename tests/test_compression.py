@@ -414,6 +414,33 @@ def test_sgp_workers_reach_the_joint_optimum_compressed(spec: str) -> None:
     assert math.fsum(w for _, w, _ in results) == pytest.approx(n, abs=1e-12)
 
 
+@pytest.mark.timeout(90)
+def test_training_goes_on_after_a_consensus_that_set_a_difference_coded_codec_aside() -> None:
+    """``consensus()`` sends ``topk:0.1,ref``'s rounds uncompressed; those shares do not move
+    the links' references, so the first difference-coded share after them is a key frame:
+    training and a second consensus go on with no share rejected (before, the receivers
+    refused every later share of those links as ``no_reference`` and the job timed out)."""
+    n = 4
+
+    def worker(rank: int, node: GossipNode) -> tuple[torch.Tensor, dict[str, int]]:
+        x = torch.nn.Parameter(torch.zeros(200, dtype=torch.float64))
+        opt = torch.optim.SGD([x], lr=0.1)
+        sgp = SGP([x], opt, node, compression="topk:0.1,ref", timeout=10.0)
+        for steps in (100, 50):
+            for _ in range(steps):
+                opt.zero_grad()
+                (0.5 * (x - float(rank)).pow(2).sum()).backward()
+                sgp.step()
+            sgp.consensus(max_rounds=32, tol=1e-12)
+        return x.detach().clone(), dict(node.rejected)
+
+    results = run_workers(n, worker, join=80)
+    target = torch.full((200,), (n - 1) / 2, dtype=torch.float64)
+    for x, rejected in results:
+        assert rejected == {}
+        torch.testing.assert_close(x, target, atol=1e-6, rtol=0)
+
+
 def test_demo_and_training_script_refuse_a_bad_codec(capsys: pytest.CaptureFixture[str]) -> None:
     from gossip_sgp.digits import parse_args
 

@@ -296,31 +296,38 @@ def test_store_tells_a_new_share_from_copies_of_waiting_and_folded_ones() -> Non
 
 
 @pytest.mark.timeout(30)
-def test_an_interrupt_in_the_training_thread_leaves_the_mailbox_lock_free() -> None:
+@pytest.mark.parametrize("frame_name", ["__exit__", "notify_all"])
+def test_an_interrupt_in_the_training_thread_leaves_the_mailbox_lock_free(
+    frame_name: str,
+) -> None:
     """Ctrl-C raises KeyboardInterrupt in the training thread between two Python frames. One
     landing in ``threading.Condition.__exit__`` (a Python frame) left the mailbox's lock
     held, so the gossip thread blocked on its next share for good and Ctrl-C took the close
-    timeouts. The mailbox takes its lock directly (C calls, no Python frame to land in):
-    with an interrupt injected at the first ``__exit__`` frame of the threading module, the
-    lock is free afterwards."""
+    timeouts. The mailbox takes its lock directly (C calls, no Python frame to land in), so
+    there is no ``__exit__`` frame of the threading module to interrupt any more; an
+    interrupt in one that remains, ``Condition.notify_all`` under the lock, must leave the
+    lock free too. (Before the change the ``__exit__`` case failed.)"""
     box = Mailbox()
-    injected = []
+    injected: list[str] = []
 
     def tracer(frame: FrameType, event: str, arg: object) -> None:
         code = frame.f_code
         in_threading = code.co_filename == threading.__file__
-        if event == "call" and in_threading and code.co_name == "__exit__" and not injected:
-            injected.append(code.co_qualname)  # raised before it releases the lock
+        if event == "call" and in_threading and code.co_name == frame_name and not injected:
+            injected.append(code.co_name)
             raise KeyboardInterrupt
 
+    previous = sys.gettrace()
     sys.settrace(tracer)  # type: ignore[arg-type]
     try:
         with contextlib.suppress(KeyboardInterrupt):
             for _ in range(3):
-                box.mark_arrived(0, 0)
+                box.mark_arrived(0, 0)  # notify_all under the lock
                 box.pop_receipts()
     finally:
-        sys.settrace(None)
+        sys.settrace(previous)
+    if frame_name == "notify_all":
+        assert injected == ["notify_all"]  # the interrupt did land under the lock
     other = threading.Thread(target=box.pending_weight, daemon=True)  # as the gossip thread
     other.start()
     other.join(5.0)

@@ -880,4 +880,4 @@ def test_a_second_close_does_not_wait_again_for_a_gossip_thread_that_would_not_s
         release.set()
     stuck = [r for r in caplog.records if "did not stop in time" in r.getMessage()]
     assert len(stuck) == 1, [r.getMessage() for r in caplog.records]
-    wait_until(lambda: not gossip_threads(), timeout=10)  # it stops once unblocked
+    assert wait_until(lambda: not gossip_threads(), timeout=10)  # it stops once unblocked
