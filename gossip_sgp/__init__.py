@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # the lazy names below, for type checkers
     from gossip_sgp.protocol import PushSumProtocol
     from gossip_sgp.pushsum import PushSumState, Share
     from gossip_sgp.sgp import SGP
+    from gossip_sgp.streaming import StreamingSGP
 
 __version__ = "0.1.0"
 
@@ -42,6 +43,7 @@ _LAZY = {
     "PushSumState": "gossip_sgp.pushsum",
     "Share": "gossip_sgp.pushsum",
     "SGP": "gossip_sgp.sgp",
+    "StreamingSGP": "gossip_sgp.streaming",
 }
 """Public names that need torch, by the module that defines them."""
 
@@ -75,6 +77,7 @@ __all__ = [
     "PushSumState",
     "RejoinRefused",
     "Share",
+    "StreamingSGP",
     "TransportClosed",
     "TransportError",
     "WireError",

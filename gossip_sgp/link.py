@@ -67,8 +67,9 @@ class OutLink:
         self.settings = LinkSettings() if settings is None else settings
         self.unacked: dict[int, Sent] = {}
         """Shares sent and neither acknowledged nor written off, by sequence number."""
-        self.skips: dict[int, Sent] = {}
-        """Skip notices sent and not acknowledged, by round."""
+        self.skips: dict[tuple[int, int], Sent] = {}
+        """Skip notices sent and not acknowledged, by (round, model fingerprint): the
+        fragments of a ``StreamingSGP`` number their rounds apart."""
         self.written_off: dict[int, float] = {}
         """Weight of the shares written off (at most ``max_unacked`` remembered), by
         sequence number: an acknowledgement that comes after all takes one back."""
@@ -110,7 +111,7 @@ class OutLink:
     def skip_sent(self, notice: Message, now: float) -> None:
         """Book a skip notice ("no mass from me in ``notice.round``"), sent again until
         acknowledged; beyond ``max_skips`` the oldest is no longer sent."""
-        self.skips[notice.round] = Sent(notice, now, now)
+        self.skips[notice.round, notice.fingerprint] = Sent(notice, now, now)
         while len(self.skips) > self.settings.max_skips:
             del self.skips[next(iter(self.skips))]
 
@@ -195,9 +196,10 @@ class OutLink:
         """The peer says share ``seq`` never reached it: no need to ask again."""
         self.unaudited.discard(seq)
 
-    def skip_acked(self, round: int) -> None:
-        """The peer acknowledged the skip notice of ``round``: not sent again."""
-        self.skips.pop(round, None)
+    def skip_acked(self, round: int, fingerprint: int) -> None:
+        """The peer acknowledged the skip notice of ``round`` (for the model of
+        ``fingerprint``): not sent again."""
+        self.skips.pop((round, fingerprint), None)
 
     def suspected(self) -> Written:
         """The peer is suspected down: every outstanding share is written off (returned);

@@ -240,6 +240,33 @@ class Mailbox:
                 self.rejected["ahead"] += 1
                 raise WireError("ahead", f"round {r} is {self.horizon}+ rounds after {round_now}")
 
+    def _window_of(self, sender: int, incarnation: int) -> SequenceWindow | None:
+        """The sequence window of ``sender``'s life ``incarnation`` (under the lock); None
+        for an earlier life than one already heard. A sender that restarted (a larger
+        incarnation) numbers its messages from 0 again: its window starts over."""
+        known = self._incarnations.get(sender, 0)
+        if incarnation and incarnation < known:
+            return None
+        if incarnation > known:
+            self._incarnations[sender] = incarnation
+            if known:  # restarted: sequence numbers start again from 0
+                self._seqs.pop(sender, None)
+        seqs = self._seqs.get(sender)
+        if seqs is None:
+            seqs = self._seqs[sender] = SequenceWindow(self._window)
+        return seqs
+
+    def seen_elsewhere(self, sender: int, incarnation: int, seq: int) -> None:
+        """Message ``seq`` of ``sender`` went to another mailbox of this worker (a sibling
+        fragment of a ``StreamingSGP``: the fragments number the shares of one link in one
+        series). Counted as seen here, so the window's floor moves over it; an audit asks
+        every fragment and takes the owner's word (:meth:`folded` says "folded" of it
+        here)."""
+        with self._lock:
+            seqs = self._window_of(sender, incarnation)
+            if seqs is not None:
+                seqs.accept(seq)
+
     def put(self, message: Message) -> bool:
         """Store a message's mass. A duplicate or replay is counted and not stored; False
         when its original has been folded already (acknowledge it again: the first
@@ -255,18 +282,10 @@ class Mailbox:
         than one already heard raises ``WireError("stale")`` (nothing is stored).
         """
         with self._lock:
-            incarnation = message.incarnation
-            known = self._incarnations.get(message.sender, 0)
-            if incarnation and incarnation < known:
+            seqs = self._window_of(message.sender, message.incarnation)
+            if seqs is None:
                 self.rejected["stale"] += 1
                 raise WireError("stale", f"from an earlier incarnation of rank {message.sender}")
-            if incarnation > known:
-                self._incarnations[message.sender] = incarnation
-                if known:  # restarted: sequence numbers start again from 0
-                    self._seqs.pop(message.sender, None)
-            seqs = self._seqs.get(message.sender)
-            if seqs is None:
-                seqs = self._seqs[message.sender] = SequenceWindow(self._window)
             if not seqs.accept(message.seq):
                 self.rejected["duplicate"] += 1
                 # A copy of a message still waiting to be folded: the fold acknowledges it

@@ -206,6 +206,7 @@ class GossipNode:
         self._handler: Handler | None = None
         self._on_close: Callable[[], object] | None = None
         self._fingerprint: int | None = None
+        self._fingerprints: frozenset[int] = frozenset()  # every one the subscriber takes
         self._early: deque[Message] = deque(maxlen=self.settings.max_early)
         self._sigterm_installed = False
         self._hurry = False
@@ -588,7 +589,8 @@ class GossipNode:
         for_subscriber = message.kind in (MessageKind.MASS, MessageKind.JOIN) or (
             message.kind == MessageKind.HEARTBEAT and message.skip  # see SGP._send
         )
-        overflow, lost, handler, fp, taken_back = False, 0.0, None, None, False
+        overflow, lost, handler, taken_back = False, 0.0, None, False
+        fps: frozenset[int] = frozenset()
         stale_ack = False
         incarnation = message.incarnation
         with self._lock:  # one lock per message on this hot path
@@ -603,7 +605,7 @@ class GossipNode:
             ):
                 stale_ack = True  # meant for an earlier life of this worker
             elif message.kind == MessageKind.ACK and message.skip:
-                link.skip_acked(message.round)
+                link.skip_acked(message.round, message.fingerprint)
             elif message.kind == MessageKind.ACK and message.never:
                 link.never_received(message.seq)  # the answer to an audit: see OutLink.audit
             elif message.kind == MessageKind.ACK:
@@ -612,7 +614,7 @@ class GossipNode:
                     taken_back = True
                     self.lost_weight -= acked[0]
             elif for_subscriber:
-                handler, fp = self._handler, self._fingerprint
+                handler, fps = self._handler, self._fingerprints
                 if handler is None:
                     overflow = len(self._early) == self._early.maxlen
                     lost = self._early[0].weight if overflow else 0.0
@@ -634,7 +636,7 @@ class GossipNode:
             self._drop("early_overflow")
         if handler is None:
             return
-        if message.fingerprint != fp:
+        if message.fingerprint not in fps:
             self._reject("wrong_model", message)
             return
         try:
@@ -650,9 +652,13 @@ class GossipNode:
             # a duplicate: our acknowledgement may have been lost
             self.acknowledge([(message.sender, message.seq, message.round)])
         elif message.kind == MessageKind.HEARTBEAT and not self.plans_rounds:
-            # a skip notice, noted (or a copy of one): say so, or it comes again
+            # a skip notice, noted (or a copy of one): say so, or it comes again; the
+            # receipt names the notice's model (a StreamingSGP fragment's, say)
             ack = self._heartbeat(message.sender, message.round, skip=True)
-            self._queue_control([dataclasses.replace(ack, kind=MessageKind.ACK)])
+            receipt = dataclasses.replace(
+                ack, kind=MessageKind.ACK, fingerprint=message.fingerprint
+            )
+            self._queue_control([receipt])
 
     def _answer_audit(self, query: Message) -> None:
         """A peer asks which of the shares it wrote off this node folded (``OutLink.audit``):
@@ -980,8 +986,14 @@ class GossipNode:
         *,
         fingerprint: int,
         on_close: Callable[[], object] | None = None,
+        also: Collection[int] = (),
     ) -> None:
         """Deliver every valid message for a model with ``fingerprint`` to ``handler``.
+
+        ``also``: more fingerprints whose messages go to ``handler`` (a
+        :class:`~gossip_sgp.streaming.StreamingSGP` gossips each fragment of its model as
+        a model of its own); this node's acknowledgements and heartbeats carry
+        ``fingerprint``.
 
         ``handler`` runs in the gossip thread and must be quick and thread-safe; it returns
         False for a copy of a share it folded (the node then acknowledges it again; None: a
@@ -999,6 +1011,7 @@ class GossipNode:
             if self._handler is not None:
                 raise GossipError("this node already has a subscriber (one SGP per node)")
             self._handler, self._fingerprint = handler, fingerprint
+            self._fingerprints = frozenset((fingerprint, *also))
             self._on_close = on_close
             early = list(self._early)
             self._early.clear()
@@ -1191,14 +1204,19 @@ class GossipNode:
         join = dataclasses.replace(self._heartbeat(peer, 0), kind=MessageKind.JOIN, refused=refused)
         self.send([join])
 
-    def send_skip(self, peers: Sequence[int], round: int) -> None:
+    def send_skip(
+        self, peers: Sequence[int], round: int, *, fingerprint: int | None = None
+    ) -> None:
         """Tell ``peers`` that this node sends them no mass in ``round`` (thread-safe).
 
         A synchronous peer waits for this notice as it would for a share, so it is sent
         again, as a share is, until the peer acknowledges it (at most ``settings.max_skips`` rounds
-        kept per peer).
+        kept per peer). ``fingerprint``: the model whose round it is (default the
+        subscriber's; a :class:`~gossip_sgp.streaming.StreamingSGP` fragment names its own).
         """
         notices = [self._heartbeat(peer, round, skip=True) for peer in peers]
+        if fingerprint is not None:
+            notices = [dataclasses.replace(n, fingerprint=fingerprint) for n in notices]
         if not self.plans_rounds:  # round-by-round transports: no retries
             now = time.monotonic()
             with self._lock:

@@ -40,7 +40,12 @@ class PushSumProtocol:
         fingerprint: int = 0,
         coalesce: bool = False,
         compression: str | Codec = "none",
+        sequence: dict[int, int] | None = None,
     ) -> None:
+        """``sequence``: the next sequence number per out-peer, shared with the other
+        protocols that send over this node's links (the fragments of a ``StreamingSGP``):
+        the links acknowledge and resend by sequence number, so one link numbers all its
+        shares in one series. Default: this protocol's own."""
         if not 0 <= rank < topology.world_size:
             raise ValueError(f"rank {rank} out of range for world size {topology.world_size}")
         self.rank = rank
@@ -59,7 +64,7 @@ class PushSumProtocol:
         """Codec of outgoing numerator shares (received messages name their own)."""
         self.layout: Layout = [(x.numel(), x.dtype, x.device) for x in state.numerator]
         """What received numerators must look like: this node's own numerator layout."""
-        self._next_seq: dict[int, int] = {}
+        self._next_seq: dict[int, int] = {} if sequence is None else sequence
         self._references = References()
 
     def emit(self, round: int, *, gauge: float = 0.0, adpsgd: int = 0) -> list[Message]:

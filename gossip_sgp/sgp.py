@@ -41,7 +41,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -265,6 +265,14 @@ class SGP:
             overlap and local-steps modes, whose workers are never far apart.
     """
 
+    _fragment: tuple[int, int] | None = None
+    """(index, count) where this gossips one fragment of a model for a
+    :class:`~gossip_sgp.streaming.StreamingSGP`, which talks to the node for it; None: a
+    model of its own."""
+    _sequence: dict[int, int] | None = None
+    """The per-link sequence numbers a fragment shares with its siblings (see
+    ``PushSumProtocol``)."""
+
     def __init__(
         self,
         params: Iterable[torch.Tensor],
@@ -336,9 +344,10 @@ class SGP:
         if not self.timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
         self.topology = self._resolve_topology(topology, peers_per_round, node.world_size)
-        self.fingerprint = fingerprint(
-            (str(i), tuple(p.shape), p.dtype) for i, p in enumerate(self.params)
-        )
+        layout = [(str(i), tuple(p.shape), p.dtype) for i, p in enumerate(self.params)]
+        if self._fragment is not None:  # fragments of equal shapes differ
+            layout.append(("fragment {} of {}".format(*self._fragment), (), torch.float32))
+        self.fingerprint = fingerprint(layout)
         self._flats = _flatten(self.params)
         self.state = PushSumState([f.detach().clone() for f in self._flats])
         self.protocol = PushSumProtocol(
@@ -348,6 +357,7 @@ class SGP:
             fingerprint=self.fingerprint,
             coalesce=staleness is None,
             compression=compression,
+            sequence=self._sequence,
         )
         self.lag_limit = lag_limit if isinstance(policy, CreditWindow) else None
         """Asynchronous mode: see ``lag_limit`` above (None in the other modes)."""
@@ -393,8 +403,6 @@ class SGP:
         self.skipped_rounds = 0
         """Asynchronous rounds in which this worker kept its mass (no send credit, or a full
         link to its out-peer)."""
-        if self._metrics is not None:  # read at scrape time: everything snapshot() reads is set
-            self._metrics.watch(self.snapshot)
         self._initial_credit = _INITIAL_CREDIT * max(
             (len(self.topology.out_peers(node.rank, r)) for r in range(self.topology.period)),
             default=0,
@@ -438,6 +446,14 @@ class SGP:
             }
         )
         """Every peer of the topology's period, either way (liveness, checkpoint cuts)."""
+        if self._fragment is None:  # (a fragment's StreamingSGP attaches it)
+            self._attach()
+
+    def _attach(self) -> None:
+        """Take this worker's messages from the node, and be read by its metrics."""
+        node = self.node
+        if self._metrics is not None:  # read at scrape time: everything snapshot() reads is set
+            self._metrics.watch(self.snapshot)
         node.set_neighbours(set(self._neighbours))
         node.on_write_off(self._written_off)
         node.on_take_back(self._take_back)
@@ -519,7 +535,7 @@ class SGP:
         agree mix them all."""
         return message.round < self._finish_round and not message.answer
 
-    def _audited(self, sender: int, seqs: range) -> tuple[list[int], list[int]]:
+    def _audited(self, sender: int, seqs: Collection[int]) -> tuple[list[int], list[int]]:
         """Gossip thread: answer a peer's audit of shares it wrote off (``Mailbox.folded``),
         less the shares whose acknowledgement is held back (see ``_answer_stragglers``):
         they count as still waiting, or the audit would let the peer finish early."""
@@ -581,14 +597,18 @@ class SGP:
     def _apply_update(self, closure: Callable[[], Any] | None, *, numerator: bool = True) -> Any:
         """The optimizer's step, and ``x <- w * z`` unless ``numerator`` is False (an
         overlapped outer step's averaging holds the numerator)."""
-        with torch.enable_grad():
-            loss = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+        loss = _optimizer_step(self.optimizer, closure)
+        self._updated(numerator=numerator)
+        return loss
+
+    def _updated(self, *, numerator: bool = True) -> None:
+        """After the optimizer's step: one more step in the model, and ``x <- w * z``
+        unless ``numerator`` is False."""
         self.state.steps += 1.0
         if numerator:
             # x <- w * z: x / w moves by exactly the optimizer's change of z (and by any
             # change the user made to the parameters since the last step).
             self._numerator_from_model()
-        return loss
 
     def _numerator_from_model(self) -> None:
         """``x <- w * z``: the numerator follows the model's parameters, the weight stays."""
@@ -614,17 +634,24 @@ class SGP:
                 self._start_reference()
             in_flight = self._flight_sent is not None
             loss = self._apply_update(closure, numerator=not in_flight)
-            if in_flight:
-                self._progress(block=False)
-            self._inner += 1
-            if self._inner >= self.local_steps:
-                self._progress(block=True)  # outer_overlap: at most one averaging in flight
-                self._launch()
-                if not self.outer_overlap:  # the next inner steps start from its result
-                    self._progress(block=True)
+            self._inner_step_taken(in_flight)
         self.steps += 1
         self.step_seconds += time.perf_counter() - started
         return loss
+
+    def _inner_step_taken(self, in_flight: bool) -> None:
+        """Local-steps mode, after an inner step (``in_flight``: an averaging was on its way
+        before it): advance that averaging, and every ``local_steps`` steps take an outer
+        step."""
+        assert self.local_steps is not None
+        if in_flight:
+            self._progress(block=False)
+        self._inner += 1
+        if self._inner >= self.local_steps:
+            self._progress(block=True)  # outer_overlap: at most one averaging in flight
+            self._launch()
+            if not self.outer_overlap:  # the next inner steps start from its result
+                self._progress(block=True)
 
     @torch.no_grad()
     def _average(self, rounds: int) -> None:
@@ -856,7 +883,7 @@ class SGP:
         if any(peer in down for peer in out_peers):
             # A suspected peer: keep this round's mass (a share sent to a dead worker would
             # be lost) and tell the out-peers, in case one is alive after all and waiting.
-            self.node.send_skip(out_peers, k)
+            self.node.send_skip(out_peers, k, fingerprint=self.fingerprint)
             self.kept_rounds += 1
             return
         self._credit -= len(out_peers)
@@ -1289,6 +1316,12 @@ class SGP:
             self._reference_set = bool(local["started"])
         self._flight_sent = None  # a checkpoint holds no averaging in flight (state_dict)
         self.state.debias(out=self._flats)
+
+
+def _optimizer_step(optimizer: torch.optim.Optimizer, closure: Callable[[], Any] | None) -> Any:
+    """``optimizer.step(closure)``, with gradients enabled (``step()`` runs without)."""
+    with torch.enable_grad():
+        return optimizer.step(closure) if closure is not None else optimizer.step()
 
 
 def _norm(t: torch.Tensor) -> float:

@@ -37,7 +37,7 @@ LAYERS = (
         _of("compression", "config", "keys", "link", "liveness", "mailbox", "protocol")
         + _of("outer", "pushsum", "settings", "stats"),
     ),
-    ("the worker", ("gossip_sgp", *_of("baselines", "metrics", "node", "sgp"))),
+    ("the worker", ("gossip_sgp", *_of("baselines", "metrics", "node", "sgp", "streaming"))),
     (
         "tools",
         _of("__main__", "bench", "cli", "demo", "digits", "launch", "prefork", "simulate")
