@@ -6,6 +6,7 @@ or a plain average): one model average per H steps instead of one message per st
 
     gossip-sgp launch --nproc 4 examples/train_charlm.py                       # DiLoCo, H=50
     gossip-sgp launch --nproc 4 examples/train_charlm.py --local-steps 1       # gossip every step
+    gossip-sgp launch --nproc 4 examples/train_charlm.py --fragments 5         # 1/5 every 10
     gossip-sgp launch --nproc 4 examples/train_charlm.py --algorithm allreduce # the baseline
 
 The text is, by default, the standard library's own ``.py`` files (sorted by path, the first
@@ -26,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gossip_sgp import SGP, GossipConfig, GossipNode  # SGP
+from gossip_sgp import SGP, GossipConfig, GossipNode, StreamingSGP  # SGP
 
 
 def parse_args() -> argparse.Namespace:
@@ -39,6 +40,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--outer-overlap", action="store_true", help="average while the next H steps run"
     )
+    p.add_argument("--fragments", type=int, default=1, help="average F fragments in turn")
     p.add_argument("--compression", default="none", help="SGP's codec, e.g. int8,ref")
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps per worker")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per worker and step")
@@ -54,13 +56,13 @@ def parse_args() -> argparse.Namespace:
         "sent every N steps (0: at the end only)"
     )  # fmt: skip
     args = p.parse_args()
-    for name in ("local_steps", "steps", "batch_size", "context", "width", "layers"):
+    for name in ("local_steps", "fragments", "steps", "batch_size", "context", "width", "layers"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.eval_every < 0:
         p.error("--eval-every must be >= 0")
-    if args.outer_overlap and args.local_steps == 1:
-        p.error("--outer-overlap needs --local-steps H > 1")
+    if (args.outer_overlap or args.fragments > 1) and args.local_steps == 1:
+        p.error("--outer-overlap and --fragments need --local-steps H > 1")
     if not (args.lr > 0 and args.text_mb > 0):
         p.error("--lr and --text-mb must be > 0")
     return args
@@ -142,7 +144,10 @@ def main() -> None:
         local = {} if args.local_steps == 1 else {"local_steps": args.local_steps}
         outer = {"outer": args.outer, "outer_overlap": args.outer_overlap} if local else {}
         codec = args.compression  # SGP: what the codec drops stays with the sender
-        sgp = SGP(model.parameters(), optimizer, node, compression=codec, **local, **outer)
+        if args.fragments > 1:  # SGP: 1/F of the model every H/F steps, not all every H
+            local["fragments"] = args.fragments
+        wrap = StreamingSGP if args.fragments > 1 else SGP
+        sgp = wrap(model.parameters(), optimizer, node, compression=codec, **local, **outer)
     else:  # the baseline: gradients averaged every step (launch sets MASTER_ADDR/PORT)
         dist.init_process_group("gloo", rank=rank, world_size=n)
     for step in range(1, args.steps + 1):

@@ -49,7 +49,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
-from gossip_sgp import SGP, GossipConfig, GossipNode, RejoinRefused, baselines
+from gossip_sgp import SGP, GossipConfig, GossipNode, RejoinRefused, StreamingSGP, baselines
 from gossip_sgp.compression import parse_codec
 from gossip_sgp.liveness import lost_weight
 from gossip_sgp.outer import OUTER
@@ -253,6 +253,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "outer step when its average is in (at most one outer step late)",
     )
     p.add_argument(
+        "--fragments",
+        type=int,
+        metavar="F",
+        help="with --local-steps: average the model in F fragments on staggered steps "
+        "(StreamingSGP: 1/F of the model every H/F steps instead of all of it every H)",
+    )
+    p.add_argument(
         "--emulate-compute",
         type=float,
         metavar="MS",
@@ -312,8 +319,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             p.error(f"--local-steps must be >= 1, got {args.local_steps}")
         if args.algorithm != "sgp" or args.staleness != 0:
             p.error("--local-steps needs --algorithm sgp and --staleness 0 (the default)")
-    elif args.outer is not None or args.outer_overlap:
-        p.error("--outer and --outer-overlap go with --local-steps H")
+        if args.fragments is not None and not 1 <= args.fragments <= args.local_steps:
+            p.error(f"--fragments must be in 1..H (--local-steps), got {args.fragments}")
+        if args.fragments is not None and transport == "torch":
+            p.error("--fragments needs the zmq transport")
+    elif args.outer is not None or args.outer_overlap or args.fragments is not None:
+        p.error("--outer, --outer-overlap and --fragments go with --local-steps H")
     if args.emulate_compute is not None and not 0 <= args.emulate_compute <= 60_000:
         p.error(f"--emulate-compute must be in 0..60000, got {args.emulate_compute}")
     if not 0 <= args.min_step_ms <= 60_000:
@@ -452,7 +463,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     node = None
     if gossip:
         node = GossipNode(config).start()  # SGP: gossip thread + ZeroMQ sockets
-    if args.algorithm == "sgp" and node is not None:
+    sgp: SGP | StreamingSGP
+    if args.fragments is not None and node is not None:
+        sgp = StreamingSGP(  # SGP: local steps, the model averaged a fragment at a time
+            model.parameters(),
+            optimizer,
+            node,
+            fragments=args.fragments,
+            local_steps=args.local_steps,
+            outer=args.outer,
+            outer_overlap=args.outer_overlap,
+            topology=args.topology,
+            compression=args.compression,
+        )
+    elif args.algorithm == "sgp" and node is not None:
         sgp = SGP(
             model.parameters(),
             optimizer,
@@ -496,6 +520,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         skip = 0  # steps of the first epoch that the job did before this worker rejoined
         if args.rejoin:
             try:
+                assert isinstance(sgp, SGP)  # (--rejoin: asynchronous)
                 done = sgp.rejoin()  # SGP: half of a live neighbour's mass, and its step
             except RejoinRefused as exc:  # the others are already agreeing on the result
                 sys.exit(str(exc))
@@ -585,8 +610,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             result["weight"] = sgp.weight
             result["skipped_rounds"] = sgp.skipped_rounds
             result["kept_rounds"] = sgp.kept_rounds  # rounds kept: an out-peer was down
-            result["lagged"] = dict(sgp.protocol.mailbox.lagged)  # shares far behind/ahead
-            if isinstance(sgp.policy, baselines.PairwiseExchange):
+            result["lagged"] = sgp.snapshot().lagged  # shares far behind/ahead
+            if isinstance(sgp, SGP) and isinstance(sgp.policy, baselines.PairwiseExchange):
                 result["exchanges"] = sgp.policy.exchanges  # AD-PSGD: pairwise averagings completed
             assert node is not None
             # Bytes handed to the wire while training: headers, payloads and acknowledgements.
@@ -599,7 +624,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             sgp.consensus()  # SGP: gossip until the workers agree
             result["suspicions"] = sum(node.peers_lost.values())
             # Push-sum messages sent (training and consensus), and copies of them sent again.
-            result["shares_sent"] = sum(sgp.protocol.sequence_numbers().values())
+            # (the fragments of a StreamingSGP number the shares of a link in one series)
+            protocol = (sgp.parts[0] if isinstance(sgp, StreamingSGP) else sgp).protocol
+            result["shares_sent"] = sum(protocol.sequence_numbers().values())
             result["copies_sent"] = node.retransmitted
             result["answered"] = sgp.answered  # in consensus(): shares of peers still training
             result["outer_steps"] = sgp.outer_steps  # local-steps mode
@@ -742,6 +769,7 @@ def report(
         "local_steps": args.local_steps,
         "outer": (args.outer or "average") if args.local_steps else None,
         "outer_overlap": args.outer_overlap,
+        "fragments": args.fragments,
         "emulate_compute_ms": args.emulate_compute,
         # every step of every worker: compute, communication and waiting
         "iteration_seconds": {

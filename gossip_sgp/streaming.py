@@ -311,6 +311,17 @@ class StreamingSGP:
         return sum(part.kept_rounds for part in self.parts)
 
     @property
+    def skipped_rounds(self) -> int:
+        """0: the asynchronous mode's count (see ``SGP.skipped_rounds``); outer steps are
+        synchronous."""
+        return sum(part.skipped_rounds for part in self.parts)
+
+    @property
+    def answered(self) -> int:
+        """0: the asynchronous mode's count (see ``SGP.answered``)."""
+        return sum(part.answered for part in self.parts)
+
+    @property
     def start_up_rounds(self) -> int:
         """Rounds of the start-up barrier still ahead (see ``SGP.start_up_rounds``)."""
         return max(part.start_up_rounds for part in self.parts)

@@ -50,17 +50,18 @@ def start_job(
 
 @pytest.mark.measured
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("staleness", ["0", "none", "local"])
+@pytest.mark.parametrize("staleness", ["0", "none", "local", "streamed"])
 def test_survivors_of_a_kill_9_finish_and_account_for_its_mass(
     jobs: Jobs, tmp_path: Path, record_property: Record, staleness: str
 ) -> None:
     """``local``: local steps (H=4, SlowMo, outer steps overlapped), whose outer steps are
-    synchronous rounds: without rank 3 they average approximately, losing no mass."""
+    synchronous rounds: without rank 3 they average approximately, losing no mass.
+    ``streamed``: the same in 2 fragments on alternate outer steps (``StreamingSGP``): each
+    fragment's mass is accounted for (the summary's weights are means over fragments)."""
     summary_file = tmp_path / "summary.json"
-    mode = (
-        ["--local-steps", "4", "--outer", "slowmo", "--outer-overlap"]
-        if staleness == "local"
-        else ["--staleness", staleness]
+    local = ["--local-steps", "4", "--outer", "slowmo", "--outer-overlap"]
+    mode = {"local": local, "streamed": [*local, "--fragments", "2"]}.get(
+        staleness, ["--staleness", staleness]
     )
     proc, pids = start_job(jobs, summary_file, *mode, "--epochs", "40")
     victim = pids[3]
