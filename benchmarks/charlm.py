@@ -27,16 +27,20 @@ from benchmarks import add_names_option
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "train_charlm.py"
 
+_SLOWMO_16_INT8 = ["--local-steps", "16", "--outer", "slowmo", "--compression", "int8,ref"]
+
 VARIANTS = {
     "allreduce": ["--algorithm", "allreduce"],
     "sgp every step": ["--local-steps", "1"],
     "average H=50": ["--local-steps", "50", "--outer", "average"],
     "slowmo H=50": ["--local-steps", "50", "--outer", "slowmo"],
     "diloco H=50": ["--local-steps", "50", "--outer", "diloco"],
-    "slowmo H=16 int8": ["--local-steps", "16", "--outer", "slowmo", "--compression", "int8,ref"],
+    "slowmo H=16 int8": _SLOWMO_16_INT8,
     "slowmo H=12 int8": ["--local-steps", "12", "--outer", "slowmo", "--compression", "int8,ref"],
     "diloco H=16 int8": ["--local-steps", "16", "--outer", "diloco", "--compression", "int8,ref"],
     "slowmo H=50 overlap": ["--local-steps", "50", "--outer", "slowmo", "--outer-overlap"],
+    "slowmo H=50 F=5": ["--local-steps", "50", "--outer", "slowmo", "--fragments", "5"],
+    "slowmo H=16 int8 F=4": [*_SLOWMO_16_INT8, "--fragments", "4"],
 }
 DEFAULT = ["allreduce", "sgp every step", "average H=50", "slowmo H=50", "diloco H=50"]
 

@@ -61,8 +61,8 @@ def parse_args() -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.eval_every < 0:
         p.error("--eval-every must be >= 0")
-    if (args.outer_overlap or args.fragments > 1) and args.local_steps == 1:
-        p.error("--outer-overlap and --fragments need --local-steps H > 1")
+    if (args.outer_overlap or args.fragments > 1) and args.local_steps < max(2, args.fragments):
+        p.error("--outer-overlap and --fragments F need --local-steps H > 1 (and F <= H)")
     if not (args.lr > 0 and args.text_mb > 0):
         p.error("--lr and --text-mb must be > 0")
     return args

@@ -46,12 +46,16 @@ ALGORITHMS: dict[str, list[str]] = {
     "sgp-async": ["--algorithm", "sgp", "--staleness", "none"],
     "sgp-local": ["--algorithm", "sgp"],
     "sgp-local-overlap": ["--algorithm", "sgp", "--outer-overlap"],
+    "sgp-stream": ["--algorithm", "sgp"],
+    "sgp-stream-overlap": ["--algorithm", "sgp", "--outer-overlap"],
     "local": ["--algorithm", "local"],
 }
-"""Benchmark algorithm name -> the training script's options (the ``sgp-local*`` runs also
-get ``--local-steps H --outer NAME`` from the plan)."""
+"""Benchmark algorithm name -> the training script's options (the ``sgp-local*`` and
+``sgp-stream*`` runs also get ``--local-steps H --outer NAME`` from the plan, the
+``sgp-stream*`` runs ``--fragments F``: ``StreamingSGP``)."""
 
-LOCAL_STEPS_ALGORITHMS = ("sgp-local", "sgp-local-overlap")
+STREAMING_ALGORITHMS = ("sgp-stream", "sgp-stream-overlap")
+LOCAL_STEPS_ALGORITHMS = ("sgp-local", "sgp-local-overlap", *STREAMING_ALGORITHMS)
 
 NETWORKS = ("loopback", "1gbit-10ms", "1gbit-50ms", "100mbit-100ms")
 """The default network matrix."""
@@ -141,6 +145,8 @@ class Plan:
     """``H`` of the ``sgp-local*`` runs."""
     outer: str = "slowmo"
     """The outer optimizer of the ``sgp-local*`` runs."""
+    fragments: int = 4
+    """``F`` of the ``sgp-stream*`` runs."""
     emulate_compute_ms: float | None = None
     """Emulated accelerator: every step's forward and backward pass is a sleep this long."""
 
@@ -247,7 +253,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--compression",
         default="none",
         help="message codec of the SGP runs (sgp-sync, sgp-overlap, sgp-async, sgp-local, "
-        "sgp-local-overlap): "
+        "sgp-local-overlap, sgp-stream, sgp-stream-overlap): "
         "none, fp16, bf16, int8[:BLOCK], topk:FRACTION (default none)",
     )
     p.add_argument(
@@ -255,13 +261,21 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         type=int,
         default=8,
         metavar="H",
-        help="inner steps between outer steps of sgp-local and sgp-local-overlap (default 8)",
+        help="inner steps between outer steps of sgp-local* and sgp-stream* (default 8)",
     )
     p.add_argument(
         "--outer",
         default="slowmo",
-        help="outer optimizer of sgp-local and sgp-local-overlap: average, slowmo or diloco "
+        help="outer optimizer of sgp-local* and sgp-stream*: average, slowmo or diloco "
         "(default slowmo)",
+    )
+    p.add_argument(
+        "--fragments",
+        type=int,
+        default=4,
+        metavar="F",
+        help="fragments of sgp-stream and sgp-stream-overlap, which are sgp-local and "
+        "sgp-local-overlap with the model averaged 1/F at a time every H/F steps (default 4)",
     )
     p.add_argument(
         "--emulate-compute",
@@ -302,6 +316,11 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         raise SystemExit(f"gossip-sgp bench: --run-timeout must be > 0, got {timeout}")
     if args.local_steps < 1:
         raise SystemExit(f"gossip-sgp bench: --local-steps must be >= 1, got {args.local_steps}")
+    if not 1 <= args.fragments <= args.local_steps:
+        raise SystemExit(
+            f"gossip-sgp bench: --fragments must be in 1..{args.local_steps} (--local-steps), "
+            f"got {args.fragments}"
+        )
     from gossip_sgp.outer import OUTER
 
     if args.outer not in OUTER:
@@ -345,6 +364,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         compression=args.compression,
         local_steps=args.local_steps,
         outer=args.outer,
+        fragments=args.fragments,
         emulate_compute_ms=emulate,
     )
 
@@ -540,6 +560,8 @@ def _run_one(
     argv += ["--seed", str(repeat)]  # repeat r: seed r, the same for every algorithm
     if algorithm in LOCAL_STEPS_ALGORITHMS:
         argv += ["--local-steps", str(plan.local_steps), "--outer", plan.outer]
+    if algorithm in STREAMING_ALGORITHMS:
+        argv += ["--fragments", str(plan.fragments)]
     if straggler > 1.0:
         argv += ["--straggler", f"1:{straggler:g}"]
     if algorithm.startswith("sgp-") and plan.compression != "none":
@@ -670,6 +692,7 @@ def write_results(plan: Plan, rows: list[dict[str, Any]]) -> None:
             "compression": plan.compression,
             "local_steps": plan.local_steps,
             "outer": plan.outer,
+            "fragments": plan.fragments,
             "emulate_compute_ms": plan.emulate_compute_ms,
             "run_timeout": plan.run_timeout,
         },

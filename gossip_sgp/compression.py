@@ -291,6 +291,22 @@ class _Link:
     tensors: tuple[torch.Tensor, ...]
     start: int
     next: int
+    messages: int = 1
+    """Sender side: messages coded on this reference (the key frame included)."""
+    passed: set[int] = dataclasses.field(default_factory=set)
+    """Receiver side: sequence numbers after ``next`` that went to another reference of
+    the same link (see :meth:`References.passed`)."""
+
+    def skip_passed(self) -> None:
+        """Move ``next`` over the numbers that went elsewhere."""
+        while self.next in self.passed:
+            self.passed.remove(self.next)
+            self.next += 1
+
+
+_MAX_PASSED = 4096
+"""Sequence numbers a receiver's reference keeps of a link's siblings ahead of the one it
+waits for (see ``References.passed``)."""
 
 
 class References:
@@ -332,7 +348,7 @@ class References:
         """``(wire tensors, residual, (ref, key))`` of message ``seq`` to ``peer``: the
         message's ``Message.ref`` and ``Message.key``."""
         link = self.out.get(peer)
-        key = link is None or bool(codec.key_interval and seq - link.start >= codec.key_interval)
+        key = link is None or bool(codec.key_interval and link.messages >= codec.key_interval)
         if link is None or key:
             # Key frame: the reference restarts from zero, so this is plain compression.
             parts, sent = codec.roundtrip(share)
@@ -342,6 +358,7 @@ class References:
             parts, sent = codec.roundtrip(diff)
             link.tensors = tuple(h + d for h, d in zip(link.tensors, sent, strict=True))
             link.next = seq + 1
+            link.messages += 1
         residual = tuple(m - h for m, h in zip(share, link.tensors, strict=True))
         return parts, residual, (link.start, key)
 
@@ -379,8 +396,24 @@ class References:
             if not all(all_finite(t) for t in tensors):  # before it becomes the reference
                 raise WireError("non_finite", "reference plus difference overflows")
         if commit:
-            self.inbound[message.sender] = _Link(tensors, start, seq + 1)
+            passed = set() if link is None else {p for p in link.passed if p > seq}
+            self.inbound[message.sender] = placed = _Link(tensors, start, seq + 1, passed=passed)
+            placed.skip_passed()
         return tensors
+
+    def passed(self, sender: int, seq: int) -> None:
+        """Message ``seq`` of ``sender`` went to another reference of the same link: the
+        fragments of a ``StreamingSGP`` number the shares of a link in one series, each
+        with a reference of its own, so this reference's next message comes after the
+        numbers its siblings took. Noted ahead of ``next`` until ``next`` gets there (a
+        share sent again may come late)."""
+        link = self.inbound.get(sender)
+        if link is None or seq < link.next:
+            return
+        link.passed.add(seq)
+        link.skip_passed()
+        if len(link.passed) > _MAX_PASSED:  # a predecessor that never comes
+            self.forget_inbound(sender)  # only a key frame is placed next
 
 
 def _check_raw_bytes(got: int | None, layout: Layout) -> None:

@@ -193,6 +193,12 @@ class PushSumProtocol:
         """
         return self.mailbox.put(self.decode(message))
 
+    def passed(self, sender: int, seq: int) -> None:
+        """Share ``seq`` from ``sender`` went to a sibling protocol numbering the link's
+        shares in the same series (``sequence=``): difference coding (``ref``) of this
+        protocol's shares from ``sender`` goes on after it (gossip thread)."""
+        self._references.passed(sender, seq)
+
     def references_of(self, message: Message) -> bool:
         """Whether ``message`` is difference-coded (codec option ``ref``); False for a codec
         spec that does not parse."""

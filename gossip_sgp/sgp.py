@@ -265,8 +265,9 @@ class SGP:
             overlap and local-steps modes, whose workers are never far apart.
     """
 
-    _fragment: tuple[int, int] | None = None
-    """(index, count) where this gossips one fragment of a model for a
+    _fragment: tuple[int, int, int] | None = None
+    """(index, count, the whole model's fingerprint) where this gossips one fragment of a
+    model for a
     :class:`~gossip_sgp.streaming.StreamingSGP`, which talks to the node for it; None: a
     model of its own."""
     _sequence: dict[int, int] | None = None
@@ -345,8 +346,9 @@ class SGP:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
         self.topology = self._resolve_topology(topology, peers_per_round, node.world_size)
         layout = [(str(i), tuple(p.shape), p.dtype) for i, p in enumerate(self.params)]
-        if self._fragment is not None:  # fragments of equal shapes differ
-            layout.append(("fragment {} of {}".format(*self._fragment), (), torch.float32))
+        if self._fragment is not None:  # fragments of equal shapes, or of other models, differ
+            tag = "fragment {} of {} of model {:x}".format(*self._fragment)
+            layout.append((tag, (), torch.float32))
         self.fingerprint = fingerprint(layout)
         self._flats = _flatten(self.params)
         self.state = PushSumState([f.detach().clone() for f in self._flats])
@@ -982,9 +984,10 @@ class SGP:
                 f"the gossip node of rank {self.node.rank} stopped while waiting for the "
                 f"round-{round} messages of ranks {senders}"
             )
+        part = "" if self._fragment is None else " of fragment {} of {}".format(*self._fragment)
         raise GossipTimeout(
             f"rank {self.node.rank} waited {self.timeout:g} s for the round-{round} "
-            f"messages of ranks {senders}; is every worker running the same number of "
+            f"messages{part} of ranks {senders}; is every worker running the same number of "
             "steps with the same topology? Raise GossipConfig.timeout for slow links, "
             "or use staleness=None (asynchronous) to never wait. "
             + "; ".join(self.node.describe_peer(peer) for peer in senders)
@@ -1287,6 +1290,12 @@ class SGP:
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved (same model layout required)."""
+        self._check_state(state)  # before anything changes
+        self._restore(state, optimizer=True)
+
+    def _check_state(self, state: dict[str, Any]) -> None:
+        """Raise ``GossipError`` unless ``state`` is a checkpoint of this SGP's model and
+        mode (nothing changes)."""
         if state.get("fingerprint") != self.fingerprint:
             raise GossipError("checkpoint is for another model layout (fingerprint differs)")
         numerator = state["numerator"]
@@ -1296,8 +1305,12 @@ class SGP:
             saved.shape != x.shape for x, saved in zip(self.state.numerator, numerator, strict=True)
         ):
             raise GossipError("checkpoint numerator has the wrong shape")
-        local = state.get("local")
-        self._check_local_state(local)  # before anything changes
+        self._check_local_state(state.get("local"))
+
+    @torch.no_grad()
+    def _restore(self, state: dict[str, Any], *, optimizer: bool) -> None:
+        """Load a checked ``state`` (``optimizer``: the wrapped optimizer's too)."""
+        numerator, local = state["numerator"], state.get("local")
         for x, saved in zip(self.state.numerator, numerator, strict=True):
             x.copy_(saved)
         self.state.weight = float(state["weight"])
@@ -1306,7 +1319,8 @@ class SGP:
         self._credit = int(state.get("credit", self._credit))
         self.state.steps = float(state.get("model_steps", 0.0))
         self.protocol.restore_sequence_numbers(state["next_seq"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if optimizer:
+            self.optimizer.load_state_dict(state["optimizer"])
         if local is not None and self._outer is not None:
             for ref, saved in zip(self._reference, local["reference"], strict=True):
                 ref.copy_(saved)

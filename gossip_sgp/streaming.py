@@ -80,13 +80,14 @@ class _Fragment(SGP):
         self,
         index: int,
         count: int,
+        model: int,
         sequence: dict[int, int],
         params: list[torch.Tensor],
         optimizer: torch.optim.Optimizer,
         node: GossipNode,
         **options: Any,
     ) -> None:
-        self._fragment = (index, count)
+        self._fragment = (index, count, model)
         self._sequence = sequence
         super().__init__(params, optimizer, node, **options)
 
@@ -157,11 +158,18 @@ class StreamingSGP:
         """``F``: how many fragments."""
         self.bounds = fragment_bounds([p.numel() for p in self.params], fragments)
         """Per fragment, the indices in ``params`` of its parameters."""
+        self.fingerprint = fingerprint(
+            [(str(i), tuple(p.shape), p.dtype) for i, p in enumerate(self.params)]
+            + [(f"streaming, {fragments} fragments", (), torch.float32)]
+        )
+        """The whole model's fingerprint (the node's own messages carry it; each fragment's
+        is made from its own parameters and this)."""
         sequence: dict[int, int] = {}  # the links' sequence numbers, shared
         self.parts: list[SGP] = [
             _Fragment(
                 f,
                 fragments,
+                self.fingerprint,
                 sequence,
                 self.params[bounds.start : bounds.stop],
                 optimizer,
@@ -180,11 +188,6 @@ class StreamingSGP:
         """One ``SGP`` per fragment (its ``params`` the fragment's)."""
         for f, part in enumerate(self.parts):  # stagger: fragment f's first outer step
             part._inner = local_steps - first_outer_step(f, fragments, local_steps)
-        self.fingerprint = fingerprint(
-            [(str(i), tuple(p.shape), p.dtype) for i, p in enumerate(self.params)]
-            + [(f"streaming, {fragments} fragments", (), torch.float32)]
-        )
-        """The whole model's fingerprint (the node's own messages carry it)."""
         self._by_fingerprint = {part.fingerprint: part for part in self.parts}
         if len(self._by_fingerprint) != fragments or self.fingerprint in self._by_fingerprint:
             raise GossipError("two fragments have the same fingerprint")  # (a 64-bit clash)
@@ -230,6 +233,7 @@ class StreamingSGP:
                     other.protocol.mailbox.seen_elsewhere(
                         message.sender, message.incarnation, message.seq
                     )
+                    other.protocol.passed(message.sender, message.seq)  # codec option ref
         return fresh
 
     def _audited(self, sender: int, seqs: Collection[int]) -> tuple[list[int], list[int]]:
@@ -239,12 +243,12 @@ class StreamingSGP:
         folded the share; the others of every number they saw).
         """
         asked = list(seqs)
-        folded, never = set(asked), set()
+        folded, never = set(asked), set(asked)
         for part in self.parts:
             theirs, none = part._audited(sender, asked)
             folded.intersection_update(theirs)
-            never.update(none)
-        return sorted(folded - never), sorted(never)
+            never.intersection_update(none)
+        return sorted(folded), sorted(never)
 
     def _take_back(self, share: Message) -> bool:
         """Gossip thread: a share that never left for a peer suspected down goes back to
@@ -291,7 +295,10 @@ class StreamingSGP:
         """``outer_overlap``: wait for every fragment's average still on its way, and
         apply it (see ``SGP.outer_wait``)."""
         for part in self.parts:
+            before = part.outer_steps
             part.outer_wait()
+            if part.outer_steps != before:
+                self.outer_gradient_norm = part.outer_gradient_norm
 
     @property
     def outer_steps(self) -> int:
@@ -398,18 +405,19 @@ class StreamingSGP:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` saved (the same model and fragments)."""
+        """Restore what :meth:`state_dict` saved (the same model and fragments); every
+        fragment's state is checked before anything changes."""
         if state.get("fingerprint") != self.fingerprint:
             raise GossipError(
                 "checkpoint is for another model layout or number of fragments "
                 "(fingerprint differs)"
             )
         saved = state["fragments"]
-        if len(saved) != len(self.parts) or any(
-            s.get("fingerprint") != part.fingerprint
-            for s, part in zip(saved, self.parts, strict=False)
-        ):
+        if len(saved) != len(self.parts):
             raise GossipError("checkpoint's fragments differ from this StreamingSGP's")
         for part, part_state in zip(self.parts, saved, strict=True):
-            part.load_state_dict({**part_state, "optimizer": state["optimizer"]})
+            part._check_state(part_state)
+        self.optimizer.load_state_dict(state["optimizer"])
+        for part, part_state in zip(self.parts, saved, strict=True):
+            part._restore(part_state, optimizer=False)
         self.steps = int(state["steps"])

@@ -62,15 +62,20 @@ def test_bench_rejects_bad_numbers(tmp_path: Path) -> None:
         cli.main(["bench", "--out", str(tmp_path), "--local-steps", "0"])
     with pytest.raises(SystemExit, match="--outer must be one of average, diloco, slowmo"):
         cli.main(["bench", "--out", str(tmp_path), "--outer", "adam"])
+    with pytest.raises(SystemExit, match=r"--fragments must be in 1\.\.8 \(--local-steps\)"):
+        cli.main(["bench", "--out", str(tmp_path), "--fragments", "9"])
     with pytest.raises(SystemExit, match=r"--emulate-compute must be in 0\.\.60000"):
         cli.main(["bench", "--out", str(tmp_path), "--emulate-compute", "-1"])
 
 
 def test_the_plan_carries_local_steps_and_emulated_compute(tmp_path: Path) -> None:
     argv = ["--local-steps", "32", "--outer", "diloco", "--emulate-compute", "25"]
-    args = cli.build_parser().parse_args(["bench", "--out", str(tmp_path), *argv])
+    args = cli.build_parser().parse_args(
+        ["bench", "--out", str(tmp_path), *argv, "--fragments", "8"]
+    )
     plan = plan_from_args(args)
     assert (plan.local_steps, plan.outer, plan.emulate_compute_ms) == (32, "diloco", 25.0)
+    assert plan.fragments == 8
     assert plan.train_args[-2:] == ("--emulate-compute", "25")
     default = plan_from_args(cli.build_parser().parse_args(["bench", "--out", str(tmp_path)]))
     assert "--emulate-compute" not in default.train_args
@@ -146,7 +151,9 @@ def test_quick_bench_on_loopback_writes_csv_and_json(jobs: Jobs, tmp_path: Path)
     ``_paired(allreduce, mine, ...)``) makes it fail at ``('dpsgd', 'speedup_vs_allreduce')``.
     The old version compared allreduce with itself and local with itself (1.0 whatever the
     formula) and passed under that mutation."""
-    algorithms = ["allreduce", "dpsgd", "adpsgd", "sgp-async", "sgp-local-overlap", "local"]
+    algorithms = [
+        "allreduce", "dpsgd", "adpsgd", "sgp-async", "sgp-local-overlap", "sgp-stream", "local"
+    ]  # fmt: skip
     out = jobs.run(
         "bench",
         "--quick",

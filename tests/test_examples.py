@@ -40,7 +40,9 @@ def test_digits_are_scikit_learns_digits() -> None:
         (["--straggler", "3"], "--straggler must be RANK:FACTOR"),
         (["--staleness", "soon"], "--staleness must be an integer"),
         (["--emulate-compute", "-1"], "--emulate-compute must be in 0..60000"),
-        (["--outer-overlap"], "--outer and --outer-overlap go with --local-steps H"),
+        (["--outer-overlap"], "--outer, --outer-overlap and --fragments go with --local-steps H"),
+        (["--fragments", "2"], "--outer, --outer-overlap and --fragments go with --local-steps H"),
+        (["--local-steps", "4", "--fragments", "5"], "--fragments must be in 1..H"),
     ],
 )
 def test_the_digits_trainer_refuses_bad_arguments_with_a_clear_error(

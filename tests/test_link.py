@@ -11,6 +11,7 @@ exact.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -145,6 +146,20 @@ def test_a_new_life_of_the_peer_writes_off_what_its_old_life_owed() -> None:
     assert set(link.heard(200) or {}) == {0}
     assert not link.unacked
     assert not link.skips
+
+
+def test_skip_notices_of_one_round_for_two_models_are_kept_and_acknowledged_apart() -> None:
+    """The fragments of a StreamingSGP count their rounds apart: a notice of round 3 for
+    one fragment must not replace, nor be acknowledged by, another's of round 3."""
+    link = OutLink(PEER)
+    first, second = notice(3), dataclasses.replace(notice(3), fingerprint=7)
+    link.skip_sent(first, now=0.0)
+    link.skip_sent(second, now=0.0)
+    assert set(link.skips) == {(3, 0), (3, 7)}
+    link.skip_acked(3, 7)
+    assert set(link.skips) == {(3, 0)}
+    copies, _ = link.due(60.0)
+    assert copies == [first]  # the other fragment's notice is still sent again
 
 
 def test_the_window_writes_off_the_oldest_share_beyond_max_unacked() -> None:

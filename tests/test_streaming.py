@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import queue
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -17,13 +18,14 @@ from typing import Any
 import pytest
 import torch
 
-from gossip_sgp import GossipError, GossipNode, StreamingSGP
+from gossip_sgp import GossipConfig, GossipError, GossipNode, StreamingSGP
 from gossip_sgp.mailbox import Mailbox
 from gossip_sgp.message import Message, MessageKind
 from gossip_sgp.streaming import first_outer_step, fragment_bounds
 from tests.test_liveness import FAST
 from tests.test_local_steps import LR, outer_update
-from tests.threads import run_workers
+from tests.threads import run_workers, wait_until
+from transports import InProcNetwork
 
 SIZES = (3, 2, 4)
 """The test model: three parameters, so three fragments at most."""
@@ -188,16 +190,32 @@ def test_a_streamed_checkpoint_resumes_bit_identically() -> None:
         with pytest.raises(GossipError, match="number of fragments"):
             sgp.load_state_dict(saved[rank])
 
+    def corrupt(rank: int, node: GossipNode) -> None:
+        """The last fragment's outer optimizer differs: refused before the first loads."""
+        params = model()
+        opt = torch.optim.SGD(params, lr=LR, momentum=0.5)
+        sgp = StreamingSGP(params, opt, node, local_steps=h, fragments=2, outer="diloco")
+        other = copy.deepcopy(saved[rank])
+        other["fragments"][1]["local"]["outer"]["param_groups"][0]["lr"] = 0.5
+        with pytest.raises(GossipError, match="other settings"):
+            sgp.load_state_dict(other)
+        assert (sgp.steps, sgp.parts[0].round, opt.state_dict()["state"]) == (0, 0, {})
+
     run_workers(1, refused)
+    run_workers(1, corrupt)
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("codec", ["none", "int8"])
+@pytest.mark.parametrize("codec", ["none", "int8", "int8,ref", "int8:16,ref=3"])
 def test_overlapped_streaming_on_six_workers_loses_no_mass_and_ends_in_one_model(
     codec: str,
 ) -> None:
     """Approximate averages (6 workers), overlapped, compressed: no fragment loses weight,
-    and ``consensus()`` makes every fragment agree."""
+    and ``consensus()`` makes every fragment agree. Difference coding (``ref``) keeps one
+    reference per fragment and link, whose shares are numbered in the link's one series
+    with the other fragments' (``References.passed``; before it, every difference-coded
+    share after a link's first was refused and the job timed out); nothing is refused but
+    copies."""
     n, h = 6, 4
 
     def fn(rank: int, node: GossipNode) -> dict[str, Any]:
@@ -214,6 +232,10 @@ def test_overlapped_streaming_on_six_workers_loses_no_mass_and_ends_in_one_model
         sgp.outer_wait()
         weights = [part.weight for part in sgp.parts]
         disagreement = sgp.consensus()
+        # (copies of shares sent again while their acknowledgement was on its way are
+        # refused as duplicates, as they should be)
+        assert not node.snapshot().rejected, node.snapshot().rejected
+        assert set(sgp.snapshot().rejected) <= {"duplicate"}, sgp.snapshot().rejected
         return {
             "weights": weights,
             "params": [x.detach().clone() for x in params],
@@ -247,6 +269,29 @@ def test_bad_streaming_arguments_are_refused(kw: dict[str, Any], match: str) -> 
             StreamingSGP(params, torch.optim.SGD(params, lr=LR), node, **kw)
 
     run_workers(1, fn)
+
+
+@pytest.mark.timeout(30)
+def test_a_fragments_skip_notice_is_acknowledged_under_its_own_fingerprint() -> None:
+    """A fragment's skip notice ("no mass for you in round k") reaches the receiver under
+    the fragment's fingerprint, and the receipt names it: the sender's link, which keeps
+    notices by (round, fingerprint), stops sending it again. A receipt under the node's
+    own fingerprint would leave it to be sent again for ever."""
+    net = InProcNetwork(2)
+    configs = [
+        GossipConfig.local(2, r, ports=range(40000, 40002), transport="inproc") for r in range(2)
+    ]
+    notices: queue.Queue[Message] = queue.Queue()
+    with (
+        GossipNode(configs[0], transport=net.transport(0), settings=FAST) as n0,
+        GossipNode(configs[1], transport=net.transport(1), settings=FAST) as n1,
+    ):
+        n0.subscribe(lambda m: True, fingerprint=1, also=[7])
+        n1.subscribe(notices.put, fingerprint=1, also=[7])
+        n0.send_skip([1], 5, fingerprint=7)
+        notice = notices.get(timeout=5)
+        assert (notice.skip, notice.round, notice.fingerprint) == (True, 5, 7)
+        assert wait_until(lambda: not n0._links[1].skips), n0._links[1].skips
 
 
 def test_fragments_mailboxes_count_their_siblings_numbers_as_seen() -> None:
@@ -312,7 +357,7 @@ def test_an_audit_is_answered_for_the_shares_of_every_fragment() -> None:
         assert folded == list(range(peer_sent)), (rank, folded)
         assert never == list(range(peer_sent, peer_sent + 3))
     # the start averages 3 fragments over 2 rounds (1 share each per round on 2 workers),
-    # then fragments 0, 1, 2 on steps 1, 3, 4 (mod 4) of 8: 9 rounds, 15 shares in all
+    # then fragments 0, 1, 2 on steps 1, 3, 4 (mod 4) of 8: 6 outer steps of 1 round each
     assert results[0][0] == 3 * 2 + 6
 
 
