@@ -267,7 +267,7 @@ class SGP:
 
     _fragment: tuple[int, int, int] | None = None
     """(index, count, the whole model's fingerprint) where this gossips one fragment of a
-    model for a
+    model (its ``params`` slices of the model's flat buffers) for a
     :class:`~gossip_sgp.streaming.StreamingSGP`, which talks to the node for it; None: a
     model of its own."""
     _sequence: dict[int, int] | None = None
@@ -297,7 +297,7 @@ class SGP:
             raise ValueError("SGP needs at least one parameter")
         owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
         missing = [i for i, p in enumerate(self.params) if id(p) not in owned]
-        if missing:
+        if missing and self._fragment is None:  # (a fragment's are slices of them)
             raise ValueError(f"parameters {missing} are not managed by the optimizer")
         if staleness is not None and staleness < 0:
             raise ValueError(f"staleness must be >= 0 or None, got {staleness}")
@@ -350,7 +350,8 @@ class SGP:
             tag = "fragment {} of {} of model {:x}".format(*self._fragment)
             layout.append((tag, (), torch.float32))
         self.fingerprint = fingerprint(layout)
-        self._flats = _flatten(self.params)
+        # a fragment's "parameters" are slices of StreamingSGP's flat buffers already
+        self._flats = self.params if self._fragment is not None else _flatten(self.params)
         self.state = PushSumState([f.detach().clone() for f in self._flats])
         self.protocol = PushSumProtocol(
             node.rank,

@@ -2,8 +2,9 @@
 
 ``SGP(..., local_steps=H)`` sends the whole model in every outer step's push-sum rounds, once
 every ``H`` steps: the link idles for ``H - 1`` steps, then carries the whole model at once.
-Streaming DiLoCo (Douillard et al., 2025) splits the parameters into ``F`` fragments, each
-averaged every ``H`` steps as before but on staggered steps, fragment ``f`` on the steps
+Streaming DiLoCo (Douillard et al., 2025) splits the parameters into ``F`` fragments (here
+``F`` equal pieces of the flattened parameters), each averaged every ``H`` steps as before
+but on staggered steps, fragment ``f`` on the steps
 ``t`` with ``t = round((f + 1) H / F) (mod H)``; every ``H / F`` steps one fragment goes
 out, so the link carries ``1 / F`` of the model at a time, as many bytes in all::
 
@@ -11,7 +12,7 @@ out, so the link carries ``1 / F`` of the model at a time, as many bytes in all:
                        outer="slowmo")
 
 Each fragment is gossiped as a model of its own: an :class:`~gossip_sgp.sgp.SGP` in the
-local-steps mode over its parameters, with its own push-sum state and weight, mailbox,
+local-steps mode over its piece of the parameters, with its own push-sum state and weight, mailbox,
 reference point and outer optimizer (a pseudo-gradient of one fragment never moves
 another's parameters). The fragments share the worker's node: each has its own model
 fingerprint, by which the node's messages reach it, and one series of sequence numbers per
@@ -23,6 +24,7 @@ exponential graph, ``outer_overlap``, suspected peers left out of the rounds,
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections import Counter
@@ -35,34 +37,32 @@ from gossip_sgp.errors import GossipError
 from gossip_sgp.message import Message, MessageKind, fingerprint
 from gossip_sgp.node import GossipNode
 from gossip_sgp.outer import OuterFactory
-from gossip_sgp.sgp import _ACK_SETTLE, SGP, _optimizer_step
+from gossip_sgp.sgp import _ACK_SETTLE, SGP, _flatten, _optimizer_step
 from gossip_sgp.stats import TrainingStats
 from topologies import Topology
 
-__all__ = ["StreamingSGP", "fragment_bounds"]
+__all__ = ["StreamingSGP", "first_outer_step", "fragment_slices"]
 
 
-def fragment_bounds(sizes: Sequence[int], fragments: int) -> list[range]:
-    """Split parameters of ``sizes`` elements (in order) into ``fragments`` runs of
-    consecutive parameters, none empty, their element counts as even as whole parameters
-    allow: each run ends at the parameter whose running total is nearest to its share of
-    the total."""
-    n = len(sizes)
-    if not 1 <= fragments <= n:
-        raise ValueError(f"{n} parameters cannot make {fragments} non-empty fragments")
-    totals = [0]
-    for size in sizes:
-        totals.append(totals[-1] + size)
-    bounds, start = [], 0
-    for f in range(fragments - 1):
-        target = totals[n] * (f + 1) / fragments
-        # end after parameter i: at least one parameter here, one for each fragment after
-        candidates = range(start + 1, n - (fragments - f - 1) + 1)
-        end = min(candidates, key=lambda i: abs(totals[i] - target))
-        bounds.append(range(start, end))
-        start = end
-    bounds.append(range(start, n))
-    return bounds
+def fragment_slices(flats: Sequence[torch.Tensor], fragments: int) -> list[list[torch.Tensor]]:
+    """Cut the flat buffers ``flats`` (taken as one vector, in order) into ``fragments``
+    pieces of equal size (to an element): per fragment, the views of the buffers' slices it
+    covers (one, or more where it spans two buffers). A piece may cut through a
+    parameter: every fragment is as large as every other, whatever the model's layers."""
+    total = sum(flat.numel() for flat in flats)
+    if not 1 <= fragments <= total:
+        raise ValueError(f"{total} elements cannot make {fragments} non-empty fragments")
+    cuts = [total * f // fragments for f in range(fragments + 1)]
+    pieces: list[list[torch.Tensor]] = []
+    for start, end in itertools.pairwise(cuts):
+        piece, offset = [], 0
+        for flat in flats:
+            lo, hi = max(start, offset), min(end, offset + flat.numel())
+            if lo < hi:
+                piece.append(flat[lo - offset : hi - offset])
+            offset += flat.numel()
+        pieces.append(piece)
+    return pieces
 
 
 def first_outer_step(fragment: int, fragments: int, local_steps: int) -> int:
@@ -99,10 +99,11 @@ class StreamingSGP:
     Args:
         params, optimizer, node, topology, peers_per_round, timeout, compression: as
             :class:`~gossip_sgp.sgp.SGP`'s.
-        fragments: ``F``, how many fragments: runs of consecutive parameters (in the order
-            of ``params``) of about equal element counts (:func:`fragment_bounds`); at
-            least 1, at most the number of parameters and ``local_steps``. ``F = 1`` is
-            ``SGP(..., local_steps=H)``.
+        fragments: ``F``, how many fragments: the parameters, flattened in the order of
+            ``params`` into one buffer per (device, dtype) as ``SGP`` does, cut into ``F``
+            pieces of equal size (:func:`fragment_slices`; a piece may cut through a
+            parameter); at least 1, at most ``local_steps``. With ``F = 1`` the whole
+            model is averaged every ``H`` steps, as by ``SGP(..., local_steps=H)``.
         local_steps: ``H``: each fragment is averaged every ``H`` steps; fragment ``f``
             first on step ``round((f + 1) H / F)`` (the last on step ``H``).
         outer, outer_rounds, outer_overlap: as ``SGP``'s, for each fragment (each has an
@@ -130,15 +131,19 @@ class StreamingSGP:
         compression: str = "none",
     ) -> None:
         self.params = list(dict.fromkeys(params))  # drop repeats, keep order
+        if not self.params:
+            raise ValueError("StreamingSGP needs at least one parameter")
+        owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        missing = [i for i, p in enumerate(self.params) if id(p) not in owned]
+        if missing:
+            raise ValueError(f"parameters {missing} are not managed by the optimizer")
         if type(local_steps) is not int or local_steps < 1:
             raise ValueError(f"local_steps must be an integer >= 1, got {local_steps!r}")
         if type(fragments) is not int or fragments < 1:
             raise ValueError(f"fragments must be an integer >= 1, got {fragments!r}")
-        if fragments > len(self.params):
-            raise ValueError(
-                f"fragments={fragments}: the model has only {len(self.params)} parameters "
-                "(a fragment is a run of whole parameters)"
-            )
+        total = sum(p.numel() for p in self.params)
+        if fragments > total:
+            raise ValueError(f"fragments={fragments}: the model has only {total} elements")
         if fragments > local_steps:
             raise ValueError(
                 f"fragments={fragments} > local_steps={local_steps}: each fragment's outer "
@@ -156,14 +161,14 @@ class StreamingSGP:
         """``H``: steps between two outer steps of one fragment."""
         self.fragments = fragments
         """``F``: how many fragments."""
-        self.bounds = fragment_bounds([p.numel() for p in self.params], fragments)
-        """Per fragment, the indices in ``params`` of its parameters."""
         self.fingerprint = fingerprint(
             [(str(i), tuple(p.shape), p.dtype) for i, p in enumerate(self.params)]
             + [(f"streaming, {fragments} fragments", (), torch.float32)]
         )
         """The whole model's fingerprint (the node's own messages carry it; each fragment's
         is made from its own parameters and this)."""
+        self._flats = _flatten(self.params)  # the parameters become views into these
+        pieces = fragment_slices(self._flats, fragments)
         sequence: dict[int, int] = {}  # the links' sequence numbers, shared
         self.parts: list[SGP] = [
             _Fragment(
@@ -171,7 +176,7 @@ class StreamingSGP:
                 fragments,
                 self.fingerprint,
                 sequence,
-                self.params[bounds.start : bounds.stop],
+                piece,
                 optimizer,
                 node,
                 topology=topology,
@@ -183,9 +188,10 @@ class StreamingSGP:
                 outer_rounds=outer_rounds,
                 outer_overlap=outer_overlap,
             )
-            for f, bounds in enumerate(self.bounds)
+            for f, piece in enumerate(pieces)
         ]
-        """One ``SGP`` per fragment (its ``params`` the fragment's)."""
+        """One ``SGP`` per fragment (its ``params``: the fragment's slices of the flat
+        buffers)."""
         for f, part in enumerate(self.parts):  # stagger: fragment f's first outer step
             part._inner = local_steps - first_outer_step(f, fragments, local_steps)
         self._by_fingerprint = {part.fingerprint: part for part in self.parts}

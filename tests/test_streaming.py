@@ -21,29 +21,36 @@ import torch
 from gossip_sgp import GossipConfig, GossipError, GossipNode, StreamingSGP
 from gossip_sgp.mailbox import Mailbox
 from gossip_sgp.message import Message, MessageKind
-from gossip_sgp.streaming import first_outer_step, fragment_bounds
+from gossip_sgp.streaming import first_outer_step, fragment_slices
 from tests.test_liveness import FAST
 from tests.test_local_steps import LR, outer_update
 from tests.threads import run_workers, wait_until
 from transports import InProcNetwork
 
 SIZES = (3, 2, 4)
-"""The test model: three parameters, so three fragments at most."""
+"""The test model: three parameters, 9 elements (3 fragments: elements 0-2, 3-5, 6-8, the
+second cutting through the parameters)."""
 
 
 def target(rank: int, p: int) -> torch.Tensor:
     return torch.arange(SIZES[p], dtype=torch.float64) * (rank + 1) - 2.0 * p * rank + 0.5
 
 
-def hand(outer: str, n: int, p: int, periods: list[int], tail: int, rank: int) -> torch.Tensor:
-    """Parameter ``p`` of worker ``rank``: outer steps after each of ``periods`` inner steps
-    (as the papers write them), then ``tail`` inner steps of its own."""
-    c = sum(target(r, p) for r in range(n)) / n
-    x0 = torch.zeros(SIZES[p], dtype=torch.float64)
-    u = torch.zeros(SIZES[p], dtype=torch.float64)
+def targets(rank: int) -> torch.Tensor:
+    """Worker ``rank``'s targets of all parameters, flat."""
+    return torch.cat([target(rank, p) for p in range(len(SIZES))])
+
+
+def hand(outer: str, n: int, periods: list[int], tail: int, rank: int) -> torch.Tensor:
+    """Worker ``rank``'s parameters (flat) had every element taken outer steps after each
+    of ``periods`` inner steps (as the papers write them), then ``tail`` inner steps of
+    its own."""
+    c = sum(targets(r) for r in range(n)) / n
+    x0 = torch.zeros(sum(SIZES), dtype=torch.float64)
+    u = torch.zeros(sum(SIZES), dtype=torch.float64)
     for k in periods:
         x0, u = outer_update(outer, x0, (x0 - c) * (1 - (1 - LR) ** k), u)
-    t = target(rank, p)
+    t = targets(rank)
     return t + (x0 - t) * (1 - LR) ** tail
 
 
@@ -70,14 +77,19 @@ def train(steps: int, **kw: Any) -> Any:
     return fn
 
 
-def test_fragments_are_runs_of_whole_parameters_of_about_equal_size() -> None:
-    assert fragment_bounds([10, 10, 10, 10], 2) == [range(0, 2), range(2, 4)]
-    assert fragment_bounds([100, 1, 1, 1], 2) == [range(0, 1), range(1, 4)]
-    assert fragment_bounds([1, 1, 1, 100], 3) == [range(0, 2), range(2, 3), range(3, 4)]
-    assert fragment_bounds([5, 3], 1) == [range(0, 2)]
-    assert fragment_bounds([5, 3, 8], 3) == [range(0, 1), range(1, 2), range(2, 3)]
+def test_fragments_are_equal_pieces_of_the_flat_buffers() -> None:
+    """Views (writes go through to the buffers), of equal size to an element, in order; a
+    piece spanning two buffers (two dtypes) is a view of each."""
+    a, b = torch.arange(7.0), torch.arange(5.0, dtype=torch.float64)
+    pieces = fragment_slices([a, b], 3)
+    assert [[t.numel() for t in piece] for piece in pieces] == [[4], [3, 1], [4]]
+    assert torch.equal(torch.cat([torch.cat([t.double() for t in p]) for p in pieces]),
+                       torch.cat([a.double(), b]))  # fmt: skip
+    pieces[1][1].fill_(-1.0)
+    assert b[0] == -1.0
+    assert [t.numel() for t in fragment_slices([a], 7)[6]] == [1]
     with pytest.raises(ValueError, match="non-empty"):
-        fragment_bounds([5, 3], 3)
+        fragment_slices([a], 8)
     # the outer steps spread over every H steps, the last fragment's on step H
     assert [first_outer_step(f, 4, 16) for f in range(4)] == [4, 8, 12, 16]
     assert [first_outer_step(f, 3, 8) for f in range(3)] == [3, 5, 8]
@@ -88,16 +100,19 @@ def test_fragments_are_runs_of_whole_parameters_of_about_equal_size() -> None:
 def test_each_fragment_takes_the_papers_outer_steps_on_its_own_staggered_steps(
     outer: str,
 ) -> None:
-    """3 fragments (one parameter each), H=6, 4 workers, 14 steps: fragment f's outer steps
-    on steps 2, 4 and 6 (mod 6); after step 14 the parameters are what each fragment's own
+    """3 fragments of 3 elements, H=6, 4 workers, 14 steps: fragment f's outer steps on
+    steps 2, 4 and 6 (mod 6); after step 14 each fragment's elements are what its own
     schedule of outer steps gives, exactly (a power-of-two exponential graph)."""
     n, h, steps = 4, 6, 14
     results = run_workers(n, train(steps, local_steps=h, fragments=3, outer=outer))
     schedule = {0: ([2, 6, 6], 0), 1: ([4, 6], 4), 2: ([6, 6], 2)}  # (periods, tail) by hand
     for rank, r in enumerate(results):
-        for p, (periods, tail) in schedule.items():
-            want = hand(outer, n, p, periods, tail, rank)
-            torch.testing.assert_close(r["params"][p], want, rtol=0, atol=1e-12)
+        got = torch.cat(r["params"])
+        for f, (periods, tail) in schedule.items():
+            want = hand(outer, n, periods, tail, rank)
+            torch.testing.assert_close(
+                got[3 * f : 3 * f + 3], want[3 * f : 3 * f + 3], rtol=0, atol=1e-12
+            )
         assert r["outer_steps"] == [3, 2, 2]
         assert r["snapshot"].outer_steps == 7
         assert r["snapshot"].outer_gradient_norm > 0
@@ -256,7 +271,7 @@ def test_overlapped_streaming_on_six_workers_loses_no_mass_and_ends_in_one_model
     [
         ({"fragments": 0, "local_steps": 4}, "fragments must be"),
         ({"fragments": 2.0, "local_steps": 4}, "fragments must be"),
-        ({"fragments": 4, "local_steps": 8}, "only 3 parameters"),
+        ({"fragments": 10, "local_steps": 16}, "only 9 elements"),
         ({"fragments": 3, "local_steps": 2}, "needs a step of its own"),
         ({"fragments": 2, "local_steps": 0}, "local_steps must be"),
         ({"fragments": 2, "local_steps": 4, "outer_rounds": 0}, "outer_rounds must be"),
@@ -341,10 +356,10 @@ def test_an_audit_is_answered_for_the_shares_of_every_fragment() -> None:
         # a share of fragment 1 that came and waits to be folded: neither (its fold
         # acknowledges it), though fragments 0 and 2 count its number as seen
         part = sgp.parts[1]
+        ones = tuple(torch.ones(numel, dtype=dtype) for numel, dtype, _ in part.protocol.layout)
         waiting = Message(
             sender=peer, receiver=rank, round=part.round, seq=sent + 2, weight=0.25,
-            tensors=(torch.ones(SIZES[1], dtype=torch.float64),),
-            fingerprint=part.fingerprint,
+            tensors=ones, fingerprint=part.fingerprint,
         )  # fmt: skip
         assert sgp._receive(waiting) is True
         assert sgp._audited(peer, [sent + 2]) == ([], [])
