@@ -316,7 +316,8 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         raise SystemExit(f"gossip-sgp bench: --run-timeout must be > 0, got {timeout}")
     if args.local_steps < 1:
         raise SystemExit(f"gossip-sgp bench: --local-steps must be >= 1, got {args.local_steps}")
-    if not 1 <= args.fragments <= args.local_steps:
+    streamed = any(a in STREAMING_ALGORITHMS for a in args.algorithms or ALGORITHMS)
+    if streamed and not 1 <= args.fragments <= args.local_steps:
         raise SystemExit(
             f"gossip-sgp bench: --fragments must be in 1..{args.local_steps} (--local-steps), "
             f"got {args.fragments}"

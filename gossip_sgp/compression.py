@@ -293,15 +293,6 @@ class _Link:
     next: int
     messages: int = 1
     """Sender side: messages coded on this reference (the key frame included)."""
-    passed: set[int] = dataclasses.field(default_factory=set)
-    """Receiver side: sequence numbers after ``next`` that went to another reference of
-    the same link (see :meth:`References.passed`)."""
-
-    def skip_passed(self) -> None:
-        """Move ``next`` over the numbers that went elsewhere."""
-        while self.next in self.passed:
-            self.passed.remove(self.next)
-            self.next += 1
 
 
 _MAX_PASSED = 4096
@@ -329,6 +320,10 @@ class References:
         """Links to out-peers (sender side)."""
         self.inbound: dict[int, _Link] = {}
         """Links from in-peers (receiver side)."""
+        self._passed: dict[int, set[int]] = {}
+        """Receiver side, per in-peer: sequence numbers that went to another reference of
+        the same link, not yet reached (see :meth:`passed`); kept apart from the link's
+        reference, so that numbers noted before a key frame is placed still count."""
 
     def forget_outbound(self, peer: int) -> None:
         """Drop the reference of the link to ``peer``: its next message is a key frame."""
@@ -337,6 +332,7 @@ class References:
     def forget_inbound(self, peer: int) -> None:
         """Drop the reference of the link from ``peer``: only a key frame is placed next."""
         self.inbound.pop(peer, None)
+        self._passed.pop(peer, None)
 
     def encode(
         self,
@@ -396,23 +392,34 @@ class References:
             if not all(all_finite(t) for t in tensors):  # before it becomes the reference
                 raise WireError("non_finite", "reference plus difference overflows")
         if commit:
-            passed = set() if link is None else {p for p in link.passed if p > seq}
-            self.inbound[message.sender] = placed = _Link(tensors, start, seq + 1, passed=passed)
-            placed.skip_passed()
+            placed = self.inbound[message.sender] = _Link(tensors, start, seq + 1)
+            passed = self._passed.get(message.sender)
+            if passed:  # (numbers before a key frame no longer matter)
+                self._passed[message.sender] = {p for p in passed if p > seq}
+                self._advance(message.sender, placed)
         return tensors
+
+    def _advance(self, sender: int, link: _Link) -> None:
+        """Move the link's ``next`` over the numbers that went to other references."""
+        passed = self._passed.get(sender)
+        while passed and link.next in passed:
+            passed.remove(link.next)
+            link.next += 1
 
     def passed(self, sender: int, seq: int) -> None:
         """Message ``seq`` of ``sender`` went to another reference of the same link: the
         fragments of a ``StreamingSGP`` number the shares of a link in one series, each
         with a reference of its own, so this reference's next message comes after the
         numbers its siblings took. Noted ahead of ``next`` until ``next`` gets there (a
-        share sent again may come late)."""
+        share sent again may come late), also before this reference's key frame is placed."""
         link = self.inbound.get(sender)
-        if link is None or seq < link.next:
+        if link is not None and seq < link.next:
             return
-        link.passed.add(seq)
-        link.skip_passed()
-        if len(link.passed) > _MAX_PASSED:  # a predecessor that never comes
+        passed = self._passed.setdefault(sender, set())
+        passed.add(seq)
+        if link is not None:
+            self._advance(sender, link)
+        if len(passed) > _MAX_PASSED:  # a predecessor that never comes
             self.forget_inbound(sender)  # only a key frame is placed next
 
 

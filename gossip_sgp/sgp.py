@@ -1299,6 +1299,9 @@ class SGP:
         mode (nothing changes)."""
         if state.get("fingerprint") != self.fingerprint:
             raise GossipError("checkpoint is for another model layout (fingerprint differs)")
+        lacking = [k for k in ("numerator", "weight", "round", "next_seq") if k not in state]
+        if lacking:
+            raise GossipError(f"checkpoint lacks {', '.join(lacking)}")
         numerator = state["numerator"]
         if len(numerator) != len(self.state.numerator):
             raise GossipError("checkpoint has a different number of parameter groups")

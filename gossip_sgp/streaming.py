@@ -6,7 +6,7 @@ Streaming DiLoCo (Douillard et al., 2025) splits the parameters into ``F`` fragm
 ``F`` equal pieces of the flattened parameters), each averaged every ``H`` steps as before
 but on staggered steps, fragment ``f`` on the steps
 ``t`` with ``t = round((f + 1) H / F) (mod H)``; every ``H / F`` steps one fragment goes
-out, so the link carries ``1 / F`` of the model at a time, as many bytes in all::
+out, so the link carries ``1 / F`` of the model at a time, as many bytes per ``H`` steps::
 
     sgp = StreamingSGP(model.parameters(), optimizer, node, fragments=4, local_steps=16,
                        outer="slowmo")
@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from gossip_sgp.errors import GossipError
+from gossip_sgp.errors import GossipError, WireError
 from gossip_sgp.message import Message, MessageKind, fingerprint
 from gossip_sgp.node import GossipNode
 from gossip_sgp.outer import OuterFactory
@@ -232,15 +232,30 @@ class StreamingSGP:
             if message.kind == MessageKind.JOIN and not message.refused:
                 self.node.send_join(message.sender, refused=True)  # no rejoin() here
             return True
-        fresh = part._receive(message)
-        if message.kind == MessageKind.MASS:
-            for other in self.parts:
+        mass = message.kind == MessageKind.MASS
+        try:
+            fresh = part._receive(message)
+        except WireError as exc:
+            # Refused (its copy may come again), its number is taken all the same: the
+            # siblings' references go on after it. Not a number of an earlier life.
+            if mass and exc.reason != "stale":
+                self._passed(part, message)
+            raise
+        if mass:
+            self._passed(part, message)
+            for other in self.parts:  # (only a share taken counts as seen: see _audited)
                 if other is not part:
                     other.protocol.mailbox.seen_elsewhere(
                         message.sender, message.incarnation, message.seq
                     )
-                    other.protocol.passed(message.sender, message.seq)  # codec option ref
         return fresh
+
+    def _passed(self, part: SGP, message: Message) -> None:
+        """Difference coding (``ref``): the other fragments' references of the link skip
+        ``message``'s number (see ``References.passed``)."""
+        for other in self.parts:
+            if other is not part:
+                other.protocol.passed(message.sender, message.seq)
 
     def _audited(self, sender: int, seqs: Collection[int]) -> tuple[list[int], list[int]]:
         """Gossip thread: a peer's audit of shares it wrote off, which may be any
@@ -418,6 +433,9 @@ class StreamingSGP:
                 "checkpoint is for another model layout or number of fragments "
                 "(fingerprint differs)"
             )
+        lacking = [k for k in ("fragments", "optimizer", "steps") if k not in state]
+        if lacking:
+            raise GossipError(f"checkpoint lacks {', '.join(lacking)}")
         saved = state["fragments"]
         if len(saved) != len(self.parts):
             raise GossipError("checkpoint's fragments differ from this StreamingSGP's")

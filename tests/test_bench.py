@@ -64,6 +64,10 @@ def test_bench_rejects_bad_numbers(tmp_path: Path) -> None:
         cli.main(["bench", "--out", str(tmp_path), "--outer", "adam"])
     with pytest.raises(SystemExit, match=r"--fragments must be in 1\.\.8 \(--local-steps\)"):
         cli.main(["bench", "--out", str(tmp_path), "--fragments", "9"])
+    with pytest.raises(SystemExit, match=r"--fragments must be in 1\.\.2"):
+        cli.main(
+            ["bench", "--out", str(tmp_path), "--local-steps", "2", "--algorithms", "sgp-stream"]
+        )
     with pytest.raises(SystemExit, match=r"--emulate-compute must be in 0\.\.60000"):
         cli.main(["bench", "--out", str(tmp_path), "--emulate-compute", "-1"])
 
@@ -79,6 +83,9 @@ def test_the_plan_carries_local_steps_and_emulated_compute(tmp_path: Path) -> No
     assert plan.train_args[-2:] == ("--emulate-compute", "25")
     default = plan_from_args(cli.build_parser().parse_args(["bench", "--out", str(tmp_path)]))
     assert "--emulate-compute" not in default.train_args
+    # --fragments (default 4) is checked against H only where a streamed run is planned
+    short = ["bench", "--out", str(tmp_path), "--local-steps", "2", "--algorithms", "sgp-local"]
+    assert plan_from_args(cli.build_parser().parse_args(short)).local_steps == 2
 
 
 def _row(

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 import topologies
 from gossip_sgp import SGP, GossipConfig, GossipNode, Message
 from gossip_sgp.cli import main
-from gossip_sgp.compression import Codec, compress_share, parse_codec
+from gossip_sgp.compression import _MAX_PASSED, Codec, References, compress_share, parse_codec
 from gossip_sgp.errors import WireError
 from gossip_sgp.protocol import PushSumProtocol
 from gossip_sgp.pushsum import PushSumState
@@ -450,3 +450,54 @@ def test_demo_and_training_script_refuse_a_bad_codec(capsys: pytest.CaptureFixtu
     with pytest.raises(SystemExit):
         parse_args(["--compression", "zip"])
     assert "unknown codec 'zip'" in capsys.readouterr().err
+
+
+def _coded(refs: References, codec: Codec, seq: int, share: torch.Tensor) -> Message:
+    """Sender side: ``share`` as the difference-coded message ``seq`` from rank 1."""
+    parts, _, (start, key) = refs.encode(codec, 0, seq, (share,))
+    return Message(
+        sender=1, receiver=0, round=seq, seq=seq, weight=0.5, tensors=parts,
+        codec=codec.spec, raw_bytes=share.numel() * 4, ref=start, key=key,
+    )  # fmt: skip
+
+
+def test_a_reference_follows_its_own_shares_among_numbers_its_siblings_took() -> None:
+    """Two fragments code their shares of one link against references of their own, with
+    sequence numbers from one series (StreamingSGP). The receiver's reference of fragment A
+    is told the numbers that went to B (``References.passed``): A's shares are placed,
+    also when a number of B's is noted before A's key frame (a key frame refused for room
+    comes again after it) or ahead of A's next (B's shares out of order)."""
+    codec = parse_codec("int8:4,min=0,ref")
+    layout = [(8, torch.float32, torch.device("cpu"))]
+    sender, receiver = References(), References()
+    shares = [torch.linspace(-1, 1, 8) * (k + 1) for k in range(4)]
+    messages = {seq: _coded(sender, codec, seq, shares[i]) for i, seq in enumerate((0, 2, 5, 6))}
+    receiver.passed(1, 1)  # B's first share, before A's key frame 0 is placed
+    receiver.decode(codec, messages[0], layout, commit=True)
+    receiver.decode(codec, messages[2], layout, commit=True)  # next: 1 was B's
+    receiver.passed(1, 4)  # B's 3 and 4 arrive out of order
+    with pytest.raises(WireError, match="no_reference"):
+        receiver.decode(codec, messages[5], layout, commit=True)  # 3 not accounted for yet
+    receiver.passed(1, 3)
+    got = receiver.decode(codec, messages[5], layout, commit=True)
+    receiver.decode(codec, messages[6], layout, commit=True)
+    # the reference is exact: both ends hold the same tensors
+    assert torch.equal(receiver.inbound[1].tensors[0], sender.out[0].tensors[0])
+    torch.testing.assert_close(got[0], shares[2], atol=0.05, rtol=0)
+    # a new life of the sender: what was noted goes with the old reference
+    receiver.passed(1, 9)
+    receiver.forget_inbound(1)
+    assert 1 not in receiver._passed
+
+
+def test_a_reference_waiting_for_a_predecessor_that_never_comes_is_dropped() -> None:
+    """Numbers noted ahead of a reference's next are bounded: past ``_MAX_PASSED`` the
+    reference is dropped (only a key frame is placed next), instead of growing forever."""
+    codec = parse_codec("int8:4,min=0,ref")
+    layout = [(8, torch.float32, torch.device("cpu"))]
+    sender, receiver = References(), References()
+    receiver.decode(codec, _coded(sender, codec, 0, torch.ones(8)), layout, commit=True)
+    for seq in range(2, 2 + _MAX_PASSED + 1):  # number 1 never comes
+        receiver.passed(1, seq)
+    assert 1 not in receiver.inbound
+    assert 1 not in receiver._passed
