@@ -292,13 +292,10 @@ class SGP:
         outer_overlap: bool = False,
         lag_limit: int | None = LAG_LIMIT,
     ) -> None:
-        self.params = list(dict.fromkeys(params))  # drop repeats, keep order
-        if not self.params:
-            raise ValueError("SGP needs at least one parameter")
-        owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        missing = [i for i, p in enumerate(self.params) if id(p) not in owned]
-        if missing and self._fragment is None:  # (a fragment's are slices of them)
-            raise ValueError(f"parameters {missing} are not managed by the optimizer")
+        if self._fragment is None:
+            self.params = _parameters(params, optimizer, "SGP")
+        else:  # slices of the parameters, checked by StreamingSGP
+            self.params = list(params)
         if staleness is not None and staleness < 0:
             raise ValueError(f"staleness must be >= 0 or None, got {staleness}")
         if local_steps is not None and policy is not None:
@@ -345,7 +342,7 @@ class SGP:
         if not self.timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
         self.topology = self._resolve_topology(topology, peers_per_round, node.world_size)
-        layout = [(str(i), tuple(p.shape), p.dtype) for i, p in enumerate(self.params)]
+        layout = _layout(self.params)
         if self._fragment is not None:  # fragments of equal shapes, or of other models, differ
             tag = "fragment {} of {} of model {:x}".format(*self._fragment)
             layout.append((tag, (), torch.float32))
@@ -1207,18 +1204,8 @@ class SGP:
         survivors' reports after ``consensus()`` and :func:`gossip_sgp.liveness.lost_weight`
         tells how much weight dead workers took with them.
         """
-        node, received = self.node, self.protocol.mailbox.weight_from
-        node.wait_acknowledged(_ACK_SETTLE)  # the last round's acknowledgements
-        acked = dict(node.acked_weight)
-        peers = sorted(set(acked) | set(received))
-        return {
-            "weight": self.state.weight,
-            "lost_weight": node.lost_weight,
-            "suspected": sorted(node.down_peers()),
-            "rejoined": self.rejoined,
-            "net_weight_to": {str(p): acked.get(p, 0.0) - received.get(p, 0.0) for p in peers},
-            "written_off_to": {str(p): n for p, n in sorted(node.written_off.items())},
-        }
+        received = [self.protocol.mailbox.weight_from]
+        return _mass_report(self.node, self.state.weight, received, rejoined=self.rejoined)
 
     # --------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -1334,6 +1321,52 @@ class SGP:
             self._reference_set = bool(local["started"])
         self._flight_sent = None  # a checkpoint holds no averaging in flight (state_dict)
         self.state.debias(out=self._flats)
+
+
+def _parameters(
+    params: Iterable[torch.Tensor], optimizer: torch.optim.Optimizer, who: str
+) -> list[torch.Tensor]:
+    """``params`` without repeats, in order; ``ValueError`` for none, or for one that
+    ``optimizer`` does not manage."""
+    unique = list(dict.fromkeys(params))  # drop repeats, keep order
+    if not unique:
+        raise ValueError(f"{who} needs at least one parameter")
+    owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    missing = [i for i, p in enumerate(unique) if id(p) not in owned]
+    if missing:
+        raise ValueError(f"parameters {missing} are not managed by the optimizer")
+    return unique
+
+
+def _layout(params: Sequence[torch.Tensor]) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """What a model's fingerprint is made of: (index, shape, dtype) per parameter."""
+    return [(str(i), tuple(p.shape), p.dtype) for i, p in enumerate(params)]
+
+
+def _mass_report(
+    node: GossipNode, weight: float, received: Sequence[dict[int, float]], *, rejoined: bool
+) -> dict[str, Any]:
+    """``SGP.mass_report``'s figures for push-sum states that hold ``weight`` (their mean)
+    and whose mailboxes took in ``received`` (per state, per peer): one state for ``SGP``,
+    one per fragment for ``StreamingSGP``, whose shares the node's ledgers add up, so its
+    figures are means over the states too. First waits (at most ``_ACK_SETTLE``) for the
+    last acknowledgements."""
+    node.wait_acknowledged(_ACK_SETTLE)  # the last round's acknowledgements
+    acked = dict(node.acked_weight)
+    count = len(received)
+    taken: dict[int, float] = {}
+    for weights in received:
+        for peer, w in weights.items():
+            taken[peer] = taken.get(peer, 0.0) + w
+    peers = sorted(set(acked) | set(taken))
+    return {
+        "weight": weight,
+        "lost_weight": node.lost_weight / count,
+        "suspected": sorted(node.down_peers()),
+        "rejoined": rejoined,
+        "net_weight_to": {str(p): (acked.get(p, 0.0) - taken.get(p, 0.0)) / count for p in peers},
+        "written_off_to": {str(p): n for p, n in sorted(node.written_off.items())},
+    }
 
 
 def _optimizer_step(optimizer: torch.optim.Optimizer, closure: Callable[[], Any] | None) -> Any:

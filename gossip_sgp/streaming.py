@@ -37,7 +37,7 @@ from gossip_sgp.errors import GossipError, WireError
 from gossip_sgp.message import Message, MessageKind, fingerprint
 from gossip_sgp.node import GossipNode
 from gossip_sgp.outer import OuterFactory
-from gossip_sgp.sgp import _ACK_SETTLE, SGP, _flatten, _optimizer_step
+from gossip_sgp.sgp import SGP, _flatten, _layout, _mass_report, _optimizer_step, _parameters
 from gossip_sgp.stats import TrainingStats
 from topologies import Topology
 
@@ -130,13 +130,7 @@ class StreamingSGP:
         timeout: float | None = None,
         compression: str = "none",
     ) -> None:
-        self.params = list(dict.fromkeys(params))  # drop repeats, keep order
-        if not self.params:
-            raise ValueError("StreamingSGP needs at least one parameter")
-        owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        missing = [i for i, p in enumerate(self.params) if id(p) not in owned]
-        if missing:
-            raise ValueError(f"parameters {missing} are not managed by the optimizer")
+        self.params = _parameters(params, optimizer, "StreamingSGP")
         if type(local_steps) is not int or local_steps < 1:
             raise ValueError(f"local_steps must be an integer >= 1, got {local_steps!r}")
         if type(fragments) is not int or fragments < 1:
@@ -162,8 +156,7 @@ class StreamingSGP:
         self.fragments = fragments
         """``F``: how many fragments."""
         self.fingerprint = fingerprint(
-            [(str(i), tuple(p.shape), p.dtype) for i, p in enumerate(self.params)]
-            + [(f"streaming, {fragments} fragments", (), torch.float32)]
+            [*_layout(self.params), (f"streaming, {fragments} fragments", (), torch.float32)]
         )
         """The whole model's fingerprint (the node's own messages carry it; each fragment's
         is made from its own parameters and this)."""
@@ -358,25 +351,9 @@ class StreamingSGP:
         """As ``SGP.mass_report``, with every weight a mean over the fragments (``weight``,
         ``lost_weight``, ``net_weight_to``): each fragment keeps its own push-sum weight,
         and the node's ledgers add up the shares of all of them."""
-        node, count = self.node, len(self.parts)
-        node.wait_acknowledged(_ACK_SETTLE)  # the last round's acknowledgements
-        acked = dict(node.acked_weight)
-        received: dict[int, float] = {}
-        for part in self.parts:
-            for peer, weight in part.protocol.mailbox.weight_from.items():
-                received[peer] = received.get(peer, 0.0) + weight
-        peers = sorted(set(acked) | set(received))
-        return {
-            "weight": self.weight,
-            "lost_weight": node.lost_weight / count,
-            "suspected": sorted(node.down_peers()),
-            "rejoined": False,
-            "net_weight_to": {
-                str(p): (acked.get(p, 0.0) - received.get(p, 0.0)) / count for p in peers
-            },
-            "written_off_to": {str(p): n for p, n in sorted(node.written_off.items())},
-            "fragments": count,
-        }
+        received = [part.protocol.mailbox.weight_from for part in self.parts]
+        report = _mass_report(self.node, self.weight, received, rejoined=False)
+        return {**report, "fragments": len(self.parts)}
 
     def consensus(self, max_rounds: int = 64, tol: float = 1e-6) -> float:
         """Gossip without training until the workers agree on every fragment, one fragment

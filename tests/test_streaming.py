@@ -77,6 +77,20 @@ def train(steps: int, **kw: Any) -> Any:
     return fn
 
 
+def assert_one_model_and_no_mass_lost(
+    results: list[dict[str, Any]], n: int, *, tol: float, rtol: float
+) -> None:
+    """Every fragment's weights (taken before ``consensus()``) add up to ``n``; each
+    worker's ``consensus()`` reached ``tol``, and its parameters are the first worker's to
+    ``rtol`` (and 1e-6 absolute)."""
+    for p in range(len(results[0]["weights"])):
+        assert math.fsum(r["weights"][p] for r in results) == pytest.approx(n, abs=1e-9)
+    for r in results:
+        assert r["disagreement"] <= tol
+        for x, y in zip(r["params"], results[0]["params"], strict=True):
+            torch.testing.assert_close(x, y, rtol=rtol, atol=1e-6)
+
+
 def test_fragments_are_equal_pieces_of_the_flat_buffers() -> None:
     """Views (writes go through to the buffers), of equal size to an element, in order; a
     piece spanning two buffers (two dtypes) is a view of each."""
@@ -265,14 +279,9 @@ def test_overlapped_streaming_on_six_workers_loses_no_mass_and_ends_in_one_model
         }
 
     results = run_workers(n, fn)
-    for p in range(3):
-        assert math.fsum(r["weights"][p] for r in results) == pytest.approx(n, abs=1e-9)
-    for r in results:
-        assert r["disagreement"] <= 1e-6
-        for x, y in zip(r["params"], results[0]["params"], strict=True):
-            # consensus() stops once a round changes the models by at most 1e-6 (relative):
-            # seen 2e-6 apart with int8 differences (the targets differ by whole units)
-            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
+    # consensus() stops once a round changes the models by at most 1e-6 (relative): seen
+    # 2e-6 apart with int8 differences (the targets differ by whole units)
+    assert_one_model_and_no_mass_lost(results, n, tol=1e-6, rtol=1e-4)
 
 
 @pytest.mark.parametrize(
@@ -349,12 +358,7 @@ def test_a_fragment_may_span_two_dtypes() -> None:
         [torch.float32, torch.float64],
         [torch.float64],
     ]
-    for p in range(3):
-        assert math.fsum(r["weights"][p] for r in results) == pytest.approx(n, abs=1e-9)
-    for r in results:
-        assert r["disagreement"] <= 1e-9
-        for x, y in zip(r["params"], results[0]["params"], strict=True):
-            torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
+    assert_one_model_and_no_mass_lost(results, n, tol=1e-9, rtol=1e-6)
     assert results[0]["params"][0].dtype == torch.float32
 
 
