@@ -37,6 +37,8 @@ VARIANTS = {
     "diloco H=50": ["--local-steps", "50", "--outer", "diloco"],
     "slowmo H=16 int8": _SLOWMO_16_INT8,
     "slowmo H=12 int8": ["--local-steps", "12", "--outer", "slowmo", "--compression", "int8,ref"],
+    "slowmo H=20 int8": ["--local-steps", "20", "--outer", "slowmo", "--compression", "int8,ref"],
+    "slowmo H=24 int8": ["--local-steps", "24", "--outer", "slowmo", "--compression", "int8,ref"],
     "diloco H=16 int8": ["--local-steps", "16", "--outer", "diloco", "--compression", "int8,ref"],
     "slowmo H=50 overlap": ["--local-steps", "50", "--outer", "slowmo", "--outer-overlap"],
     "slowmo H=50 F=5": ["--local-steps", "50", "--outer", "slowmo", "--fragments", "5"],
@@ -49,13 +51,18 @@ Curve = list[tuple[int, float, float]]
 
 
 def run(
-    workers: int, extra: list[str], seed: int, steps: int, eval_every: int = 0
+    workers: int,
+    extra: list[str],
+    seed: int,
+    steps: int,
+    eval_every: int = 0,
+    shards: str = "interleaved",
 ) -> tuple[float, float, Curve]:
     """(validation loss, MB sent per worker, rank 0's curve) of one run."""
     cmd = [
         sys.executable, "-m", "gossip_sgp.cli", "launch", "--nproc", str(workers),
         str(EXAMPLE), "--seed", str(seed), "--steps", str(steps),
-        "--eval-every", str(eval_every), *extra,
+        "--eval-every", str(eval_every), "--shards", shards, *extra,
     ]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=True).stdout
     finals = [line for line in out.splitlines() if "validation loss" in line]
@@ -104,6 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=1000, help="steps per worker (default 1000)")
     add_names_option(p, "--variants", VARIANTS, DEFAULT)
     p.add_argument("--eval-every", type=int, default=0, help="rank 0 tests every N steps")
+    p.add_argument(
+        "--shards",
+        choices=("interleaved", "contiguous"),
+        default="interleaved",
+        help="the example's data split: windows at rank + k n (IID, the default) or each "
+        "worker its own n-th of the text (other files)",
+    )
     p.add_argument("--plot", type=Path, help="PNG of loss against MB sent (per world size)")
     args = p.parse_args(argv)
     if any(n < 2 for n in args.workers) or args.steps < 1 or args.eval_every < 0:
@@ -116,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         curves: dict[str, list[Curve]] = {}
         for name in args.variants:
             results = [
-                run(n, VARIANTS[name], seed, args.steps, args.eval_every) for seed in args.seeds
+                run(n, VARIANTS[name], seed, args.steps, args.eval_every, args.shards)
+                for seed in args.seeds
             ]
             curves[name] = [r[2] for r in results]
             for seed, (loss, sent, _) in zip(args.seeds, results, strict=True):

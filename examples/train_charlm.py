@@ -1,6 +1,6 @@
 """Train a small character-level transformer with local steps and an outer optimizer.
 
-Every worker trains with AdamW on its own part of a text and, every ``--local-steps`` steps,
+Every worker trains with AdamW on its own windows of a text and, every ``--local-steps`` steps,
 averages its model with the others by push-sum and applies DiLoCo's outer step (or SlowMo's,
 or a plain average): one model average per H steps instead of one message per step:
 
@@ -19,7 +19,6 @@ marked ``# SGP`` are what gossip adds to a plain PyTorch training loop.
 from __future__ import annotations
 
 import argparse
-import math
 import sysconfig
 from pathlib import Path
 
@@ -33,13 +32,9 @@ from gossip_sgp import SGP, GossipConfig, GossipNode, StreamingSGP  # SGP
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Train a character-level transformer with SGP.")
     p.add_argument("--algorithm", choices=("sgp", "allreduce"), default="sgp")
-    p.add_argument(
-        "--local-steps", type=int, default=50, help="H: steps between averages (1: SGP every step)"
-    )
+    p.add_argument("--local-steps", type=int, default=50, help="H (1: SGP every step)")
     p.add_argument("--outer", choices=("diloco", "slowmo", "average"), default="diloco")
-    p.add_argument(
-        "--outer-overlap", action="store_true", help="average while the next H steps run"
-    )
+    p.add_argument("--outer-overlap", action="store_true", help="average during the next H")
     p.add_argument("--fragments", type=int, default=1, help="average F fragments in turn")
     p.add_argument("--compression", default="none", help="SGP's codec, e.g. int8,ref")
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps per worker")
@@ -50,21 +45,20 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
     p.add_argument("--text", type=Path, help="a text file (default: the stdlib's source)")
     p.add_argument("--text-mb", type=float, default=2.0, help="megabytes of the stdlib's source")
-    p.add_argument("--seed", type=int, default=0, help="model initialisation and batches")
     p.add_argument(
-        "--eval-every", type=int, default=0, help="rank 0 prints its validation loss and MB "
-        "sent every N steps (0: at the end only)"
+        "--shards", choices=("interleaved", "contiguous"), default="interleaved",
+        help="windows starting at rank + k n (IID), or in the worker's own n-th of the text",
     )  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="model initialisation and batches")
+    p.add_argument("--eval-every", type=int, default=0, help="rank 0 tests every N steps")
     args = p.parse_args()
     for name in ("local_steps", "fragments", "steps", "batch_size", "context", "width", "layers"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.eval_every < 0:
-        p.error("--eval-every must be >= 0")
     if (args.outer_overlap or args.fragments > 1) and args.local_steps < max(2, args.fragments):
         p.error("--outer-overlap and --fragments F need --local-steps H > 1 (and F <= H)")
-    if not (args.lr > 0 and args.text_mb > 0):
-        p.error("--lr and --text-mb must be > 0")
+    if not (args.lr > 0 and args.text_mb > 0 and args.eval_every >= 0):
+        p.error("--lr and --text-mb must be > 0, --eval-every >= 0")
     return args
 
 
@@ -107,6 +101,16 @@ class CharLM(nn.Module):
         return logits
 
 
+def window_starts(
+    args: argparse.Namespace, length: int, rank: int, n: int, draws: torch.Generator
+) -> torch.Tensor:
+    """Starts rank + k n, as torch's DistributedSampler shards, or in the rank's n-th."""
+    first, stride, span = rank, n, (length - args.context - 1 - rank) // n
+    if args.shards == "contiguous":
+        first, stride, span = rank * (length // n), 1, length // n - args.context - 1
+    return first + stride * torch.randint(0, span, (args.batch_size,), generator=draws)
+
+
 def windows(text: torch.Tensor, starts: torch.Tensor, context: int) -> torch.Tensor:
     return torch.stack([text[s : s + context + 1] for s in starts.tolist()]).long()
 
@@ -132,8 +136,6 @@ def main() -> None:
     text = read_text(args.text, args.text_mb)
     held_out = int(len(text) * 0.95)
     train, valid = text[:held_out], text[held_out:]
-    part = len(train) // n
-    mine = train[rank * part : (rank + 1) * part]  # each worker its own part
     torch.manual_seed(args.seed)  # every worker starts from the same model
     model = CharLM(args.context, args.width, args.layers)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
@@ -151,9 +153,9 @@ def main() -> None:
     else:  # the baseline: gradients averaged every step (launch sets MASTER_ADDR/PORT)
         dist.init_process_group("gloo", rank=rank, world_size=n)
     for step in range(1, args.steps + 1):
-        starts = torch.randint(0, len(mine) - args.context - 1, (args.batch_size,), generator=draws)
+        starts = window_starts(args, len(train), rank, n, draws)
         optimizer.zero_grad()
-        loss = loss_of(model, windows(mine, starts, args.context))
+        loss = loss_of(model, windows(train, starts, args.context))
         loss.backward()  # type: ignore[no-untyped-call]
         if sgp is not None:
             sgp.step()  # SGP: the local step (and every H steps an outer step)
@@ -175,11 +177,8 @@ def main() -> None:
     else:
         sent = allreduce_mb(model, n, args.steps)
         dist.destroy_process_group()
-    print(
-        f"rank {rank}: validation loss {validation_loss(model, valid, args.context):.4f} "
-        f"nats/byte (ln 256 = {math.log(256):.2f}), sent {sent:.1f} MB",
-        flush=True,
-    )
+    val = validation_loss(model, valid, args.context)  # untrained: ln 256 = 5.55 nats/byte
+    print(f"rank {rank}: validation loss {val:.4f} nats/byte, sent {sent:.1f} MB", flush=True)
 
 
 def sent_mb(node: GossipNode) -> float:

@@ -126,6 +126,40 @@ def test_the_example_trains_four_workers_to_one_model(jobs: Jobs, staleness: str
     assert max(disagreements) <= 1e-6, finals
 
 
+@pytest.mark.timeout(60)
+def test_the_language_model_example_shards_its_windows_as_asked() -> None:
+    """``--shards interleaved`` (the default) gives worker r the windows starting at bytes
+    r, r + n, r + 2n, ... (the split torch's DistributedSampler makes: every worker draws
+    from the whole text, no two from the same start); ``contiguous`` keeps each worker's
+    windows inside its own n-th of the text (other files of the standard library)."""
+    import argparse
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("train_charlm", CHARLM)
+    assert spec is not None
+    assert spec.loader is not None
+    charlm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(charlm)
+    length, n, context = 100_000, 3, 64
+    for shards in ("interleaved", "contiguous"):
+        args = argparse.Namespace(context=context, batch_size=20_000, shards=shards)
+        for rank in range(n):
+            starts = charlm.window_starts(args, length, rank, n, torch.Generator().manual_seed(7))
+            assert starts.shape == (20_000,)
+            assert int(starts.min()) >= 0
+            assert int(starts.max()) + context + 1 <= length
+            if shards == "interleaved":
+                assert bool((starts % n == rank).all()), shards
+                assert int(starts.min()) < length // 10
+                assert int(starts.max()) > length * 9 // 10
+            else:
+                part = length // n
+                assert int(starts.min()) >= rank * part, shards
+                assert int(starts.max()) + context + 1 <= (rank + 1) * part, shards
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("algorithm", ["local-steps", "streamed", "allreduce"])
@@ -141,6 +175,8 @@ def test_the_language_model_example_learns_and_local_steps_send_little(
         args += ["--algorithm", "allreduce"]
     if algorithm == "streamed":
         args += ["--fragments", "4"]
+    if algorithm == "local-steps":
+        args += ["--shards", "contiguous"]  # the other runs take the default, interleaved
     out = jobs.run("launch", "--nproc", "4", str(CHARLM), *args, timeout=200)
     finals = [line for line in out.splitlines() if "validation loss" in line]
     assert len(finals) == 4, out[-3000:]
