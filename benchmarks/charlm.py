@@ -8,6 +8,8 @@ sent, and per variant the mean over seeds against AllReduce's:
     python -m benchmarks.charlm --workers 4 --seeds 0 1 2
     python -m benchmarks.charlm --workers 8 --seeds 0 --eval-every 100 --plot loss-bytes.png
 
+``--shards`` picks the example's data split: ``interleaved`` (the default, IID) or
+``contiguous`` (each worker its own n-th of the text; docs/training.md's earlier tables).
 AllReduce's bytes are a ring all-reduce's, 2 (n - 1) / n of the model per step; the gossip
 variants' are what their nodes handed to the wire (headers and acknowledgements included).
 With ``--eval-every N`` rank 0 also tests its own model every N steps, and ``--plot FILE``

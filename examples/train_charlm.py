@@ -9,11 +9,11 @@ or a plain average): one model average per H steps instead of one message per st
     gossip-sgp launch --nproc 4 examples/train_charlm.py --fragments 5         # 1/5 every 10
     gossip-sgp launch --nproc 4 examples/train_charlm.py --algorithm allreduce # the baseline
 
-The text is, by default, the standard library's own ``.py`` files (sorted by path, the first
-``--text-mb`` megabytes), which every machine with Python has; ``--text FILE`` trains on a
-file instead (give every worker the same one). The last 5% is held out: the script prints
-the validation loss (nats per byte) of the final model and what each worker sent. The lines
-marked ``# SGP`` are what gossip adds to a plain PyTorch training loop.
+The text is, by default, the standard library's ``.py`` files (the first ``--text-mb`` MB,
+sorted by path), which every machine with Python has; ``--text FILE`` trains on a file instead.
+The last 5% is held out: the script prints the final model's validation loss (nats per byte)
+and what each worker sent. ``# SGP`` marks what gossip adds to a PyTorch loop. Nearest
+AllReduce (docs/training.md): ``--outer slowmo --local-steps 16 --compression int8,ref``.
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ from gossip_sgp import SGP, GossipConfig, GossipNode, StreamingSGP  # SGP
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Train a character-level transformer with SGP.")
     p.add_argument("--algorithm", choices=("sgp", "allreduce"), default="sgp")
-    p.add_argument("--local-steps", type=int, default=50, help="H (1: SGP every step)")
+    p.add_argument("--local-steps", type=int, default=50, help="H, steps per average (1: every)")
     p.add_argument("--outer", choices=("diloco", "slowmo", "average"), default="diloco")
-    p.add_argument("--outer-overlap", action="store_true", help="average during the next H")
+    p.add_argument("--outer-overlap", action="store_true", help="average during the next H steps")
     p.add_argument("--fragments", type=int, default=1, help="average F fragments in turn")
     p.add_argument("--compression", default="none", help="SGP's codec, e.g. int8,ref")
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps per worker")
@@ -50,7 +50,10 @@ def parse_args() -> argparse.Namespace:
         help="windows starting at rank + k n (IID), or in the worker's own n-th of the text",
     )  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="model initialisation and batches")
-    p.add_argument("--eval-every", type=int, default=0, help="rank 0 tests every N steps")
+    p.add_argument(
+        "--eval-every", type=int, default=0, help="rank 0 prints its held-out loss and MB sent "
+        "every N steps (0: at the end only)",
+    )  # fmt: skip
     args = p.parse_args()
     for name in ("local_steps", "fragments", "steps", "batch_size", "context", "width", "layers"):
         if getattr(args, name) < 1:
@@ -104,7 +107,7 @@ class CharLM(nn.Module):
 def window_starts(
     args: argparse.Namespace, length: int, rank: int, n: int, draws: torch.Generator
 ) -> torch.Tensor:
-    """Starts rank + k n, as torch's DistributedSampler shards, or in the rank's n-th."""
+    """Starts rank + k n (DistributedSampler's split, unshuffled), or in the rank's n-th."""
     first, stride, span = rank, n, (length - args.context - 1 - rank) // n
     if args.shards == "contiguous":
         first, stride, span = rank * (length // n), 1, length // n - args.context - 1

@@ -129,9 +129,9 @@ def test_the_example_trains_four_workers_to_one_model(jobs: Jobs, staleness: str
 @pytest.mark.timeout(60)
 def test_the_language_model_example_shards_its_windows_as_asked() -> None:
     """``--shards interleaved`` (the default) gives worker r the windows starting at bytes
-    r, r + n, r + 2n, ... (the split torch's DistributedSampler makes: every worker draws
-    from the whole text, no two from the same start); ``contiguous`` keeps each worker's
-    windows inside its own n-th of the text (other files of the standard library)."""
+    r, r + n, r + 2n, ... of the whole text (DistributedSampler's split, unshuffled: no two
+    workers share a start); ``contiguous`` draws exactly what the example drew before the
+    option existed, each worker inside its own n-th of the text."""
     import argparse
     import importlib.util
 
@@ -142,22 +142,27 @@ def test_the_language_model_example_shards_its_windows_as_asked() -> None:
     assert spec.loader is not None
     charlm = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(charlm)
-    length, n, context = 100_000, 3, 64
-    for shards in ("interleaved", "contiguous"):
-        args = argparse.Namespace(context=context, batch_size=20_000, shards=shards)
-        for rank in range(n):
-            starts = charlm.window_starts(args, length, rank, n, torch.Generator().manual_seed(7))
-            assert starts.shape == (20_000,)
-            assert int(starts.min()) >= 0
-            assert int(starts.max()) + context + 1 <= length
-            if shards == "interleaved":
-                assert bool((starts % n == rank).all()), shards
-                assert int(starts.min()) < length // 10
-                assert int(starts.max()) > length * 9 // 10
-            else:
-                part = length // n
-                assert int(starts.min()) >= rank * part, shards
-                assert int(starts.max()) + context + 1 <= (rank + 1) * part, shards
+    # a short text and many draws: every start a worker may draw is drawn
+    length, n, context, draws = 301, 3, 8, 20_000
+    args = argparse.Namespace(context=context, batch_size=draws, shards="interleaved")
+    taken: list[set[int]] = []
+    for rank in range(n):
+        starts = charlm.window_starts(args, length, rank, n, torch.Generator().manual_seed(rank))
+        # every start of this rank's residue whose window fits, but the last one
+        expected = set(range(rank, length - context - 1 - n + 1, n))
+        assert set(starts.tolist()) == expected, rank
+        assert max(expected) + context + 1 <= length
+        taken.append(expected)
+    assert sum(len(t) for t in taken) == len(set().union(*taken)) > 0.95 * length - context
+    args = argparse.Namespace(context=context, batch_size=draws, shards="contiguous")
+    part = length // n
+    for rank in range(n):
+        starts = charlm.window_starts(args, length, rank, n, torch.Generator().manual_seed(rank))
+        before = torch.randint(
+            0, part - context - 1, (draws,), generator=torch.Generator().manual_seed(rank)
+        )
+        assert torch.equal(starts, rank * part + before), rank
+        assert set(starts.tolist()) == set(range(rank * part, (rank + 1) * part - context - 1))
 
 
 @pytest.mark.slow
