@@ -29,7 +29,13 @@ from benchmarks import add_names_option
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "train_charlm.py"
 
-_SLOWMO_16_INT8 = ["--local-steps", "16", "--outer", "slowmo", "--compression", "int8,ref"]
+
+def _int8(outer: str, local_steps: int) -> list[str]:
+    """An outer step every ``local_steps`` steps, 8-bit messages coded against the last."""
+    return ["--local-steps", str(local_steps), "--outer", outer, "--compression", "int8,ref"]
+
+
+_SLOWMO_16_INT8 = _int8("slowmo", 16)
 
 VARIANTS = {
     "allreduce": ["--algorithm", "allreduce"],
@@ -38,10 +44,10 @@ VARIANTS = {
     "slowmo H=50": ["--local-steps", "50", "--outer", "slowmo"],
     "diloco H=50": ["--local-steps", "50", "--outer", "diloco"],
     "slowmo H=16 int8": _SLOWMO_16_INT8,
-    "slowmo H=12 int8": ["--local-steps", "12", "--outer", "slowmo", "--compression", "int8,ref"],
-    "slowmo H=20 int8": ["--local-steps", "20", "--outer", "slowmo", "--compression", "int8,ref"],
-    "slowmo H=24 int8": ["--local-steps", "24", "--outer", "slowmo", "--compression", "int8,ref"],
-    "diloco H=16 int8": ["--local-steps", "16", "--outer", "diloco", "--compression", "int8,ref"],
+    "slowmo H=12 int8": _int8("slowmo", 12),
+    "slowmo H=20 int8": _int8("slowmo", 20),
+    "slowmo H=24 int8": _int8("slowmo", 24),
+    "diloco H=16 int8": _int8("diloco", 16),
     "slowmo H=50 overlap": ["--local-steps", "50", "--outer", "slowmo", "--outer-overlap"],
     "slowmo H=50 F=5": ["--local-steps", "50", "--outer", "slowmo", "--fragments", "5"],
     "slowmo H=16 int8 F=4": [*_SLOWMO_16_INT8, "--fragments", "4"],
